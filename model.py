@@ -1,0 +1,635 @@
+"""
+Qwen2-VL in raw PyTorch: the vision tower, the Qwen2 decoder with multimodal rotary (M-RoPE), a
+packed training forward, KV-cache generation, and Hugging Face checkpoints in and out.
+
+Design
+- One input layout: a PACKED batch. Sequences are concatenated into input_ids (T,), cu_seqlens
+  (B+1,) int32 marks where each starts; no padding, no mask tensors. The vision tower uses the same
+  layout: its sequences are the temporal slices of every image/video (grid_t of them, h*w patches
+  each), which is exactly how the official tower confines its attention.
+- One `attention` function serves both towers: flash-attn's varlen kernel on CUDA when installed,
+  torch's varlen_attn on CUDA otherwise, and on CPU SDPA once per segment (the same result as one
+  block-diagonal mask, without computing the off-diagonal blocks).
+- Positions are not the model's business: `rope_positions` turns one sequence (ids + grids) into
+  its (3, T) M-RoPE ids; data.py calls it per sample and packs. The rule is the released one
+  (transformers 4.4x, vLLM): text after a visual block continues at max(block positions) + 1.
+  transformers 5.x instead advances by max(h, w) / merge and ignores grid_t; the two differ when
+  grid_t > max(h, w) / merge (long, low-resolution videos). The weights were trained with the former.
+- Generation: `prefill` runs the packed prompts once into a pre-allocated `KVCache` (one row per
+  prompt), `KVCache.repeat(G)` copies each row G times (GRPO: encode the video once, sample G
+  answers), `decode_step` advances every row by one token. `generate` strings these together.
+- Checkpoints: config.json + model.safetensors (or shards + index) in the layout of the released
+  checkpoints, which transformers 4.x/5.x and vLLM load. Our parameter names are HF's with the
+  decoder's "model." prefix dropped; `_to_ours`/`_to_hf` are the whole key map; loading is strict.
+
+Left out on purpose: sliding-window attention and rope scaling (off in Qwen2-VL), dropout (0 in
+the release), beam search, paged KV cache, decoding new images mid-generation. Qwen2.5-VL slots in
+as a second vision tower class (window attention, RMSNorm/SwiGLU blocks) plus time-scaled temporal
+positions in `_vision_block_positions`; nothing else here assumes the tower's internals.
+
+Usage
+    model = Qwen2VL.from_pretrained('ckpt/Qwen2-VL-7B-Instruct', dtype=torch.bfloat16, device='cuda')
+    pos, next_pos = rope_positions(ids, grid_thw, model.config)             # one sequence
+    logits = model(ids, pos, torch.tensor([0, len(ids)], dtype=torch.int32), pixel_values, grid_thw)
+    tokens, logprobs, lengths = model.generate(ids, pos, cu, pixel_values, grid_thw,
+        max_new_tokens=512, temperature=1.0, stop_tokens=[im_end_id], num_samples=8)
+    model.gradient_checkpointing = True   # recompute blocks in backward (training only)
+    model.save_pretrained('out/ckpt')     # transformers' Qwen2VLForConditionalGeneration loads it
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+try:  # optional, GPU only
+    from flash_attn import flash_attn_varlen_func
+except Exception:
+    flash_attn_varlen_func = None
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except Exception:
+    varlen_attn = None
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class ModelConfig:
+    # language model (defaults: Qwen2-VL-7B-Instruct)
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: list = field(default_factory=lambda: [16, 24, 24])  # rotary pairs for t, h, w
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    # token ids
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    # vision tower
+    vision_depth: int = 32
+    vision_embed_dim: int = 1280
+    vision_num_heads: int = 16
+    vision_mlp_ratio: int = 4
+    vision_rope_theta: float = 10000.0
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+
+    @classmethod
+    def from_hf(cls, d, source='config.json'):
+        """Read the flat layout of the released checkpoints or transformers 5's nested one."""
+        if d.get('model_type', 'qwen2_vl') != 'qwen2_vl':
+            raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not supported (only qwen2_vl)")
+        t = {**d, **(d.get('text_config') or {})}  # nested text_config wins over top-level keys
+        v = d.get('vision_config') or {}
+        rope = t.get('rope_parameters') or t.get('rope_scaling') or {}
+        if rope.get('rope_type', rope.get('type', 'default')) not in ('default', 'mrope'):
+            raise ValueError(f"{source}: rope type {rope!r} is not supported (only mrope)")
+        if t.get('use_sliding_window'):
+            raise ValueError(f'{source}: use_sliding_window=true is not supported')
+        if v.get('hidden_size', t.get('hidden_size')) != t.get('hidden_size'):
+            raise ValueError(f"{source}: vision_config.hidden_size {v['hidden_size']} != hidden_size {t.get('hidden_size')}")
+        def need(src, key, where):
+            if key not in src:
+                raise KeyError(f'{source}: missing {where}{key}')
+            return src[key]
+        D = cls()
+        return cls(
+            vocab_size=need(t, 'vocab_size', ''), hidden_size=need(t, 'hidden_size', ''),
+            intermediate_size=need(t, 'intermediate_size', ''), num_hidden_layers=need(t, 'num_hidden_layers', ''),
+            num_attention_heads=need(t, 'num_attention_heads', ''),
+            num_key_value_heads=t.get('num_key_value_heads') or t['num_attention_heads'],
+            rms_norm_eps=t.get('rms_norm_eps', D.rms_norm_eps),
+            rope_theta=rope.get('rope_theta', t.get('rope_theta', D.rope_theta)),
+            mrope_section=list(rope.get('mrope_section', D.mrope_section)),
+            tie_word_embeddings=bool(d.get('tie_word_embeddings') or (d.get('text_config') or {}).get('tie_word_embeddings')),
+            max_position_embeddings=t.get('max_position_embeddings', D.max_position_embeddings),
+            **{k: d.get(k, getattr(D, k)) for k in ('image_token_id', 'video_token_id', 'vision_start_token_id', 'vision_end_token_id')},
+            bos_token_id=t.get('bos_token_id', D.bos_token_id), eos_token_id=t.get('eos_token_id', D.eos_token_id),
+            vision_depth=need(v, 'depth', 'vision_config.'), vision_embed_dim=need(v, 'embed_dim', 'vision_config.'),
+            vision_num_heads=need(v, 'num_heads', 'vision_config.'), vision_mlp_ratio=v.get('mlp_ratio', D.vision_mlp_ratio),
+            vision_rope_theta=(v.get('rope_parameters') or {}).get('rope_theta', D.vision_rope_theta),
+            patch_size=v.get('patch_size', D.patch_size), temporal_patch_size=v.get('temporal_patch_size', D.temporal_patch_size),
+            spatial_merge_size=v.get('spatial_merge_size', D.spatial_merge_size),
+            in_channels=v.get('in_channels', v.get('in_chans', D.in_channels)))
+
+    def to_hf(self):
+        """config.json in the released (flat) layout; transformers 4.x/5.x and vLLM read it."""
+        return dict(
+            architectures=['Qwen2VLForConditionalGeneration'], model_type='qwen2_vl', hidden_act='silu',
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+            rope_scaling=dict(type='mrope', mrope_section=list(self.mrope_section)),
+            tie_word_embeddings=self.tie_word_embeddings, max_position_embeddings=self.max_position_embeddings,
+            use_sliding_window=False, attention_dropout=0.0, image_token_id=self.image_token_id,
+            video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
+            vision_end_token_id=self.vision_end_token_id, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+            vision_config=dict(depth=self.vision_depth, embed_dim=self.vision_embed_dim, hidden_size=self.hidden_size,
+                               num_heads=self.vision_num_heads, mlp_ratio=self.vision_mlp_ratio, hidden_act='quick_gelu',
+                               patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
+                               spatial_merge_size=self.spatial_merge_size, in_channels=self.in_channels))
+
+# -----------------------------------------------------------------------------
+# positions
+
+def _vision_block_positions(t, gh, gw, start):
+    """(3, t*gh*gw) positions of one image/video over its merged grid, raster order (t, h, w)."""
+    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing='ij')
+    return torch.stack([tt, hh, ww]).flatten(1) + start
+
+def rope_positions(input_ids, grid_thw, cfg):
+    """M-RoPE ids for ONE sequence -> (position_ids (3, T) long, next_position int).
+    Each run of image/video pad tokens is one visual block and takes the next grid_thw row."""
+    ids = input_ids.tolist()
+    grids = grid_thw.tolist() if grid_thw is not None else []
+    vis = {cfg.image_token_id, cfg.video_token_id}
+    m, chunks, start, g, i = cfg.spatial_merge_size, [], 0, 0, 0
+    while i < len(ids):
+        j = i + 1
+        while j < len(ids) and (ids[j] == ids[i] if ids[i] in vis else ids[j] not in vis):
+            j += 1
+        if ids[i] not in vis:  # text: one position per token, all three axes equal
+            chunks.append(torch.arange(start, start + j - i).expand(3, -1))
+            start += j - i
+        else:
+            if g == len(grids):
+                raise ValueError(f'token {i}: visual block but only {len(grids)} grid_thw rows were given')
+            t, h, w = grids[g]
+            if h % m or w % m:
+                raise ValueError(f'grid_thw row {g} {grids[g]}: h and w must be multiples of {m}')
+            block = _vision_block_positions(t, h // m, w // m, start)
+            if block.shape[1] != j - i:
+                raise ValueError(f'token {i}: visual block has {j - i} pad tokens, grid_thw row {g} {grids[g]} needs {block.shape[1]}')
+            chunks.append(block)
+            start, g = int(block.max()) + 1, g + 1  # released rule: continue after the largest position
+        i = j
+    if g != len(grids):
+        raise ValueError(f'{len(grids)} grid_thw rows but {g} visual blocks in input_ids')
+    pos = torch.cat(chunks, 1) if chunks else torch.zeros(3, 0, dtype=torch.long)
+    return pos, start
+
+def mrope_cos_sin(position_ids, cfg, dtype):
+    """(3, T) ids -> cos, sin (T, head_dim). The first mrope_section[0] frequency pairs rotate with
+    the temporal id, the next mrope_section[1] with the height id, the rest with the width id."""
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=position_ids.device) / hd)
+    freqs = position_ids[..., None].float() * inv_freq  # (3, T, hd/2)
+    freqs = torch.cat([f[i] for i, f in enumerate(freqs.split(cfg.mrope_section, dim=-1))], -1)
+    emb = torch.cat((freqs, freqs), -1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+def vision_cos_sin(grid_thw, cfg, device):
+    """2D rotary of the vision tower: half the pairs rotate with the patch row, half with the column."""
+    m, pos = cfg.spatial_merge_size, []
+    for t, h, w in grid_thw.tolist():
+        hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+        # patches arrive grouped by merge window (m*m neighbours adjacent), so order positions alike
+        window_major = lambda a: a.reshape(h // m, m, w // m, m).transpose(1, 2).flatten()
+        pos.append(torch.stack([window_major(hh), window_major(ww)], -1).repeat(t, 1))
+    hd = cfg.vision_embed_dim // cfg.vision_num_heads
+    inv_freq = 1.0 / cfg.vision_rope_theta ** (torch.arange(0, hd // 2, 2, dtype=torch.float) / (hd // 2))
+    freqs = (torch.cat(pos)[..., None].float() * inv_freq).flatten(1)  # (N, hd/2): rows then columns
+    emb = torch.cat((freqs, freqs), -1).to(device)
+    return emb.cos(), emb.sin()
+
+def apply_rope(x, cos, sin):
+    """x (T, H, D), cos/sin (T, D); Qwen's rotate-half pairing (dim i with dim i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), -1) * sin[:, None]
+
+# -----------------------------------------------------------------------------
+# attention
+
+def attention(q, k, v, cu_seqlens, max_seqlen, causal):
+    """Packed attention: q (T, H, D), k/v (T, Hkv, D); rows cu_seqlens[i]:cu_seqlens[i+1] attend
+    only among themselves (causally if `causal`). Returns (T, H, D)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if flash_attn_varlen_func is not None:
+            return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
+        if varlen_attn is not None:  # some backends lack GQA, so expand kv heads first
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                               window_size=(-1, 0) if causal else (-1, -1))
+    gqa = k.shape[1] != q.shape[1]
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    if len(set(lens)) == 1:  # equal segments (frames of one video, one sequence): one batched call
+        q, k, v = (x.view(len(lens), lens[0], *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        return y.transpose(1, 2).flatten(0, 1)
+    ys = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
+                                         is_causal=causal, enable_gqa=gqa).transpose(0, 1)
+          for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens))]
+    return torch.cat(ys)
+
+class KVCache:
+    """Pre-allocated keys/values of every layer, k/v (L, B, Hkv, S, D); row b holds lens[b] tokens."""
+    def __init__(self, k, v, lens):
+        self.k, self.v, self.lens = k, v, lens
+
+    @classmethod
+    def empty(cls, cfg, batch, max_len, dtype, device):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.hidden_size // cfg.num_attention_heads)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device))
+
+    def repeat(self, n):
+        """Each row n times in a row (prompt b -> rows b*n .. b*n+n-1): G samples share one prefill."""
+        return KVCache(self.k.repeat_interleave(n, 1), self.v.repeat_interleave(n, 1), self.lens.repeat_interleave(n))
+
+    def write_prompts(self, layer, k, v, cu_seqlens):
+        for b, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+            self.k[layer, b, :, :e - s] = k[s:e].transpose(0, 1)
+            self.v[layer, b, :, :e - s] = v[s:e].transpose(0, 1)
+
+    def attend(self, layer, q, k, v):
+        """One new token per row: q (B, H, D), k/v (B, Hkv, D) -> (B, H, D)."""
+        rows = torch.arange(q.shape[0], device=q.device)
+        self.k[layer, rows, :, self.lens] = k.to(self.k.dtype)
+        self.v[layer, rows, :, self.lens] = v.to(self.v.dtype)
+        n = int(self.lens.max()) + 1
+        mask = torch.arange(n, device=q.device) <= self.lens[:, None]  # (B, n): this row's tokens only
+        y = F.scaled_dot_product_attention(q[:, :, None], self.k[layer, :, :, :n], self.v[layer, :, :, :n],
+                                           attn_mask=mask[:, None, None], enable_gqa=k.shape[1] != q.shape[1])
+        return y[:, :, 0]
+
+# -----------------------------------------------------------------------------
+# vision tower
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.vision_num_heads
+        self.qkv = nn.Linear(cfg.vision_embed_dim, 3 * cfg.vision_embed_dim)
+        self.proj = nn.Linear(cfg.vision_embed_dim, cfg.vision_embed_dim)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.n_head, -1).unbind(1)
+        q, k = (apply_rope(a.float(), cos, sin).to(v.dtype) for a in (q, k))  # rotary in fp32, as released
+        return self.proj(attention(q, k, v, cu_seqlens, max_seqlen, causal=False).flatten(1))
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.vision_embed_dim, cfg.vision_embed_dim * cfg.vision_mlp_ratio)
+        self.fc2 = nn.Linear(cfg.vision_embed_dim * cfg.vision_mlp_ratio, cfg.vision_embed_dim)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        return self.fc2(x * torch.sigmoid(1.702 * x))  # QuickGELU
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.vision_embed_dim, eps=1e-6)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.vision_embed_dim, eps=1e-6)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.norm2(x))
+
+class PatchMerger(nn.Module):
+    """Concatenate each m x m window of patch features (adjacent rows) and project to the LM width."""
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.vision_embed_dim * cfg.spatial_merge_size ** 2
+        self.ln_q = nn.LayerNorm(cfg.vision_embed_dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.hidden_size))
+
+    def forward(self, x):
+        return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        # a Conv3d whose kernel equals its stride is a Linear on flattened patches; we keep the conv's
+        # parameter shape for checkpoint compatibility and run it as a matmul
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv3d(cfg.in_channels, cfg.vision_embed_dim, k, k, bias=False)))
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vision_depth))
+        self.merger = PatchMerger(cfg)
+
+    def forward(self, pixel_values, grid_thw, ckpt=False):
+        w = self.patch_embed.proj.weight
+        if pixel_values.shape != (int(grid_thw.prod(-1).sum()), w[0].numel()):
+            raise ValueError(f'pixel_values {tuple(pixel_values.shape)} do not match grid_thw {grid_thw.tolist()} '
+                             f'(expected ({int(grid_thw.prod(-1).sum())}, {w[0].numel()}))')
+        x = F.linear(pixel_values.to(w.dtype), w.flatten(1))
+        cos, sin = vision_cos_sin(grid_thw, self.cfg, x.device)
+        # attention stays inside one temporal slice of one image/video: grid_t segments of h*w each
+        seg = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+        cu = F.pad(seg.cumsum(0), (1, 0)).to(device=x.device, dtype=torch.int32)
+        for blk in self.blocks:
+            x = run_block(blk, ckpt, x, cos, sin, cu, int(seg.max()))
+        return self.merger(x)
+
+def run_block(block, ckpt, *args):
+    """Activation checkpointing switch: recompute the block in backward instead of storing it."""
+    return checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
+
+# -----------------------------------------------------------------------------
+# language model
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.hd = cfg.hidden_size // cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * self.hd)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * self.hd)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * self.hd)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer=0):
+        T = x.shape[0]
+        q, k, v = (p(x).view(T, -1, self.hd) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        if cu_seqlens is None:  # decode: row i of x is the next token of cache row i
+            y = cache.attend(layer, q, k, v)
+        else:
+            if cache is not None:
+                cache.write_prompts(layer, k, v, cu_seqlens)
+            y = attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
+        return self.o_proj(y.flatten(1))
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+# -----------------------------------------------------------------------------
+# the model
+
+class Qwen2VL(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTower(cfg)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # for random checkpoints only; real weights come from from_pretrained
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv3d)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def lm_head_weight(self):
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, h):
+        return F.linear(h, self.lm_head_weight())
+
+    def embed(self, input_ids, pixel_values=None, grid_thw=None):
+        """Token embeddings with the vision features scattered, in order, into the pad positions."""
+        x = self.embed_tokens(input_ids)
+        is_vis = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+        n = int(is_vis.sum())
+        if pixel_values is None:
+            if n:
+                raise ValueError(f'input_ids hold {n} image/video pad tokens but no pixel_values were given')
+            return x
+        feats = self.visual(pixel_values, grid_thw, self.gradient_checkpointing and self.training)
+        if feats.shape[0] != n:
+            raise ValueError(f'input_ids hold {n} image/video pad tokens but grid_thw {grid_thw.tolist()} gives {feats.shape[0]} features')
+        return x.masked_scatter(is_vis[:, None], feats.to(x.dtype))
+
+    def forward(self, input_ids, position_ids, cu_seqlens, pixel_values=None, grid_thw=None, return_hidden=False, cache=None):
+        """Packed batch -> logits (T, vocab), or final normed hidden states (T, hidden) if return_hidden.
+        With `cache`, sequence b's keys/values are also written into cache row b (prefill)."""
+        T = input_ids.shape[0]
+        if position_ids.shape != (3, T) or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
+            raise ValueError(f'packed batch of {T} tokens needs position_ids (3, {T}) and cu_seqlens from 0 to {T}; '
+                             f'got {tuple(position_ids.shape)} and {cu_seqlens.tolist()}')
+        x = self.embed(input_ids, pixel_values, grid_thw)
+        cos, sin = mrope_cos_sin(position_ids.to(x.device), self.config, x.dtype)
+        cu = cu_seqlens.to(device=x.device, dtype=torch.int32)
+        max_seqlen = int((cu[1:] - cu[:-1]).max())
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.layers):
+            x = run_block(block, ckpt, x, cos, sin, cu, max_seqlen, cache, i)
+        h = self.norm(x)
+        return h if return_hidden else self.logits(h)
+
+    # ----- generation -----
+
+    @torch.no_grad()
+    def prefill(self, input_ids, position_ids, cu_seqlens, pixel_values=None, grid_thw=None, max_new_tokens=0):
+        """Run packed prompts once into a fresh cache with room for max_new_tokens more per row.
+        Returns (cache, logits of each prompt's last token (B, vocab) fp32, next positions (B,))."""
+        cu = cu_seqlens.long().tolist()
+        lens = torch.tensor([e - s for s, e in zip(cu[:-1], cu[1:])])
+        w = self.embed_tokens.weight
+        cache = KVCache.empty(self.config, len(lens), int(lens.max()) + max_new_tokens, w.dtype, w.device)
+        h = self.forward(input_ids, position_ids, cu_seqlens, pixel_values, grid_thw, return_hidden=True, cache=cache)
+        cache.lens = lens.to(w.device)
+        logits = self.logits(h[[e - 1 for e in cu[1:]]]).float()
+        # decoding continues after the largest position of the prompt (the released rule again)
+        next_pos = torch.stack([position_ids[:, s:e].max() + 1 for s, e in zip(cu[:-1], cu[1:])])
+        return cache, logits, next_pos.to(w.device)
+
+    @torch.no_grad()
+    def decode_step(self, tokens, positions, cache):
+        """Append one text token to every cache row: tokens, positions (B,) -> logits (B, vocab) fp32."""
+        x = self.embed_tokens(tokens)
+        cos, sin = mrope_cos_sin(positions.expand(3, -1), self.config, x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, None, None, cache, i)
+        cache.lens += 1
+        return self.logits(self.norm(x)).float()
+
+    @torch.no_grad()
+    def generate(self, input_ids, position_ids, cu_seqlens, pixel_values=None, grid_thw=None, *, max_new_tokens=256,
+                 temperature=0.0, top_k=0, top_p=1.0, stop_tokens=(), num_samples=1, generator=None, pad_token_id=0):
+        """Continue every prompt of a packed batch num_samples times (prompt b -> rows b*num_samples + j).
+        temperature 0 is greedy. A row stops after emitting one of stop_tokens (kept) or at max_new_tokens.
+        Returns tokens (R, N) long (pad_token_id after a row stopped), logprobs (R, N) fp32 (0 after stop)
+        and lengths (R,), N = longest row. logprobs are log_softmax(logits / temperature) at the sampled
+        token: the tempered model distribution BEFORE top-k/top-p truncation (for temperature 1, the
+        raw policy log-probs GRPO needs); greedy reports log_softmax(logits)."""
+        cache, logits, pos = self.prefill(input_ids, position_ids, cu_seqlens, pixel_values, grid_thw, max_new_tokens)
+        if num_samples > 1:
+            cache, logits, pos = cache.repeat(num_samples), logits.repeat_interleave(num_samples, 0), pos.repeat_interleave(num_samples)
+        R, dev = logits.shape[0], logits.device
+        tokens = torch.full((R, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
+        logprobs = torch.zeros(R, max_new_tokens, device=dev)
+        done = torch.zeros(R, dtype=torch.bool, device=dev)
+        lengths = torch.zeros(R, dtype=torch.long, device=dev)
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=dev)
+        for i in range(max_new_tokens):
+            tok, lp = sample(logits, temperature, top_k, top_p, generator)
+            tokens[:, i] = tok.masked_fill(done, pad_token_id)
+            logprobs[:, i] = lp.masked_fill(done, 0.0)
+            lengths += ~done
+            done |= torch.isin(tok, stop)
+            if done.all() or i == max_new_tokens - 1:
+                break
+            logits = self.decode_step(tok, pos + i, cache)
+        return tokens[:, :int(lengths.max())], logprobs[:, :int(lengths.max())], lengths
+
+    # ----- checkpoints -----
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device='cpu'):
+        """Load an HF-layout directory. The model is built on the meta device and the checkpoint's
+        tensors become its parameters (assign=True), so a 7B never exists twice in memory."""
+        with open(os.path.join(path, 'config.json')) as f:
+            cfg = ModelConfig.from_hf(json.load(f), os.path.join(path, 'config.json'))
+        with torch.device('meta'):
+            model = cls(cfg)
+        want = {k: p.shape for k, p in model.state_dict().items()}
+        state, seen, unexpected, bad = {}, set(), [], []
+        for file in _weight_files(path):
+            with safe_open(file, 'pt') as st:
+                for hf_name in st.keys():
+                    name = _to_ours(hf_name)
+                    if name == 'lm_head.weight' and cfg.tie_word_embeddings:
+                        continue  # a tied head saved anyway is the embedding again
+                    if name not in want:
+                        unexpected.append(f'{hf_name} ({os.path.basename(file)})')
+                        continue
+                    seen.add(name)
+                    t = st.get_tensor(hf_name)
+                    if t.shape != want[name]:
+                        bad.append(f'{hf_name} {tuple(t.shape)} != {tuple(want[name])}')
+                        continue
+                    state[name] = t.to(device=device, dtype=dtype)
+        missing = [_to_hf(k) for k in want if k not in seen]
+        if missing or unexpected or bad:
+            raise ValueError(f'{path}: checkpoint does not match the model; missing: {missing}; '
+                             f'unexpected: {unexpected}; wrong shape: {bad}')
+        model.load_state_dict(state, strict=True, assign=True)
+        return model
+
+    def save_pretrained(self, path, max_shard_size=4 * 2**30):
+        """config.json + model.safetensors, or model-0000i-of-0000n.safetensors + index past max_shard_size bytes."""
+        os.makedirs(path, exist_ok=True)
+        for f in os.listdir(path):  # stale weights of an earlier save would confuse loaders
+            if f.startswith('model') and (f.endswith('.safetensors') or f.endswith('.safetensors.index.json')):
+                os.remove(os.path.join(path, f))
+        shards, size = [{}], 0
+        for k, t in self.state_dict().items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards, size = shards + [{}], 0
+            shards[-1][_to_hf(k)] = t.detach().contiguous().cpu()
+            size += nbytes
+        names = ['model.safetensors'] if len(shards) == 1 else \
+            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            save_file(shard, os.path.join(path, name + '.tmp'), metadata={'format': 'pt'})
+            os.replace(os.path.join(path, name + '.tmp'), os.path.join(path, name))
+        if len(shards) > 1:
+            index = dict(metadata=dict(total_size=sum(t.numel() * t.element_size() for s in shards for t in s.values())),
+                         weight_map={k: n for n, s in zip(names, shards) for k in s})
+            _write_json(os.path.join(path, 'model.safetensors.index.json'), index)
+        cfg = self.config.to_hf()
+        cfg['torch_dtype'] = str(self.embed_tokens.weight.dtype).removeprefix('torch.')
+        _write_json(os.path.join(path, 'config.json'), cfg)
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Keep the top_k largest logits, then the smallest set whose probability reaches top_p; -inf elsewhere."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float('-inf'))
+    return logits
+
+def sample(logits, temperature, top_k=0, top_p=1.0, generator=None):
+    """logits (R, V) -> (token (R,), log-prob (R,)); see Qwen2VL.generate for which log-prob."""
+    logits = logits.float()
+    if temperature == 0:
+        logp = logits.log_softmax(-1)
+        tok = logits.argmax(-1)
+    else:
+        logp = (logits / temperature).log_softmax(-1)
+        probs = filter_logits(logp, top_k, top_p).softmax(-1)
+        tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+def _to_ours(hf_name):
+    """HF tensor name -> ours. Accepts the released layout (model.layers.*, visual.*) and the
+    in-memory layout of transformers 5 (model.language_model.*, model.visual.*)."""
+    for hf, ours in (('model.language_model.', ''), ('model.visual.', 'visual.'), ('model.', ''),
+                     ('visual.', 'visual.'), ('lm_head.', 'lm_head.')):
+        if hf_name.startswith(hf):
+            return ours + hf_name[len(hf):]
+    return hf_name  # unknown: reported as unexpected
+
+def _to_hf(name):
+    return name if name.startswith(('visual.', 'lm_head.')) else 'model.' + name
+
+def _weight_files(path):
+    index = os.path.join(path, 'model.safetensors.index.json')
+    if os.path.exists(os.path.join(path, 'model.safetensors')):
+        return [os.path.join(path, 'model.safetensors')]
+    if not os.path.exists(index):
+        raise FileNotFoundError(f'{path}: neither model.safetensors nor model.safetensors.index.json')
+    with open(index) as f:
+        files = [os.path.join(path, n) for n in sorted(set(json.load(f)['weight_map'].values()))]
+    for file in files:
+        if not os.path.exists(file):
+            raise FileNotFoundError(f'{index} names {os.path.basename(file)}, which does not exist')
+    return files
+
+def _write_json(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + '.tmp', path)
