@@ -40,11 +40,11 @@ def hf_random(cfg, seed=0):
 
 @pytest.fixture(scope='module')
 def pair(tmp_path_factory):
-    """(transformers model, our model loaded from the checkpoint transformers saved)."""
+    """(transformers model, our model loaded from the checkpoint transformers saved, its dir)."""
     d = tmp_path_factory.mktemp('hf')
     hf = hf_random(ModelConfig(**TINY))
     hf.save_pretrained(d)
-    return hf, Qwen2VL.from_pretrained(d)
+    return hf, Qwen2VL.from_pretrained(d), d
 
 
 def make_seq(parts, seed):
@@ -94,7 +94,7 @@ IMAGE_VIDEO = [4, ('image', (1, 4, 6)), 3, ('video', (4, 2, 4)), 4]  # t=4 > max
 
 @pytest.mark.parametrize('parts', [TEXT, IMAGE, VIDEO, IMAGE_VIDEO], ids=['text', 'image', 'video', 'image+video'])
 def test_logits_match_transformers(pair, parts):
-    hf, ours = pair
+    hf, ours, _ = pair
     s = make_seq(parts, seed=len(parts))
     (out,), (pos,) = ours_forward(ours, [s])
     ref = hf_forward(hf, s, pos)
@@ -102,7 +102,7 @@ def test_logits_match_transformers(pair, parts):
 
 
 def test_packed_batch_matches_transformers(pair):
-    hf, ours = pair
+    hf, ours, _ = pair
     seqs = [make_seq(p, seed=i) for i, p in enumerate([VIDEO, TEXT, IMAGE_VIDEO, IMAGE])]
     outs, pos = ours_forward(ours, seqs)
     for s, o, p in zip(seqs, outs, pos):
@@ -110,7 +110,7 @@ def test_packed_batch_matches_transformers(pair):
 
 
 def test_save_load_round_trip_both_ways(pair, tmp_path):
-    hf, ours = pair
+    hf, ours, _ = pair
     ours.save_pretrained(tmp_path / 'ours')
     hf2 = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / 'ours').eval()
     s = make_seq(IMAGE_VIDEO, seed=7)
@@ -118,3 +118,250 @@ def test_save_load_round_trip_both_ways(pair, tmp_path):
     assert (hf_forward(hf2, s, pos) - out).abs().max() < TOL
     (again,), _ = ours_forward(Qwen2VL.from_pretrained(tmp_path / 'ours'), [s])
     assert torch.equal(again, out)
+
+
+def test_hf_nested_config_read_back(pair):
+    _, ours, d = pair
+    assert json.loads((d / 'config.json').read_text())['text_config']['hidden_size'] == 64  # nested layout
+    assert ours.config == ModelConfig(**TINY)
+
+
+RELEASED_7B_CONFIG = {  # config.json of Qwen/Qwen2-VL-7B-Instruct (flat layout)
+    "architectures": ["Qwen2VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+    "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 32768,
+    "max_window_layers": 28, "model_type": "qwen2_vl", "num_attention_heads": 28, "num_hidden_layers": 28,
+    "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+    "use_sliding_window": False,
+    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                      "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                      "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 152064}
+
+
+def test_config_released_flat_layout_and_round_trip():
+    cfg = ModelConfig.from_hf(RELEASED_7B_CONFIG)
+    assert cfg == ModelConfig()  # our defaults are the 7B release
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    hc = Qwen2VLConfig(**cfg.to_hf())  # transformers reads what we write
+    assert hc.text_config.rope_parameters['mrope_section'] == [16, 24, 24] and hc.vision_config.embed_dim == 1280
+    with pytest.raises(KeyError, match='vision_config.depth'):
+        ModelConfig.from_hf({**RELEASED_7B_CONFIG, 'vision_config': {'embed_dim': 1280}})
+    with pytest.raises(ValueError, match='qwen2_5_vl'):
+        ModelConfig.from_hf({**RELEASED_7B_CONFIG, 'model_type': 'qwen2_5_vl'})
+
+
+# ----- the M-RoPE position rule -----
+
+def test_rope_positions_match_transformers_where_rules_agree(pair):
+    hf, _, _ = pair
+    s = make_seq([2, ('image', (1, 4, 6)), 3, ('video', (3, 4, 6)), 2], seed=1)  # t <= max(h, w) / 2
+    tt = torch.zeros_like(s['ids'])
+    tt[s['ids'] == IMG], tt[s['ids'] == VID] = 1, 2
+    ref, _ = hf.model.get_rope_index(s['ids'][None], tt[None], image_grid_thw=s['grid'][:1], video_grid_thw=s['grid'][1:])
+    pos, nxt = rope_positions(s['ids'], s['grid'], ModelConfig(**TINY))
+    assert torch.equal(pos, ref[:, 0]) and nxt == int(pos.max()) + 1
+
+
+def test_rope_rule_released_vs_transformers5(pair):
+    """Text after a video continues at max(video positions) + 1 = start + max(t, h/2, w/2) (released
+    Qwen2-VL, transformers 4.4x, vLLM). transformers 5.x advances by max(h, w)/2 only, ignoring t."""
+    hf, _, _ = pair
+    ids = torch.tensor([7, 8, VS, VID, VID, VE, 9])  # video grid (2, 2, 2): 2 frames of 1 merged token
+    pos, nxt = rope_positions(ids, torch.tensor([[2, 2, 2]]), ModelConfig(**TINY))
+    assert pos.tolist() == [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 3, 5, 6], [0, 1, 2, 3, 3, 5, 6]] and nxt == 7
+    tt = (ids == VID).long() * 2
+    ref, _ = hf.model.get_rope_index(ids[None], tt[None], video_grid_thw=torch.tensor([[2, 2, 2]]))
+    assert torch.equal(ref[:, 0, :5], pos[:, :5])              # the blocks themselves agree
+    assert ref[:, 0, 5:].tolist() == [[4, 5]] * 3              # transformers 5.x: start + 1, overlapping t=4
+
+
+def test_rope_positions_bad_input():
+    cfg = ModelConfig(**TINY)
+    ids = torch.tensor([7, VS, VID, VID, VID, VE])
+    with pytest.raises(ValueError, match='3 pad tokens.*needs 2'):
+        rope_positions(ids, torch.tensor([[2, 2, 2]]), cfg)
+    with pytest.raises(ValueError, match='only 0 grid_thw rows'):
+        rope_positions(ids, None, cfg)
+    with pytest.raises(ValueError, match='2 grid_thw rows but 1 visual blocks'):
+        rope_positions(torch.tensor([7, VS, VID, VE]), torch.tensor([[1, 2, 2], [1, 2, 2]]), cfg)
+
+
+def test_forward_bad_input(pair):
+    _, ours, _ = pair
+    s = make_seq(IMAGE, seed=0)
+    pos, _ = rope_positions(s['ids'], s['grid'], ours.config)
+    cu = torch.tensor([0, len(s['ids'])], dtype=torch.int32)
+    with pytest.raises(ValueError, match='pixel_values'):
+        ours(s['ids'], pos, cu, s['pixels'][:-1], s['grid'])
+    with pytest.raises(ValueError, match='no pixel_values'):
+        ours(s['ids'], pos, cu)
+    with pytest.raises(ValueError, match='cu_seqlens'):
+        ours(s['ids'], pos, cu - 1, s['pixels'], s['grid'])
+
+
+# ----- KV cache and generation -----
+
+def extended(model, s, new):
+    """The prompt plus `new` text tokens, as one packed sequence for a full forward."""
+    pos, nxt = rope_positions(s['ids'], s['grid'], model.config)
+    pos = torch.cat([pos, torch.arange(nxt, nxt + len(new)).expand(3, -1)], 1)
+    ids = torch.cat([s['ids'], torch.as_tensor(new, dtype=torch.long)])
+    with torch.no_grad():
+        return model(ids, pos, torch.tensor([0, len(ids)], dtype=torch.int32), s['pixels'], s['grid'] if len(s['grid']) else None)
+
+
+def pack_prompts(model, seqs):
+    pos = torch.cat([rope_positions(s['ids'], s['grid'], model.config)[0] for s in seqs], 1)
+    cu = torch.tensor([0] + [len(s['ids']) for s in seqs]).cumsum(0).to(torch.int32)
+    pix = [s['pixels'] for s in seqs if s['pixels'] is not None]
+    return (torch.cat([s['ids'] for s in seqs]), pos, cu, torch.cat(pix) if pix else None,
+            torch.cat([s['grid'] for s in seqs]) if pix else None)
+
+
+def test_kv_cache_decode_matches_full_forward(pair):
+    _, ours, _ = pair
+    seqs = [make_seq(VIDEO, 0), make_seq(TEXT, 1)]
+    cache, logits, pos = ours.prefill(*pack_prompts(ours, seqs), max_new_tokens=4)
+    cache, logits, pos = cache.repeat(2), logits.repeat_interleave(2, 0), pos.repeat_interleave(2)  # 2 rows per prompt
+    new = torch.randint(0, 150, (4, 4), generator=torch.Generator().manual_seed(0))
+    steps = [logits]
+    for i in range(3):
+        steps.append(ours.decode_step(new[:, i], pos + i, cache))
+    for r in range(4):
+        full = extended(ours, seqs[r // 2], new[r, :3])
+        n = len(seqs[r // 2]['ids'])
+        assert (torch.stack([st[r] for st in steps]) - full[n - 1:]).abs().max() < TOL
+
+
+def test_greedy_generate_matches_transformers(pair):
+    hf, ours, _ = pair
+    seqs = [make_seq(VIDEO, 3), make_seq(TEXT, 4)]  # video rule-agnostic: t <= max(h, w) / 2
+    tokens, logprobs, lengths = ours.generate(*pack_prompts(ours, seqs), max_new_tokens=20)
+    assert tokens.shape == (2, 20) and lengths.tolist() == [20, 20]
+    for s, row in zip(seqs, tokens):
+        kw = {}
+        if s['pixels'] is not None:
+            kw = dict(pixel_values_videos=s['pixels'], video_grid_thw=s['grid'], mm_token_type_ids=(s['ids'] == VID).long()[None] * 2)
+        ref = hf.generate(input_ids=s['ids'][None], attention_mask=torch.ones(1, len(s['ids']), dtype=torch.long),
+                          max_new_tokens=20, do_sample=False, **kw)[0, len(s['ids']):]
+        assert torch.equal(row, ref) and len(set(ref.tolist())) > 3
+    full = extended(ours, seqs[0], tokens[0, :-1])[len(seqs[0]['ids']) - 1:].log_softmax(-1)
+    assert (full.gather(1, tokens[0, :, None])[:, 0] - logprobs[0]).abs().max() < TOL  # greedy: raw log-probs
+
+
+def test_sampling_logprobs_stops_and_filters(pair):
+    _, ours, _ = pair
+    seqs = [make_seq(TEXT, 5), make_seq(VIDEO, 6)]
+    stop = list(range(0, 160, 9)) + list(range(150, 160))  # many stops so some rows end early
+    kw = dict(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, stop_tokens=stop, num_samples=3, pad_token_id=159)
+    tokens, logprobs, lengths = ours.generate(*pack_prompts(ours, seqs), generator=torch.Generator().manual_seed(0), **kw)
+    again = ours.generate(*pack_prompts(ours, seqs), generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(tokens, again[0]) and tokens.shape[0] == 6
+    assert (lengths < 12).any() and (lengths > 1).any()
+    for r in range(6):
+        n, gen = int(lengths[r]), tokens[r].tolist()
+        assert all(t not in stop for t in gen[:n - 1]) and (n == 12 or gen[n - 1] in stop)
+        assert all(t == 159 for t in gen[n:]) and (logprobs[r, n:] == 0).all()
+        s = seqs[r // 3]
+        logits = extended(ours, s, gen[:n - 1])[len(s['ids']) - 1:] / 0.8
+        ref = logits.log_softmax(-1).gather(1, torch.tensor(gen[:n])[:, None])[:, 0]
+        assert (ref - logprobs[r, :n]).abs().max() < TOL  # tempered distribution, before top-k/top-p
+        assert (filter_logits(logits, 20, 0.9).gather(1, torch.tensor(gen[:n])[:, None]) > float('-inf')).all()
+
+
+def test_filter_logits_hand_case():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    keep = lambda **kw: (filter_logits(logits, **kw) > float('-inf'))[0].tolist()
+    assert keep(top_p=0.7) == [True, True, False, False]   # 0.5 < 0.7 <= 0.5 + 0.3
+    assert keep(top_p=0.5) == [True, False, False, False]
+    assert keep(top_k=3) == [True, True, True, False]
+    assert keep(top_k=3, top_p=0.99) == [True, True, True, False]
+
+
+# ----- checkpoints -----
+
+def test_sharded_save_loads_in_both(pair, tmp_path):
+    hf, ours, _ = pair
+    ours.save_pretrained(tmp_path, max_shard_size=100_000)
+    index = json.loads((tmp_path / 'model.safetensors.index.json').read_text())
+    files = sorted(set(index['weight_map'].values()))
+    assert len(files) > 2 and not (tmp_path / 'model.safetensors').exists() and files[0].endswith('-of-%05d.safetensors' % len(files))
+    s = make_seq(IMAGE_VIDEO, 2)
+    (ref,), (pos,) = ours_forward(ours, [s])
+    (out,), _ = ours_forward(Qwen2VL.from_pretrained(tmp_path), [s])
+    assert torch.equal(out, ref)
+    assert (hf_forward(Qwen2VLForConditionalGeneration.from_pretrained(tmp_path).eval(), s, pos) - ref).abs().max() < TOL
+
+
+def test_strict_key_map(pair, tmp_path):
+    _, ours, _ = pair
+    ours.save_pretrained(tmp_path / 'good')
+    good = load_file(tmp_path / 'good' / 'model.safetensors')
+
+    def broken(name, tensors):
+        d = tmp_path / name
+        d.mkdir()
+        (d / 'config.json').write_text((tmp_path / 'good' / 'config.json').read_text())
+        save_file(tensors, d / 'model.safetensors')
+        return d
+
+    missing = {k: v for k, v in good.items() if k != 'model.layers.1.mlp.up_proj.weight'}
+    with pytest.raises(ValueError, match=r"missing: \['model.layers.1.mlp.up_proj.weight'\]; unexpected: \[\]"):
+        Qwen2VL.from_pretrained(broken('missing', missing))
+    renamed = {k.replace('blocks.0.attn.qkv.weight', 'blocks.0.attn.qkv_w.weight'): v for k, v in good.items()}
+    with pytest.raises(ValueError, match=r"missing: \['visual.blocks.0.attn.qkv.weight'\].*qkv_w"):
+        Qwen2VL.from_pretrained(broken('renamed', renamed))
+    with pytest.raises(ValueError, match=r"wrong shape: \['model.norm.weight \(63,\) != \(64,\)'\]"):
+        Qwen2VL.from_pretrained(broken('shape', {**good, 'model.norm.weight': good['model.norm.weight'][:63]}))
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    cfg = ModelConfig(**{**TINY, 'tie_word_embeddings': True})
+    torch.manual_seed(0)
+    ours = Qwen2VL(cfg)
+    assert ours.lm_head is None
+    ours.save_pretrained(tmp_path)
+    assert 'lm_head.weight' not in load_file(tmp_path / 'model.safetensors')
+    s = make_seq(IMAGE, 3)
+    (out,), (pos,) = ours_forward(ours, [s])
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert (hf_forward(hf, s, pos) - out).abs().max() < TOL
+
+
+def test_meta_construction_dtype_and_device(pair, monkeypatch):
+    _, ours, d = pair
+    built_on = []
+    monkeypatch.setattr(Qwen2VL, '_init_weights', staticmethod(lambda m: built_on.extend(p.device.type for p in m.parameters(recurse=False))))
+    model = Qwen2VL.from_pretrained(d, dtype=torch.bfloat16, device='cpu')
+    assert set(built_on) == {'meta'}  # no throwaway random init of a 7B
+    assert all(p.dtype == torch.bfloat16 and p.device.type == 'cpu' for p in model.parameters())
+    s = make_seq(IMAGE_VIDEO, 4)
+    (out,), _ = ours_forward(model, [s])
+    (ref,), _ = ours_forward(ours, [s])
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_gradient_checkpointing_and_autocast(pair):
+    _, ours, _ = pair
+    model = Qwen2VL(ours.config)
+    model.load_state_dict(ours.state_dict())
+    model.train()
+    ids, pos, cu, pix, grid = pack_prompts(model, [make_seq(IMAGE_VIDEO, 5), make_seq(TEXT, 6)])
+    calls = []
+    model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    grads = []
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        model.zero_grad()
+        model(ids, pos, cu, pix, grid).logsumexp(-1).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert len(calls) == 3  # 1 without checkpointing, 2 with (forward + recompute in backward)
+    assert (grads[0] - grads[1]).abs().max() < 1e-6 and grads[0].abs().max() > 0
+    with torch.no_grad():
+        ref = model(ids, pos, cu, pix, grid)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model(ids, pos, cu, pix, grid)
+    assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
