@@ -1,0 +1,657 @@
+"""
+Everything between files on disk and a packed training/inference batch: Ego-ST samples, the video
+and prompt pipeline of Qwen2-VL, and the loader. SFT, GRPO and bench all go through these same
+functions, so frames, pixel budget and prompt are decided once (VisionSettings, PROMPT_VERSION)
+and written into every output with `settings.asdict()`.
+
+Design
+- Video: decord decodes only the N frames it needs (get_batch at round(linspace(0, n-1, N)); the
+  release truncated instead of rounding). Frames are resized with PIL bicubic to smart_resize's
+  multiples of 28 within [min_pixels, max_pixels], scaled to [0, 1], CLIP-normalised, padded to an
+  even count by repeating the last frame, and flattened into (P, 3*2*14*14) patches in the order
+  of transformers' Qwen2-VL processors (merge windows contiguous, so the vision tower's 2x2
+  merger sees neighbours). A still image is a one-frame video: grid_t 1, frame duplicated, which
+  is what the image processor does. PIL bicubic is the kernel of transformers' PIL image
+  processor (our test oracle); torchvision's bicubic (the video processor, qwen-vl-utils) differs
+  by a few grey levels at edges, see bench_data.py.
+- Text: tokenizer.json through `tokenizers` (transformers is only the test oracle). The chat is
+  Qwen2-VL's template with its default system prompt; the visual block is expanded to
+  t*h*w/4 pad tokens. Labels are the assistant's tokens and its closing <|im_end|>; the "\n" the
+  template writes after it stays out (generation stops at <|im_end|>, the "\n" is glue). Labels are
+  NOT shifted (HF convention): loss = CE(logits[:-1], labels[1:]) over a packed batch is safe across
+  sequence boundaries, because every sequence starts with an unlabelled <|im_start|>.
+- One prompt: `build_user_text` (question, "Options:", one "A. ..." per line, the release's
+  instruction sentence, the <think>/<answer> instruction). Changing it means bumping PROMPT_VERSION.
+- Samples: one dataclass for every source. Readers for the benchmark layout (PartN_*.json) and the
+  ST-R1 JSONL, quirks included; forward and reverse items of one video and task are paired so each
+  sample knows the opposite direction's ground truth (the reverse-thinking CoT's first half).
+- Bad input raises DataError naming file:line or file#id and what is wrong; readers with
+  strict=False return (samples, errors) instead, so bench.py can report what it skipped.
+- Loader: lengths are known before decoding (video header + tokenizer), so batches are planned
+  up front under a token budget (seeded shuffle, greedy packing), dealt to ranks disjointly with an
+  equal count per rank (the < world_size leftover batches of an epoch are dropped), and decoded in
+  DataLoader worker processes.
+
+Left out on purpose: fps-based sampling and per-video pixel budgets (the paper uses 8 frames
+per clip), multi-turn chats, several videos per sample, padding/attention masks (packed only).
+"""
+import ast
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')  # we parallelise with DataLoader workers (fork)
+import decord
+import numpy as np
+import tokenizers
+import torch
+from PIL import Image
+
+import model as model_lib
+
+# -----------------------------------------------------------------------------
+# settings (written into every checkpoint and prediction file)
+
+PROMPT_VERSION = 'egost-v1'  # bump whenever build_user_text or the chat layout changes
+
+@dataclass
+class VisionSettings:
+    nframes: int = 8                  # frames per clip, the paper's setting
+    min_pixels: int = 128 * 28 * 28   # per frame; the paper's evaluation setting (qwen-vl-utils VIDEO_MIN_PIXELS)
+    max_pixels: int = 360 * 420       # per frame; 151,200 -> at most 190 merged tokens per 2-frame group
+    prompt_version: str = PROMPT_VERSION
+
+    def asdict(self):
+        return asdict(self)
+
+PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2     # Qwen2-VL's vision tower; the tests compare against it
+FACTOR = PATCH * MERGE                      # frame sides are multiples of 28
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+DECODE_THREADS = 1  # decord threads per process: parallelism comes from DataLoader workers instead
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+
+class DataError(ValueError):
+    """Bad input: the message names the file, line or sample and what is wrong."""
+
+# -----------------------------------------------------------------------------
+# video -> pixel_values, grid_thw
+
+def frame_indices(num_frames, nframes):
+    """N indices spread uniformly over the whole clip, first and last frame included."""
+    return np.round(np.linspace(0, num_frames - 1, nframes)).astype(np.int64)
+
+def _open_video(path):
+    if not os.path.isfile(path):
+        raise DataError(f'{path}: video not found')
+    try:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=DECODE_THREADS)
+    except Exception as e:  # decord raises RuntimeError/DECORDError with ffmpeg's message
+        raise DataError(f'{path}: cannot open video ({str(e).splitlines()[0]})') from e
+    if len(vr) == 0:
+        raise DataError(f'{path}: video has no frames')
+    return vr
+
+def load_frames(path, nframes):
+    """uint8 (N, H, W, 3) RGB. Only the sampled frames are decoded (seek + decode from the previous key frame)."""
+    vr = _open_video(path)
+    try:
+        return vr.get_batch(frame_indices(len(vr), nframes).tolist()).asnumpy()
+    except Exception as e:
+        raise DataError(f'{path}: cannot decode frames ({str(e).splitlines()[0]})') from e
+
+def load_image(path):
+    """uint8 (1, H, W, 3): a still image is a one-frame video."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert('RGB'))[None]
+    except (OSError, ValueError) as e:
+        raise DataError(f'{path}: cannot read image ({e})') from e
+
+def is_image(path):
+    return path.lower().endswith(IMAGE_EXTS)
+
+_VIDEO_INFO = {}
+def video_info(path):
+    """(num_frames, height, width) without decoding the clip (frame 0 only); cached per path."""
+    if path not in _VIDEO_INFO:
+        if is_image(path):
+            try:
+                with Image.open(path) as im:
+                    _VIDEO_INFO[path] = (1, im.height, im.width)
+            except OSError as e:
+                raise DataError(f'{path}: cannot read image ({e})') from e
+        else:
+            vr = _open_video(path)
+            try:
+                h, w = vr[0].shape[:2]  # decord exposes no header size; frame 0 is a key frame, cheap
+            except Exception as e:
+                raise DataError(f'{path}: cannot decode frames ({str(e).splitlines()[0]})') from e
+            _VIDEO_INFO[path] = (len(vr), h, w)
+    return _VIDEO_INFO[path]
+
+def smart_resize(height, width, min_pixels, max_pixels, factor=FACTOR):
+    """Qwen2-VL's rule: sides become multiples of `factor`, area lands in [min_pixels, max_pixels],
+    aspect ratio kept as well as possible."""
+    if max(height, width) / min(height, width) > 200:
+        raise DataError(f'frame {height}x{width}: aspect ratio above 200')
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+def visual_grid(num_frames, height, width, settings):
+    """grid_thw (t, h, w) in patches for N frames of H x W, before decoding anything."""
+    h, w = smart_resize(height, width, settings.min_pixels, settings.max_pixels)
+    return -(-num_frames // TEMPORAL_PATCH), h // PATCH, w // PATCH
+
+def preprocess_frames(frames, settings):
+    """uint8 (N, H, W, 3) -> pixel_values float32 (t*h*w, 3*2*14*14), grid_thw long (1, 3)."""
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise DataError(f'frames must be uint8 (N, H, W, 3), got {frames.dtype} {frames.shape}')
+    n, height, width, _ = frames.shape
+    H, W = smart_resize(height, width, settings.min_pixels, settings.max_pixels)
+    x = np.stack([np.asarray(Image.fromarray(f).resize((W, H), Image.BICUBIC)) for f in frames])
+    x = (x.astype(np.float32) / 255 - CLIP_MEAN) / CLIP_STD
+    if n % TEMPORAL_PATCH:  # an odd count repeats its last frame (a still image becomes 2 equal frames)
+        x = np.concatenate([x, np.repeat(x[-1:], TEMPORAL_PATCH - n % TEMPORAL_PATCH, 0)])
+    t, gh, gw = len(x) // TEMPORAL_PATCH, H // PATCH, W // PATCH
+    x = x.reshape(t, TEMPORAL_PATCH, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH, 3)
+    # -> (t, gh/2, gw/2, 2, 2 | channel, temporal, row, col): rows are patches, 2x2 merge windows contiguous
+    x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7).reshape(t * gh * gw, 3 * TEMPORAL_PATCH * PATCH * PATCH)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor([[t, gh, gw]])
+
+# -----------------------------------------------------------------------------
+# tokenizer and chat format
+
+SPECIAL_TOKENS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>', '<|object_ref_start|>', '<|object_ref_end|>',
+                  '<|box_start|>', '<|box_end|>', '<|quad_start|>', '<|quad_end|>', '<|vision_start|>',
+                  '<|vision_end|>', '<|vision_pad|>', '<|image_pad|>', '<|video_pad|>']  # Qwen2-VL's, in id order
+SYSTEM_PROMPT = 'You are a helpful assistant.'
+# Qwen2-VL-Instruct's chat template, written into the tokenizer dirs we build (transformers needs it).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Qwen2's pre-tokenizer split (tokenizer.json of the released models)
+QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+class Tokenizer:
+    """tokenizer.json (a file or the directory holding it) through the `tokenizers` library."""
+    def __init__(self, path):
+        self.path = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
+        if not os.path.isfile(self.path):
+            raise DataError(f'{self.path}: tokenizer.json not found')
+        self.tk = tokenizers.Tokenizer.from_file(self.path)
+        def tid(token):
+            i = self.tk.token_to_id(token)
+            if i is None:
+                raise DataError(f'{self.path}: special token {token} missing (not a Qwen2-VL tokenizer?)')
+            return i
+        self.im_start_id, self.im_end_id = tid('<|im_start|>'), tid('<|im_end|>')
+        self.vision_start_id, self.vision_end_id = tid('<|vision_start|>'), tid('<|vision_end|>')
+        self.image_pad_id, self.video_pad_id = tid('<|image_pad|>'), tid('<|video_pad|>')
+        self.pad_id = tid('<|endoftext|>')
+        self.eos_id = self.im_end_id  # the chat model ends its turn with <|im_end|>
+        self.vocab_size = self.tk.get_vocab_size()
+
+    def encode(self, text):
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def model_ids(self):
+        """The token ids a ModelConfig needs for this tokenizer."""
+        return dict(image_token_id=self.image_pad_id, video_token_id=self.video_pad_id, bos_token_id=self.pad_id,
+                    vision_start_token_id=self.vision_start_id, vision_end_token_id=self.vision_end_id,
+                    eos_token_id=self.eos_id)
+
+def write_preprocessor_config(out_dir, settings):
+    """preprocessor_config.json as released with Qwen2-VL, with our pixel budget."""
+    cfg = dict(image_processor_type='Qwen2VLImageProcessor', processor_class='Qwen2VLProcessor',
+               min_pixels=settings.min_pixels, max_pixels=settings.max_pixels, patch_size=PATCH,
+               temporal_patch_size=TEMPORAL_PATCH, merge_size=MERGE, image_mean=CLIP_MEAN.tolist(),
+               image_std=CLIP_STD.tolist(), do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255,
+               do_normalize=True, do_convert_rgb=True)
+    with open(os.path.join(out_dir, 'preprocessor_config.json'), 'w') as f:
+        json.dump(cfg, f, indent=2)
+
+def build_tokenizer(texts, vocab_size, out_dir, settings=None):
+    """Train a small byte-level BPE laid out like Qwen2's (same split, the 14 special tokens after the
+    learned vocabulary) and write tokenizer.json, tokenizer_config.json (with the chat template),
+    chat_template.json and preprocessor_config.json, which transformers loads. Returns a Tokenizer."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(QWEN_SPLIT), behavior='isolated'),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    tk.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    os.makedirs(out_dir, exist_ok=True)
+    tk.save(os.path.join(out_dir, 'tokenizer.json'))
+    config = dict(tokenizer_class='Qwen2Tokenizer', eos_token='<|im_end|>', pad_token='<|endoftext|>', bos_token=None,
+                  unk_token=None, errors='replace', model_max_length=32768, split_special_tokens=False,
+                  clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE)
+    for name, obj in (('tokenizer_config.json', config), ('chat_template.json', {'chat_template': CHAT_TEMPLATE})):
+        with open(os.path.join(out_dir, name), 'w') as f:
+            json.dump(obj, f, indent=2)
+    write_preprocessor_config(out_dir, settings or VisionSettings())
+    return Tokenizer(out_dir)
+
+def chat_tokens(tok, user_text, n_visual, target=None, image=False):
+    """One system/user(/assistant) chat with its visual block first, as Qwen2-VL's template writes it.
+    Returns (input_ids, labels) lists; target None ends the prompt at "<|im_start|>assistant\\n"."""
+    pad = '<|image_pad|>' if image else '<|video_pad|>'
+    prompt = (f'<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n'
+              f'<|vision_start|>{pad}<|vision_end|>{user_text}<|im_end|>\n<|im_start|>assistant\n')
+    text = prompt if target is None else prompt + target + '<|im_end|>\n'
+    enc = tok.tk.encode(text, add_special_tokens=False)  # one pass over the whole text, like transformers
+    ids, end = enc.ids, len(text) - 1
+    labels = [i if len(prompt) <= s < end else -100 for i, (s, _) in zip(ids, enc.offsets)]
+    pad_id = tok.image_pad_id if image else tok.video_pad_id
+    k = ids.index(pad_id)  # one placeholder in the text, expanded in id space to the merged-token count
+    return ids[:k] + [pad_id] * n_visual + ids[k + 1:], labels[:k] + [-100] * n_visual + labels[k + 1:]
+
+# -----------------------------------------------------------------------------
+# samples and the one prompt
+
+LETTERS = 'ABCDEFGHIJ'
+MCQ_INSTRUCTION = ('Instructions: Please select the most appropriate answer from the options above and return only '
+                   'the option number (e.g. A, B, C or D).')  # the release's sentence, kept verbatim
+THINK_INSTRUCTION = ('Output the thinking process in <think> </think> and final answer in <answer> </answer> tags, '
+                     'i.e., <think> reasoning process here </think><answer> answer here </answer>.')
+
+@dataclass
+class Sample:
+    id: str
+    video: str
+    task: str            # 'route' | 'direction' | 'landmark' | 'action'
+    direction: str       # 'forward' | 'reverse'
+    question: str
+    options: list = field(default_factory=list)   # [] for route
+    answer: str = ''     # letter for MCQ, text for route
+    answer_text: str = ''
+    opposite: str = None  # ground truth of the opposite-direction question on the same video
+    solution: str = None  # reference CoT target <think>...</think><answer>...</answer>
+    source: str = ''     # "file:line" or "file#id"
+
+def build_user_text(sample):
+    """The user turn for every stage (SFT, GRPO, bench)."""
+    lines = [sample.question]
+    if sample.options:
+        lines += ['Options:'] + [f'{L}. {o}' for L, o in zip(LETTERS, sample.options)] + [MCQ_INSTRUCTION]
+    return '\n'.join(lines + [THINK_INSTRUCTION])
+
+# -----------------------------------------------------------------------------
+# readers
+
+PREFIX = re.compile(r'^(?:\s*Please take an? egocentric view to understand the following questions?\.)+\s*')
+ANSWER_KEYS = ('answer', 'correct_answer', 'correct_option', 'correct', 'gt', 'ground_truth', 'gt_answer',
+               'label', 'answer_idx', 'answer_index', 'correct_choice', 'key')
+BENCH_FILE = re.compile(r'^Part(\d+)_(forward|reverse)_(qa|mcq|mcq_landmark|mcq_action)\.json$')
+BENCH_TASK = {'qa': 'route', 'mcq': 'direction', 'mcq_landmark': 'landmark', 'mcq_action': 'action'}
+ACTION_FORWARD = 'which actions did you perform to reach your destination?'
+
+def clean_text(s):
+    """Collapse whitespace and drop the space before punctuation ("starting point ?")."""
+    return re.sub(r'\s+([?.,!])', r'\1', ' '.join(str(s).split()))
+
+def clean_option(s):
+    return clean_text(s).rstrip('.').strip()  # the release ends some options with "."
+
+def classify_question(text):
+    """(task, direction) from an Ego-ST question stem; None where it cannot tell."""
+    s = text.lower()
+    task = ('action' if 'action' in s else 'landmark' if 'landmark' in s else 'direction' if 'direction' in s
+            else 'route' if re.search(r'route|describe|how (do|did|can) you (get|go|return)', s) else None)
+    direction = ('reverse' if re.search(r'\bto (the )?starting point|\breturn', s)
+                 else 'forward' if 'destination' in s else None)
+    return task, direction
+
+def split_inline_options(text):
+    """' A. x, B. y, C. z' -> ['x', 'y', 'z']. Options may contain commas, so split only at the
+    next expected letter marker (", B. " after A, and so on)."""
+    m = re.match(r'\s*A\.\s', text)
+    if not m:
+        return []
+    opts, pos = [], m.end()
+    for letter in LETTERS[1:]:
+        nxt = re.compile(rf',\s*{letter}\.\s').search(text, pos)
+        if not nxt:
+            break
+        opts.append(text[pos:nxt.start()])
+        pos = nxt.end()
+    return [clean_option(o) for o in opts + [text[pos:]]]
+
+def clean_listish(s):
+    """"['Turn back', 'go straight']" (the release's CoT) -> 'Turn back, go straight'."""
+    s = s.strip()
+    if s.startswith('['):
+        try:
+            v = ast.literal_eval(s)
+            if isinstance(v, list):
+                return ', '.join(str(x).strip() for x in v)
+        except (ValueError, SyntaxError):
+            pass
+    return s
+
+def check_mcq(where, options, answer):
+    if not options:
+        raise DataError(f'{where}: empty options')
+    if any(not o for o in options):
+        raise DataError(f'{where}: empty option text in {options}')
+    if len(options) > len(LETTERS):
+        raise DataError(f'{where}: {len(options)} options, at most {len(LETTERS)} supported')
+    if answer not in LETTERS[:len(options)]:
+        raise DataError(f'{where}: answer {answer!r} is not among the options {LETTERS[:len(options)]}')
+
+COT = re.compile(r"Let's start by thinking (forward|reverse) (.*?\?)\s*(.*?)\s*And then think about (.*?\?)\s*Hence", re.S)
+
+def parse_st_r1_item(d, where, base_dir, video_root=None):
+    """One ST-R1 JSONL object -> Sample. Optional 'task'/'direction' fields override the stem."""
+    if not isinstance(d, dict):
+        raise DataError(f'{where}: expected a JSON object, got {type(d).__name__}')
+    missing = [k for k in ('problem', 'solution', 'video', 'original_answer') if k not in d]
+    if missing:
+        raise DataError(f'{where}: missing field(s) {missing}; keys found: {sorted(d)}')
+    body = str(d['problem']).split('\n\nInstructions:')[0]
+    m = re.search(r'\s*\bOptions:', body)
+    stem = PREFIX.sub('', body[:m.start()] if m else body)
+    options = split_inline_options(body[m.end():]) if m else []
+    task, direction = classify_question(stem)
+    sol = d['solution']
+    cot = COT.search(sol) if isinstance(sol, str) else None
+    if cot and task == 'landmark' and 'actions' in cot.group(2) + cot.group(4):
+        # the release's forward action items carry the landmark stem; CoT and options are about actions
+        task, stem = 'action', re.sub(r'which landmarks.*', ACTION_FORWARD, stem)
+    task, direction = d.get('task', task), d.get('direction', direction)
+    if task not in ('route', 'direction', 'landmark', 'action') or direction not in ('forward', 'reverse'):
+        raise DataError(f'{where}: cannot tell task/direction (got {task}/{direction}) from question {stem!r}')
+    if cot and cot.group(1) == direction:
+        raise DataError(f'{where}: the CoT starts by thinking {cot.group(1)} but the question is {direction}')
+    answer = str(d['original_answer']).strip()
+    if task == 'route':
+        answer_text = clean_text(answer)
+        if not answer_text:
+            raise DataError(f'{where}: empty answer')
+    else:
+        if m is None:
+            raise DataError(f'{where}: MCQ problem without " Options:"')
+        check_mcq(where, options, answer)
+        answer_text = options[LETTERS.index(answer)]
+        got = re.search(r'<answer>\s*(.*?)\s*</answer>', sol or '')
+        if sol is not None and (not got or got.group(1) != answer):
+            raise DataError(f'{where}: solution answers {got.group(1) if got else None!r}, original_answer is {answer!r}')
+    opposite = None
+    if cot:  # the CoT states the opposite direction's ground truth first; clean the list repr
+        opposite = clean_listish(cot.group(3))
+        sol = sol[:cot.end(2)] + ' ' + opposite + ' ' + sol[cot.start(4) - len('And then think about '):]
+    video = str(d['video'])
+    video = os.path.join(video_root, os.path.basename(video)) if video_root else os.path.join(base_dir, video)
+    return Sample(id=where.rsplit('/', 1)[-1], video=video, task=task, direction=direction,
+                  question=clean_text(stem), options=options if task != 'route' else [], answer=answer,
+                  answer_text=answer_text, opposite=opposite, solution=sol, source=where)
+
+def resolve_answer(where, value, options, key):
+    """Letter, "(B)", "B. text", option text or 0-based index -> letter."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value < len(options):
+            return LETTERS[value]
+    elif isinstance(value, str):
+        s = value.strip()
+        m = re.fullmatch(r'\(?([A-J])[.):]?\)?(?:\s+(.*))?', s)
+        if m and m.group(1) in LETTERS[:len(options)] and (not m.group(2) or clean_option(m.group(2)).lower() == options[LETTERS.index(m.group(1))].lower()):
+            return m.group(1)
+        hits = [i for i, o in enumerate(options) if o.lower() == clean_option(s).lower()]
+        if len(hits) == 1:
+            return LETTERS[hits[0]]
+    raise DataError(f'{where}: answer {value!r} (field {key!r}) matches no option letter, text or index of {options}')
+
+def parse_bench_item(item, where, task, direction, video_dir):
+    if not isinstance(item, dict):
+        raise DataError(f'{where}: expected an object, got {type(item).__name__}')
+    if 'video' not in item:
+        raise DataError(f"{where}: missing field 'video'; keys found: {sorted(item)}")
+    video = os.path.join(video_dir, str(item['video']))
+    if task == 'route':
+        key, other = f'{direction}_answer', ('reverse' if direction == 'forward' else 'forward') + '_answer'
+        if 'question' not in item or key not in item:
+            raise DataError(f"{where}: route QA needs 'question' and {key!r}; keys found: {sorted(item)}")
+        answer = clean_text(item[key])
+        if not answer:
+            raise DataError(f'{where}: empty {key}')
+        return Sample(id=where.rsplit('/', 1)[-1], video=video, task=task, direction=direction,
+                      question=clean_text(item['question']), answer=answer, answer_text=answer,
+                      opposite=clean_text(item[other]) if item.get(other) else None, source=where)
+    mcq = item.get(f'{direction}_mcq')
+    if not isinstance(mcq, dict) or 'question' not in mcq or 'options' not in mcq:
+        raise DataError(f"{where}: needs {direction}_mcq with 'question' and 'options'; keys found: {sorted(item)}"
+                        + (f', in {direction}_mcq: {sorted(mcq)}' if isinstance(mcq, dict) else ''))
+    if not isinstance(mcq['options'], list):
+        raise DataError(f"{where}: options must be a list, got {type(mcq['options']).__name__}")
+    options = [clean_option(re.sub(rf'^\(?{L}[.):]\)?\s+', '', str(o).strip())) for L, o in zip(LETTERS, mcq['options'])]
+    key = next((k for src in (mcq, item) for k in ANSWER_KEYS if k in src), None)
+    if key is None:
+        raise DataError(f'{where}: no correct-option field (looked for {list(ANSWER_KEYS)}); keys found: '
+                        f'{sorted(mcq)} in {direction}_mcq, {sorted(item)} in the item')
+    if not options:
+        raise DataError(f'{where}: empty options')
+    answer = resolve_answer(where, mcq.get(key, item.get(key)), options, key)
+    check_mcq(where, options, answer)
+    return Sample(id=where.rsplit('/', 1)[-1], video=video, task=task, direction=direction,
+                  question=clean_text(mcq['question']), options=options, answer=answer,
+                  answer_text=options[LETTERS.index(answer)], source=where)
+
+def pair_opposites(samples):
+    """Fill `opposite` from the other direction's item of the same video and task (i-th forward with
+    i-th reverse, in file order); left None where the counts differ."""
+    groups = {}
+    for s in samples:
+        groups.setdefault((s.video, s.task), {'forward': [], 'reverse': []})[s.direction].append(s)
+    for g in groups.values():
+        if len(g['forward']) == len(g['reverse']):
+            for f, r in zip(g['forward'], g['reverse']):
+                f.opposite = f.opposite or r.answer_text
+                r.opposite = r.opposite or f.answer_text
+    return samples
+
+def _check_video(s, check_videos):
+    """Missing or undecodable videos are caught when reading (header + frame 0), not mid-training."""
+    if not check_videos:
+        return
+    if not os.path.isfile(s.video):
+        raise DataError(f'{s.source}: video not found: {s.video}')
+    try:
+        video_info(s.video)
+    except DataError as e:
+        raise DataError(f'{s.source}: {e}') from e
+
+def _finish(samples, errors, strict):
+    pair_opposites(samples)
+    return samples if strict else (samples, errors)
+
+def read_st_r1_jsonl(path, video_root=None, strict=True, check_videos=True):
+    """The released ST-R1 training file (or one written like it). video_root remaps the authors'
+    absolute paths by basename; relative paths are taken from the file's folder."""
+    samples, errors = [], []
+    with open(path, encoding='utf-8') as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f'{path}:{lineno}'
+            try:
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f'{where}: malformed JSON ({e.msg} at column {e.colno})') from e
+                s = parse_st_r1_item(d, where, os.path.dirname(path), video_root)
+                _check_video(s, check_videos)
+                samples.append(s)
+            except DataError as e:
+                if strict:
+                    raise
+                errors.append(str(e))
+    return _finish(samples, errors, strict)
+
+def _part_video_dir(root, part):
+    """part{N}/ or part{N}_<anything>/ (part3_clip/, part4_clip/ in the release)."""
+    names = sorted(n for n in os.listdir(root) if re.fullmatch(rf'part{part}(_\w+)?', n) and os.path.isdir(os.path.join(root, n)))
+    return os.path.join(root, names[0] if names else f'part{part}')
+
+def read_benchmark(root, strict=True, check_videos=True):
+    """The benchmark layout: PartN_{forward,reverse}_{qa,mcq,mcq_landmark,mcq_action}.json + partN*/ videos."""
+    files = sorted(n for n in os.listdir(root) if BENCH_FILE.match(n))
+    if not files:
+        raise DataError(f'{root}: no PartN_{{forward,reverse}}_{{qa,mcq,mcq_landmark,mcq_action}}.json files')
+    samples, errors = [], []
+    for name in files:
+        part, direction, kind = BENCH_FILE.match(name).groups()
+        path, video_dir = os.path.join(root, name), _part_video_dir(root, part)
+        try:
+            with open(path, encoding='utf-8') as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                raise DataError(f'{path}: expected a JSON object keyed by sample id, got {type(data).__name__}')
+        except (json.JSONDecodeError, DataError) as e:
+            msg = f'{path}: line {e.lineno}: malformed JSON ({e.msg})' if isinstance(e, json.JSONDecodeError) else str(e)
+            if strict:
+                raise DataError(msg) from e
+            errors.append(msg)
+            continue
+        for key, item in data.items():
+            try:
+                s = parse_bench_item(item, f'{path}#{key}', BENCH_TASK[kind], direction, video_dir)
+                s.id = f'{name[:-5]}#{key}'
+                _check_video(s, check_videos)
+                samples.append(s)
+            except DataError as e:
+                if strict:
+                    raise
+                errors.append(str(e))
+    return _finish(samples, errors, strict)
+
+def read_samples(path, **kwargs):
+    """A benchmark folder or an ST-R1-style .jsonl."""
+    if os.path.isdir(path):
+        return read_benchmark(path, **kwargs)
+    if path.endswith('.jsonl'):
+        return read_st_r1_jsonl(path, **kwargs)
+    raise DataError(f'{path}: neither a benchmark folder nor a .jsonl file')
+
+# -----------------------------------------------------------------------------
+# encode, pack, batches
+
+def _config(tok, cfg):
+    return cfg if cfg is not None else model_lib.ModelConfig(**tok.model_ids(), spatial_merge_size=MERGE)
+
+def encode(sample, tok, settings, target=None, cfg=None):
+    """Sample -> dict(input_ids (T,), labels (T,), position_ids (3, T), pixel_values, grid_thw, id,
+    next_position). target None: prompt only, ending with "<|im_start|>assistant\\n"."""
+    try:
+        image = is_image(sample.video)
+        frames = load_image(sample.video) if image else load_frames(sample.video, settings.nframes)
+    except DataError as e:
+        raise DataError(f'{sample.source} ({sample.id}): {e}') from e
+    pixel_values, grid_thw = preprocess_frames(frames, settings)
+    ids, labels = chat_tokens(tok, build_user_text(sample), int(grid_thw.prod()) // MERGE**2, target, image)
+    input_ids = torch.tensor(ids)
+    position_ids, next_position = model_lib.rope_positions(input_ids, grid_thw, _config(tok, cfg))
+    return dict(input_ids=input_ids, labels=torch.tensor(labels), position_ids=position_ids,
+                pixel_values=pixel_values, grid_thw=grid_thw, id=sample.id, next_position=next_position)
+
+def pack(items):
+    """Concatenate encoded samples into one packed batch with cu_seqlens (B+1,) int32."""
+    if not items:
+        raise ValueError('pack: no samples')
+    lens = torch.tensor([len(it['input_ids']) for it in items])
+    cu = torch.zeros(len(items) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lens, 0)
+    return dict(input_ids=torch.cat([it['input_ids'] for it in items]), labels=torch.cat([it['labels'] for it in items]),
+                position_ids=torch.cat([it['position_ids'] for it in items], 1), cu_seqlens=cu,
+                pixel_values=torch.cat([it['pixel_values'] for it in items]),
+                grid_thw=torch.cat([it['grid_thw'] for it in items]),
+                ids=[it['id'] for it in items], next_positions=[it['next_position'] for it in items])
+
+def target_text(sample, target):
+    """target: None (prompt only), a Sample field name ('solution', 'answer_text', ...) or a function."""
+    if target is None:
+        return None
+    text = target(sample) if callable(target) else getattr(sample, target)
+    if text is None:
+        raise DataError(f'{sample.source} ({sample.id}): no {getattr(target, "__name__", target)} to use as target')
+    return text
+
+def sample_length(sample, tok, settings, target=None):
+    """Exact token count of encode(sample) without decoding the video."""
+    n, h, w = video_info(sample.video)
+    t, gh, gw = visual_grid(1 if is_image(sample.video) else settings.nframes, h, w, settings)
+    ids, _ = chat_tokens(tok, build_user_text(sample), t * gh * gw // MERGE**2, target_text(sample, target))
+    return len(ids)
+
+def plan_batches(lengths, token_budget, seed):
+    """Seeded shuffle (seed: an int or a tuple such as (seed, epoch)), then greedy packing: a batch closes when the next sample would pass the budget.
+    A sample longer than the budget gets a batch of its own (nothing is dropped)."""
+    plan, cur, used = [], [], 0
+    for i in np.random.default_rng(seed).permutation(len(lengths)).tolist():
+        if cur and used + lengths[i] > token_budget:
+            plan.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += lengths[i]
+    return plan + [cur] if cur else plan
+
+class PackedBatches(torch.utils.data.Dataset):
+    """Batch i of a plan, decoded and packed (runs in the DataLoader workers)."""
+    def __init__(self, samples, plan, tok, settings, target, cfg=None):
+        self.samples, self.plan, self.tok, self.settings, self.target = samples, plan, tok, settings, target
+        self.cfg = _config(tok, cfg)
+
+    def __len__(self):
+        return len(self.plan)
+
+    def __getitem__(self, i):
+        return pack([encode(s, self.tok, self.settings, target_text(s, self.target), self.cfg)
+                     for s in (self.samples[j] for j in self.plan[i])])
+
+def batches(samples, tok, settings, token_budget, seed=0, rank=None, world_size=None, num_workers=2,
+            target='solution', epoch=0, cfg=None):
+    """DataLoader over this rank's packed batches (len() = steps this epoch). Deterministic for
+    (seed, epoch); ranks get disjoint batches, the same number each. rank/world_size default to
+    torch.distributed's when it is initialised, else 0/1."""
+    if rank is None and world_size is None:
+        dist = torch.distributed
+        on = dist.is_available() and dist.is_initialized()
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+    if rank is None or world_size is None or not 0 <= rank < world_size:
+        raise ValueError(f'batches: need 0 <= rank < world_size, got rank={rank} world_size={world_size}')
+    lengths = [sample_length(s, tok, settings, target) for s in samples]
+    plan = plan_batches(lengths, token_budget, (seed, epoch))
+    per_rank = len(plan) // world_size
+    if per_rank == 0:
+        raise ValueError(f'batches: {len(samples)} samples make {len(plan)} batches, fewer than {world_size} ranks')
+    mine = plan[rank::world_size][:per_rank]
+    return torch.utils.data.DataLoader(PackedBatches(samples, mine, tok, settings, target, cfg), batch_size=None,
+                                       shuffle=False, num_workers=num_workers)

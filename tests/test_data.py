@@ -1,0 +1,425 @@
+"""data.py: pixels and ids against transformers' Qwen2-VL processors, readers on fixtures that
+reproduce the release's quirks, bad input, packing against the model, the loader.
+
+The oracle for video pixels is transformers' own code: the PIL image processor's resize / rescale /
+normalize per frame (torchvision is not installed, so the video processor class cannot be built)
+followed by Qwen2VLVideoProcessor.patchify, taken from its source file and run as-is. Tolerance
+1e-5 after normalisation (observed: 0, both sides do the same float32 arithmetic).
+"""
+import ast
+import importlib.util
+import json
+import os
+import re
+
+os.environ['HF_HUB_OFFLINE'] = '1'
+import av
+import numpy as np
+import pytest
+import torch
+
+import data as D
+import model as M
+
+torch.set_num_threads(2)
+SMALL = D.VisionSettings(nframes=4, min_pixels=56 * 56, max_pixels=56 * 56)  # 2x2 merged tokens per frame pair
+
+
+def write_video(path, n=16, h=64, w=64, fps=8):
+    """h264 clip whose frame i is grey level 10 + 15 i (so decoded frames tell their index)."""
+    with av.open(str(path), 'w') as c:
+        s = c.add_stream('libx264', rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, 'yuv420p'
+        for i in range(n):
+            img = np.full((h, w, 3), 10 + 15 * i, np.uint8)
+            img[: h // 2, : w // 2, 0] = 255 - 15 * i  # some structure so resizing is not trivial
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format='rgb24')):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def vids(tmp_path_factory):
+    d = tmp_path_factory.mktemp('vids')
+    return {'a': write_video(d / 'a.mp4'), 'b': write_video(d / 'b.mp4', n=11, h=48, w=80), 'dir': str(d)}
+
+
+@pytest.fixture(scope='module')
+def tok(tmp_path_factory):
+    texts = [D.build_user_text(D.Sample('x', 'v', 'landmark', 'forward', 'which landmarks did you pass?', ['a tree', 'a door'])),
+             "<think>Let's start by thinking reverse. Hence, the correct answer is A</think> <answer>A</answer>",
+             'You are a helpful assistant. Turn left, go straight, turn right. Describe the route.'] * 20
+    return D.build_tokenizer(texts, 400, str(tmp_path_factory.mktemp('tok')))
+
+
+def mcq(video, sol="<think>go left</think><answer>B</answer>"):
+    return D.Sample(id='s1', video=video, task='direction', direction='forward', question='Which way, A or B?',
+                    options=['left', 'right, then left'], answer='B', answer_text='right, then left', solution=sol, source='t:1')
+
+# ----------------------------------------------------------------------------- transformers oracle
+
+def hf_patchify():
+    """Qwen2VLVideoProcessor.patchify from transformers' source (its module imports torchvision)."""
+    origin = importlib.util.find_spec('transformers.models.qwen2_vl.video_processing_qwen2_vl').origin
+    tree = ast.parse(open(origin).read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == 'Qwen2VLVideoProcessor')
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == 'patchify')
+    ns = {'torch': torch}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), origin, 'exec'), ns)
+    return ns['patchify']
+
+
+def hf_video(frames, settings):
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    ip = Qwen2VLImageProcessorPil(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
+    size = SizeDict(shortest_edge=settings.min_pixels, longest_edge=settings.max_pixels)
+    out = []
+    for f in frames:
+        x = ip.resize(np.moveaxis(f, -1, 0), size=size, resample=PILImageResampling.BICUBIC, factor=28)
+        out.append(ip.normalize(ip.rescale(x, 1 / 255), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+    patches, t, h, w = hf_patchify()(None, torch.from_numpy(np.stack(out)).float()[None], 14, 2, 2)
+    return patches[0], torch.tensor([[t, h, w]])
+
+
+@pytest.mark.parametrize('n,h,w,settings', [(5, 64, 64, D.VisionSettings()), (4, 480, 854, D.VisionSettings()),
+                                            (3, 50, 90, SMALL)])
+def test_pixels_match_transformers(n, h, w, settings):
+    frames = np.random.default_rng(n).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    pv, grid = D.preprocess_frames(frames, settings)
+    ref_pv, ref_grid = hf_video(frames, settings)
+    assert grid.tolist() == ref_grid.tolist() and grid[0, 0] == (n + 1) // 2
+    assert pv.shape == ref_pv.shape == (int(grid.prod()), 1176) and pv.dtype == torch.float32
+    assert (pv - ref_pv).abs().max() <= 1e-5
+    assert 100352 <= grid[0, 1] * grid[0, 2] * 196 <= 151200 or settings is SMALL
+
+
+def test_still_image_matches_image_processor(tmp_path):
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    img = np.random.default_rng(0).integers(0, 256, (70, 130, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / 'x.png')
+    s = D.VisionSettings()
+    pv, grid = D.preprocess_frames(D.load_image(str(tmp_path / 'x.png')), s)
+    ref = Qwen2VLImageProcessorPil(min_pixels=s.min_pixels, max_pixels=s.max_pixels)(images=[img], return_tensors='pt')
+    assert grid.tolist() == ref['image_grid_thw'].tolist()
+    assert (pv - ref['pixel_values']).abs().max() <= 1e-5
+
+
+def test_frames_rounded_linspace_and_only_those_decoded(vids, monkeypatch):
+    assert D.frame_indices(16, 8).tolist() == [0, 2, 4, 6, 9, 11, 13, 15]  # truncation would give 8, 10, 12
+    frames = D.load_frames(vids['a'], 8)
+    assert frames.shape == (8, 64, 64, 3) and frames.dtype == np.uint8
+    got = np.round((frames[:, 40:, 40:].mean((1, 2, 3)) - 10) / 15).astype(int)
+    assert got.tolist() == [0, 2, 4, 6, 9, 11, 13, 15]
+    calls = []
+    real = D.decord.VideoReader
+
+    class Spy(real):
+        def get_batch(self, idx):
+            calls.append(list(idx))
+            return super().get_batch(idx)
+
+        def __getitem__(self, i):
+            raise AssertionError('frames must come from one get_batch of the sampled indices')
+    monkeypatch.setattr(D.decord, 'VideoReader', Spy)
+    D.load_frames(vids['a'], 4)
+    assert calls == [[0, 5, 10, 15]]
+
+
+def test_tokenizer_dir_loads_in_transformers(tok):
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    d = os.path.dirname(tok.path)
+    hf = AutoTokenizer.from_pretrained(d)
+    assert [hf.convert_tokens_to_ids(t) for t in D.SPECIAL_TOKENS] == list(range(tok.vocab_size - 14, tok.vocab_size))
+    text = 'Turn left, then <think>x</think><|im_end|>'
+    assert hf(text, add_special_tokens=False)['input_ids'] == tok.encode(text)
+    assert tok.decode(tok.encode(text)) == text
+    ip = Qwen2VLImageProcessorPil.from_pretrained(d)
+    assert (ip.size['shortest_edge'], ip.size['longest_edge']) == (128 * 28 * 28, 360 * 420)
+    chat = hf.apply_chat_template([{'role': 'user', 'content': [{'type': 'video'}, {'type': 'text', 'text': 'Q'}]}],
+                                  tokenize=False, add_generation_prompt=True)
+    assert chat == ('<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n'
+                    '<|vision_start|><|video_pad|><|vision_end|>Q<|im_end|>\n<|im_start|>assistant\n')
+
+# ----------------------------------------------------------------------------- ids against the processor
+
+@pytest.fixture
+def processor(tok, monkeypatch):
+    """transformers' Qwen2VLProcessor; its video processor needs torchvision, so a stand-in runs the
+    oracle pipeline above (the processor's own code expands the placeholders and tokenises)."""
+    from transformers import AutoTokenizer, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.processing_utils import ProcessorMixin
+    monkeypatch.setattr(ProcessorMixin, 'check_argument_for_proper_class', lambda self, name, arg: type(arg))
+    s = D.VisionSettings()
+
+    class Video:
+        merge_size = 2
+
+        def __call__(self, videos, **kwargs):
+            pv, grid = hf_video(np.asarray(videos[0]), s)
+            return {'pixel_values_videos': pv, 'video_grid_thw': grid}
+    d = os.path.dirname(tok.path)
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(d), tokenizer=AutoTokenizer.from_pretrained(d),
+                            video_processor=Video(), chat_template=D.CHAT_TEMPLATE)
+
+
+@pytest.mark.parametrize('target', ["<think>Turn back, then go\nstraight.</think> <answer>B</answer>", None])
+def test_ids_match_transformers_processor(tok, vids, processor, target):
+    s = mcq(vids['a'])
+    conv = [{'role': 'user', 'content': [{'type': 'video'}, {'type': 'text', 'text': D.build_user_text(s)}]}]
+    if target is not None:
+        conv.append({'role': 'assistant', 'content': [{'type': 'text', 'text': target}]})
+    text = processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=target is None)
+    frames = D.load_frames(s.video, 8)
+    ref = processor(text=[text], videos=[frames], return_tensors='pt')
+    out = D.encode(s, tok, D.VisionSettings(), target)
+    assert out['input_ids'].tolist() == ref['input_ids'][0].tolist()
+    assert out['grid_thw'].tolist() == ref['video_grid_thw'].tolist() == [[4, 24, 24]]
+    assert (out['pixel_values'] - ref['pixel_values_videos']).abs().max() <= 1e-5
+    assert int((out['input_ids'] == tok.video_pad_id).sum()) == 4 * 24 * 24 // 4
+
+
+def test_image_sample_ids_match_processor(tok, processor, tmp_path):
+    from PIL import Image
+    img = np.random.default_rng(1).integers(0, 256, (60, 100, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / 'x.png')
+    s = mcq(str(tmp_path / 'x.png'))
+    conv = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': D.build_user_text(s)}]}]
+    text = processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    ref = processor(text=[text], images=[img], return_tensors='pt')
+    out = D.encode(s, tok, D.VisionSettings())
+    assert out['input_ids'].tolist() == ref['input_ids'][0].tolist()
+    assert (out['pixel_values'] - ref['pixel_values']).abs().max() <= 1e-5
+
+
+def test_labels_cover_answer_and_im_end_only(tok, vids):
+    target = '<think>x</think> <answer>B</answer>'
+    out = D.encode(mcq(vids['a']), tok, SMALL, target)
+    ids, labels = out['input_ids'], out['labels']
+    kept = labels != -100
+    assert tok.decode(labels[kept]) == target + '<|im_end|>'
+    assert (labels[kept] == ids[kept]).all()
+    assert kept.nonzero().max() == len(ids) - 2 and tok.decode(ids[-1:]) == '\n'  # trailing "\n" unlabelled
+    assert tok.decode(ids[:int(kept.nonzero().min())]).endswith('<|vision_end|>' + D.build_user_text(mcq('v')) + '<|im_end|>\n<|im_start|>assistant\n')
+    prompt = D.encode(mcq(vids['a']), tok, SMALL, None)
+    assert (prompt['labels'] == -100).all() and torch.equal(prompt['input_ids'], ids[:len(prompt['input_ids'])])
+    assert tok.decode(prompt['input_ids']).endswith('<|im_start|>assistant\n')
+    pos, nxt = M.rope_positions(ids, out['grid_thw'], M.ModelConfig(**tok.model_ids()))
+    assert torch.equal(out['position_ids'], pos) and out['next_position'] == nxt
+
+
+def test_build_user_text():
+    s = mcq('v')
+    assert D.build_user_text(s) == (
+        'Which way, A or B?\nOptions:\nA. left\nB. right, then left\nInstructions: Please select the most appropriate '
+        'answer from the options above and return only the option number (e.g. A, B, C or D).\nOutput the thinking '
+        'process in <think> </think> and final answer in <answer> </answer> tags, i.e., <think> reasoning process '
+        'here </think><answer> answer here </answer>.')
+    r = D.Sample('r', 'v', 'route', 'reverse', 'Describe the route back.', answer='Turn back.', answer_text='Turn back.')
+    assert D.build_user_text(r) == 'Describe the route back.\n' + D.THINK_INSTRUCTION
+
+# ----------------------------------------------------------------------------- readers
+
+PRE = 'Please take a egocentric view to understand the following questions.'
+INSTR = '\n\nInstructions: Please select the most appropriate answer from the options above and return only the option number (e.g. A, B, C or D).'
+LM_F = 'which landmarks (objects or scenery changes) did you pass by to reach your destination?'
+LM_R = 'which landmarks (objects or scenery changes) did you pass by to return to the starting point?'
+DIR_F = 'what directions do you need to go through to get to your destination?'
+DIR_R = 'what directions do you need to go through to get to starting point ?'
+ACT_F = 'which actions did you perform to reach your destination?'
+ACT_R = 'which actions did you perform to return to the starting point?'
+
+
+def st_line(problem, answer, cot_dir, first, opp, then, video):
+    sol = f"<think>Let's start by thinking {cot_dir} {first}{opp} And then think about {then} Hence, the correct answer is {answer}</think> <answer>{answer}</answer>"
+    return json.dumps(dict(problem=problem + INSTR, solution=sol, video=f'/vi-lab/Ego-ST-bench/r1_video/{video}',
+                           original_question=problem + INSTR, original_answer=answer))
+
+
+def st_r1_lines():
+    return [  # the release's quirks, one per line
+        st_line(f'{PRE} Based on this video, {LM_F} Options: A. toy birdhouse, B. ornamental birdfeeder., C. two-story treehouse',
+                'A', 'reverse', LM_R, "['toy birdhouse']", LM_F, 'a.mp4'),
+        st_line(f'{PRE}Based on this video, {LM_R} Options: A. rusty swingset, B. toy birdhouse', 'B', 'forward', LM_F,
+                ' toy birdhouse', LM_R, 'a.mp4'),
+        st_line(f'{PRE}{PRE}Based on this video, {DIR_R} Options: A. Turn back, go straight, turn right, B. go straight',
+                'A', 'forward', DIR_F, ' go straight, turn left', DIR_R, 'b.mp4'),
+        st_line(f'{PRE} Based on this video, {DIR_F} Options: A. a, B. b, C. c, D. go straight turn left', 'D', 'reverse',
+                LM_R, "['Turn back', 'go straight', 'Turn right']", LM_F, 'b.mp4'),  # CoT with landmark stems, as released
+        st_line(f'{PRE} Based on this video, {LM_F} Options: A. Walk straight, pick up the toy.', 'A', 'reverse', ACT_R,
+                "['Walk straight', 'pick up the toy']", ACT_F, 'a.mp4'),  # forward action item with the landmark stem
+        st_line(f'Please take an egocentric view to understand the following question. Based on this video, {ACT_R} Options: '
+                'A. put down the toy walk back, B. walk straight pick up the toy', 'A', 'forward', ACT_F,
+                ' Walk straight, pick up the toy', ACT_R, 'a.mp4'),
+    ]
+
+
+def test_read_st_r1_jsonl_quirks(tmp_path, vids):
+    p = tmp_path / 'st.jsonl'
+    p.write_text('\n'.join(st_r1_lines()) + '\n\n')
+    s = D.read_st_r1_jsonl(str(p), video_root=vids['dir'])
+    assert [(x.task, x.direction) for x in s] == [('landmark', 'forward'), ('landmark', 'reverse'), ('direction', 'reverse'),
+                                                  ('direction', 'forward'), ('action', 'forward'), ('action', 'reverse')]
+    assert [x.options for x in s] == [['toy birdhouse', 'ornamental birdfeeder', 'two-story treehouse'], ['rusty swingset', 'toy birdhouse'],
+                                      ['Turn back, go straight, turn right', 'go straight'], ['a', 'b', 'c', 'go straight turn left'],
+                                      ['Walk straight, pick up the toy'], ['put down the toy walk back', 'walk straight pick up the toy']]
+    assert [x.answer for x in s] == ['A', 'B', 'A', 'D', 'A', 'A']
+    assert s[0].question == 'Based on this video, ' + LM_F
+    assert s[2].question == 'Based on this video, what directions do you need to go through to get to starting point?'
+    assert s[4].question == 'Based on this video, ' + ACT_F
+    assert [x.opposite for x in s] == ['toy birdhouse', 'toy birdhouse', 'go straight, turn left', 'Turn back, go straight, Turn right',
+                                       'Walk straight, pick up the toy', 'Walk straight, pick up the toy']
+    assert s[0].solution == (f"<think>Let's start by thinking reverse {LM_R} toy birdhouse And then think about {LM_F} "
+                             "Hence, the correct answer is A</think> <answer>A</answer>")
+    assert s[0].video == os.path.join(vids['dir'], 'a.mp4') and s[3].source == f'{p}:4' and s[3].id == 'st.jsonl:4'
+
+
+def test_read_benchmark_layout(tmp_path, vids):
+    for part in ('part1', 'part3_clip'):
+        os.makedirs(tmp_path / part)
+        os.link(vids['a'], tmp_path / part / 'v.mp4')
+    files = {
+        'Part1_forward_qa.json': {'0': {'video': 'v.mp4', 'question': 'Describe the route to your destination ?', 'forward_answer': 'Go straight, turn left.'}},
+        'Part1_reverse_qa.json': {'0': {'video': 'v.mp4', 'question': 'Describe the route back.', 'reverse_answer': 'Turn back, turn right.'}},
+        'Part1_forward_mcq.json': {'0': {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': ['A. go left', 'B. go right'], 'answer': 'A'}}},
+        'Part1_reverse_mcq.json': {'0': {'video': 'v.mp4', 'reverse_mcq': {'question': 'q', 'options': ['turn back', 'turn right.'], 'correct_answer': 'Turn right'}}},
+        'Part3_forward_mcq_landmark.json': {'7': {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': ['a', 'b', 'c'], 'gt': 2}}},
+        'Part3_reverse_mcq_landmark.json': {'7': {'video': 'v.mp4', 'reverse_mcq': {'question': 'q', 'options': ['a', 'c'], 'label': '(B)'}}},
+    }
+    for name, obj in files.items():
+        (tmp_path / name).write_text(json.dumps(obj))
+    s = {x.id: x for x in D.read_samples(str(tmp_path))}
+    assert sorted(s) == sorted(f'{n[:-5]}#{k}' for n, o in files.items() for k in o)
+    f, r = s['Part1_forward_qa#0'], s['Part1_reverse_qa#0']
+    assert (f.task, f.direction, f.answer, f.opposite, f.options) == ('route', 'forward', 'Go straight, turn left.', 'Turn back, turn right.', [])
+    assert f.question == 'Describe the route to your destination?' and r.opposite == 'Go straight, turn left.'
+    m = s['Part1_reverse_mcq#0']
+    assert (m.task, m.options, m.answer, m.answer_text, m.opposite) == ('direction', ['turn back', 'turn right'], 'B', 'turn right', 'go left')
+    assert s['Part1_forward_mcq#0'].options == ['go left', 'go right'] and s['Part1_forward_mcq#0'].opposite == 'turn right'
+    lf, lr = s['Part3_forward_mcq_landmark#7'], s['Part3_reverse_mcq_landmark#7']
+    assert (lf.task, lf.answer, lr.answer, lf.opposite) == ('landmark', 'C', 'B', 'c')
+    assert lf.video == str(tmp_path / 'part3_clip' / 'v.mp4') and lf.source == f"{tmp_path / 'Part3_forward_mcq_landmark.json'}#7"
+
+# ----------------------------------------------------------------------------- bad input
+
+def good_line():
+    return st_r1_lines()[0]
+
+
+def bad_lines(vids, tmp_path):
+    d = json.loads(good_line())
+    corrupt = tmp_path / 'corrupt.mp4'
+    corrupt.write_bytes(b'\x00\x00\x00\x18ftypmp42' + os.urandom(500))
+    return {
+        'malformed JSON': good_line()[:-5],
+        "missing field(s) ['video']": json.dumps({k: v for k, v in d.items() if k != 'video'}),
+        "answer 'D' is not among the options ABC": good_line().replace('is A</think> <answer>A</answer>', 'is D</think> <answer>D</answer>').replace('"original_answer": "A"', '"original_answer": "D"'),
+        'empty options': json.dumps({**d, 'problem': d['problem'].split(' Options:')[0] + ' Options: ' + INSTR}),
+        'video not found': json.dumps({**d, 'video': '/x/missing.mp4'}),
+        'cannot open video': json.dumps({**d, 'video': '/x/corrupt.mp4'}),
+    }
+
+
+def test_bad_jsonl_lines_named_and_collected(tmp_path, vids):
+    os.link(vids['a'], tmp_path / 'a.mp4')
+    for i, (what, line) in enumerate(bad_lines(vids, tmp_path).items()):
+        p = tmp_path / f'f{i}.jsonl'
+        p.write_text(good_line() + '\n' + line + '\n' + good_line() + '\n')
+        with pytest.raises(D.DataError, match=re.escape(f'f{i}.jsonl:2: ') + '.*' + re.escape(what)):
+            D.read_st_r1_jsonl(str(p), video_root=str(tmp_path))
+        samples, errors = D.read_st_r1_jsonl(str(p), video_root=str(tmp_path), strict=False)
+        assert [x.source for x in samples] == [f'{p}:1', f'{p}:3'] and len(errors) == 1 and what in errors[0]
+
+
+def test_bad_benchmark_items(tmp_path, vids):
+    os.makedirs(tmp_path / 'part2')
+    os.link(vids['a'], tmp_path / 'part2' / 'v.mp4')
+    good = {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': ['x', 'y'], 'answer': 'B'}}
+    items = {'ok': good, 'nokey': {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': ['x', 'y'], 'truth': 'B'}},
+             'text': {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': ['x', 'y'], 'answer': 'z'}},
+             'empty': {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': [], 'answer': 'A'}},
+             'novideo': {**good, 'video': 'w.mp4'}}
+    (tmp_path / 'Part2_forward_mcq.json').write_text(json.dumps(items))
+    (tmp_path / 'Part2_reverse_mcq.json').write_text('{"0": {')
+    samples, errors = D.read_benchmark(str(tmp_path), strict=False)
+    assert [x.id for x in samples] == ['Part2_forward_mcq#ok'] and len(errors) == 5
+    f = str(tmp_path / 'Part2_forward_mcq.json')
+    assert errors[0].startswith(f"{f}#nokey: no correct-option field") and "['options', 'question', 'truth']" in errors[0]
+    assert errors[1].startswith(f'{f}#text: answer ') and errors[2] == f'{f}#empty: empty options'
+    assert errors[3].startswith(f'{f}#novideo: video not found')
+    assert errors[4].startswith(f"{tmp_path / 'Part2_reverse_mcq.json'}: line 1: malformed JSON")
+    with pytest.raises(D.DataError, match='nokey: no correct-option field'):
+        D.read_benchmark(str(tmp_path))
+
+
+def test_undecodable_video_at_encode_names_sample(tmp_path, tok, vids):
+    d = open(vids['a'], 'rb').read()
+    (tmp_path / 't.mp4').write_bytes(d[:len(d) // 2])  # moov atom at the end: the container cannot be opened
+    s = mcq(str(tmp_path / 't.mp4'))
+    with pytest.raises(D.DataError, match=r't:1 \(s1\): .*t.mp4: cannot open video'):
+        D.encode(s, tok, SMALL)
+
+# ----------------------------------------------------------------------------- packing and the loader
+
+def tiny_model(tok):
+    cfg = M.ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3], rope_theta=10000.0,
+                        vision_depth=2, vision_embed_dim=32, vision_num_heads=2, **tok.model_ids())
+    torch.manual_seed(0)
+    return M.Qwen2VL(cfg).eval()
+
+
+def run(model, b):
+    return model(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'])
+
+
+def seq_loss(logits, labels):
+    return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction='sum')
+
+
+def test_packed_sample_same_logits_and_loss_as_alone(tok, vids):
+    model = tiny_model(tok)
+    a = D.encode(mcq(vids['a']), tok, SMALL, '<think>left</think> <answer>A</answer>')
+    r = D.Sample('r', vids['b'], 'route', 'reverse', 'Describe the route back.', answer='Turn back.', answer_text='Turn back.')
+    b = D.encode(r, tok, SMALL, 'Turn back, then left.')
+    packed = D.pack([b, a])
+    assert packed['cu_seqlens'].dtype == torch.int32 and packed['cu_seqlens'].tolist() == [0, len(b['input_ids']), len(b['input_ids']) + len(a['input_ids'])]
+    assert packed['grid_thw'].tolist() == [[2, 2, 4], [2, 4, 4]] and packed['ids'] == ['r', 's1']
+    n = len(b['input_ids'])
+    assert torch.equal(packed['position_ids'], torch.cat([b['position_ids'], a['position_ids']], 1))
+    alone = lambda x: dict(x, cu_seqlens=torch.tensor([0, len(x['input_ids'])], dtype=torch.int32))
+    with torch.no_grad():
+        alone_a, alone_b, both = run(model, alone(a)), run(model, alone(b)), run(model, packed)
+    assert (both[n:] - alone_a).abs().max() < 1e-5 and (both[:n] - alone_b).abs().max() < 1e-5
+    la, lb = seq_loss(alone_a, a['labels']), seq_loss(alone_b, b['labels'])
+    assert abs(float(seq_loss(both, packed['labels']) - (la + lb))) < 1e-4  # one shift over the pack is safe
+
+
+def test_batches_deterministic_disjoint_budgeted(tok, vids):
+    samples = [D.Sample(f's{i}', vids['a' if i % 2 else 'b'], 'route', 'forward', 'Describe the route' + ' again' * i,
+                        answer='Go.', answer_text='Go.', solution=f'<answer>Go {i}.</answer>') for i in range(10)]
+    lengths = [D.sample_length(s, tok, SMALL, 'solution') for s in samples]
+    assert lengths[3] == len(D.encode(samples[3], tok, SMALL, samples[3].solution)['input_ids'])
+    budget = max(lengths) * 3
+
+    def ids(**kw):
+        out = []
+        for b in D.batches(samples, tok, SMALL, budget, **kw):
+            assert len(b['input_ids']) <= budget and b['cu_seqlens'][-1] == len(b['input_ids'])
+            out.append(b['ids'])
+        return out
+    one = ids(seed=1, rank=0, world_size=1, num_workers=0)
+    assert sorted(sum(one, [])) == sorted(s.id for s in samples) and len(one) >= 4
+    assert ids(seed=1, rank=0, world_size=1, num_workers=2) == one  # workers: same batches, same order
+    assert ids(seed=2, rank=0, world_size=1, num_workers=0) != one
+    assert ids(seed=1, epoch=1, rank=0, world_size=1, num_workers=0) != one
+    r0, r1 = ids(seed=1, rank=0, world_size=2, num_workers=0), ids(seed=1, rank=1, world_size=2, num_workers=0)
+    assert len(r0) == len(r1) == len(one) // 2 and not set(sum(r0, [])) & set(sum(r1, []))
+    assert r0 == one[0:2 * len(r0):2] and r1 == one[1:2 * len(r1):2]
+    with pytest.raises(D.DataError, match='no opposite to use as target'):
+        D.batches(samples, tok, SMALL, budget, rank=0, world_size=1, target='opposite')
