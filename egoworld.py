@@ -1,0 +1,665 @@
+"""
+EgoWorld: a procedurally rendered first-person world with exact ground truth, written in the
+Ego-ST Bench layout. It is this project's "shakespeare_char": SFT, GRPO and bench run on it
+unchanged, and a ~2M-parameter Qwen2-VL learns it on a CPU in minutes.
+
+    python egoworld.py --out=data_egoworld --seed=0            # train/ test/ ood/ splits
+    python egoworld.py --contact_sheet=egoworld.png            # frames of a few samples, for eyes
+    python egoworld.py --make_model=out/egoworld-tiny          # tokenizer.json + tiny checkpoint
+
+World (tuned by a feasibility probe, ../shared/egost/PROBE.md). A grid of rock with a one-cell
+corridor carved along the route: 2-4 straight segments (5 in the OOD split) of 2-4 cells joined
+by in-place 90-degree turns; corridors never touch, so every view is unambiguous. Walls carry
+the compass: the north wall of a corridor is red, east green, south blue, west yellow, so the
+heading is the colour straight ahead. Cell edges are darkened and the floor is a checker, so
+forward motion shows. Landmarks are wall faces painted "<colour> <kind>" (e.g. "white clock"),
+passed on the left or right or seen ahead at a segment's end, at most one per segment. Actions
+happen in the corridor: a closed door that opens (its leaf then lies against the wall), stairs
+whose steps brighten uphill, an item on the floor that vanishes into the hand (drawn bottom
+right). Frames are planned, not just sampled: the start of every segment, a mid-turn (45 degree)
+view of every turn, a view before/after every action and beside every landmark, the goal; they
+sit exactly on the indices that data.py samples (round(linspace(0, frames-1, key_frames))), so
+with nframes = key_frames the model sees every segment. A numpy DDA raycaster renders all frames
+of a clip at once; PyAV writes H.264 mp4 that decord reads back.
+
+Route grammar (route_to_text; reward.py parses the same words):
+    route  := step (", " step)* "."
+    step   := "go straight" [" past the " LANDMARK] | "turn left" | "turn right" | "turn around"
+              | ACTION
+    LANDMARK := COLOUR " " KIND      ACTION := "open the door" | "climb up the stairs" | ...
+The route description (open-ended task) has no ACTION steps; the action task lists them alone.
+Reverse rule (reverse_steps): reverse the order, swap left/right, invert actions (INVERSE), and
+prefix "turn around" (a route that starts with "turn around" loses it instead, so reversing
+twice gives the route back). Direction MCQ options are the turn steps ("turn left, turn right"),
+landmark options the ordered landmark names, action options the ordered actions.
+
+MCQ distractors: the options of a video are the texts of n_options routes drawn i.i.d. from the
+same route prior, resampled together until every task's texts are distinct, then shuffled. The
+true route is one of them, so the options are exchangeable and no text-only rule beats chance.
+
+Output (each split dir in the released benchmark layout, data.read_benchmark reads it):
+    out/{train,test,ood}/Part1_{forward,reverse}_{qa,mcq,mcq_landmark,mcq_action}.json
+    out/{split}/part1/<id>.mp4, out/{split}/routes.jsonl (the ground-truth route per video),
+    out/{split}/st_r1_cot.jsonl and st_r1_nocot.jsonl (ST-R1 training format, 8 items a video).
+CoT (the paper's reverse-thinking template, cleaned of Python list reprs), e.g. a forward MCQ:
+    <think>Headings: north, east, north. Let's start by thinking reverse {reverse stem}
+    {reverse ground truth}. And then think about {forward stem} {forward ground truth}.
+    Hence, the correct answer is B</think> <answer>B</answer>
+The "Headings:" perception step (cot_perception) and stating the question's own answer text
+before the letter (cot_answer_text) are our additions: the probe found a tiny model learns routes
+only through the headings, and matching options needs the derived text. Reverse questions start
+with "thinking forward". Route items end the thought after the question's stem and answer with the
+route text. The no-CoT variant's solution is "<answer>X</answer>".
+
+Left out on purpose: textures beyond flat colours, lighting, rooms wider than a corridor,
+moving people, audio; and a second camera height for stairs (the steps' shading carries up/down).
+"""
+import json
+import math
+import os
+import time
+from multiprocessing import Pool
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# data set size and layout
+out = 'data_egoworld'   # output root; splits go to out/train, out/test, out/ood
+seed = 0
+n_train = 2000          # videos; each gives 8 questions (route, direction, landmark, action x fwd/rev)
+n_test = 200
+n_ood = 200
+workers = 2             # processes rendering and encoding videos (this machine has 2 cores)
+generate = None         # None: generate unless only --contact_sheet / --make_model was asked for
+# video: 56 px = 4x4 Qwen2-VL patches of 14 -> 2x2 merged tokens per temporal pair of frames
+size = 56               # multiple of 28 so Qwen2-VL's resize is the identity (set min/max_pixels)
+frames = 16             # frames per mp4
+key_frames = 16         # frames the model samples (data.py nframes); planned views land on them
+fps = 8
+# routes
+segments = (2, 4)       # straight segments per route in train/test
+ood_segments = (5, 5)   # the OOD split: longer routes ...
+ood_theme = 'dusk'      # ... in an unseen floor/ceiling/lighting theme
+seg_len = (2, 4)        # cells per segment
+n_options = 4
+# chain of thought
+cot_perception = True   # prefix "Headings: ..." (the probe: routes are learnable through headings)
+cot_answer_text = True  # state the question's own answer text before the letter
+# extras
+contact_sheet = ''      # a PNG path: frames of a few train samples with their route text
+make_model = ''         # a directory: tokenizer.json + tiny random Qwen2-VL checkpoint
+# the tiny model (--make_model): PROBE.md's size, ~2M parameters, learns EgoWorld on 2 cores
+vocab_size = 1024       # BPE vocabulary, Qwen2-VL's 14 special tokens included
+tiny_hidden = 128
+tiny_layers = 4
+tiny_heads = 4          # head_dim 32 -> mrope_section [4, 6, 6], Qwen2-VL's 16:24:24 scaled down
+tiny_kv_heads = 2
+tiny_intermediate = 512
+tiny_vision_depth = 2
+tiny_vision_dim = 128
+tiny_vision_heads = 4
+tiny_corpus = 2000      # videos' questions (text only) the tokenizer is trained on
+# -----------------------------------------------------------------------------
+
+HEADINGS = ['north', 'east', 'south', 'west']
+DIRS = np.array([(0, 1), (1, 0), (0, -1), (-1, 0)])     # x east, y north; index = heading
+COLOURS = {'white': (235, 235, 235), 'black': (25, 25, 25), 'orange': (255, 140, 0),
+           'purple': (130, 40, 170), 'pink': (255, 130, 190), 'cyan': (0, 210, 220)}
+KINDS = ['painting', 'window', 'clock', 'banner']
+LANDMARKS = [f'{c} {k}' for c in COLOURS for k in KINDS]
+ITEMS = {'box': (190, 120, 40), 'ball': (240, 240, 240), 'book': (200, 40, 160)}
+INVERSE = {'open the door': 'close the door', 'climb up the stairs': 'climb down the stairs',
+           **{f'pick up the {i}': f'put down the {i}' for i in ITEMS}}
+INVERSE.update({v: k for k, v in INVERSE.items()})
+ACTIONS = ['open the door', 'climb up the stairs', 'climb down the stairs'] + [f'pick up the {i}' for i in ITEMS]
+THEMES = {  # wall colours by the side of the corridor they are on (N, E, S, W); floor checker; ceiling
+    'default': dict(walls=[(200, 40, 40), (40, 170, 60), (50, 80, 210), (220, 200, 40)],
+                    floor=[(120, 120, 120), (85, 85, 85)], ceiling=(55, 55, 65), light=1.0),
+    'dusk': dict(walls=[(200, 40, 40), (40, 170, 60), (50, 80, 210), (220, 200, 40)],
+                 floor=[(130, 100, 70), (95, 70, 45)], ceiling=(35, 35, 80), light=0.8)}
+DOOR, LEAF = 100, 101   # face codes beside 1 + landmark index
+LETTERS = 'ABCDEFGH'
+TASKS = ['route', 'direction', 'landmark', 'action']
+FILES = {'route': 'qa', 'direction': 'mcq', 'landmark': 'mcq_landmark', 'action': 'mcq_action'}
+STEMS = {
+    ('route', 'forward'): 'which route did you take to reach your destination?',
+    ('route', 'reverse'): 'which route do you take to return to the starting point?',
+    ('direction', 'forward'): 'what directions do you need to go through to get to your destination?',
+    ('direction', 'reverse'): 'what directions do you need to go through to get to the starting point?',
+    ('landmark', 'forward'): 'which landmarks (objects or scenery changes) did you pass by to reach your destination?',
+    ('landmark', 'reverse'): 'which landmarks (objects or scenery changes) did you pass by to return to the starting point?',
+    ('action', 'forward'): 'which actions did you perform to reach your destination?',
+    ('action', 'reverse'): 'which actions did you perform to return to the starting point?'}
+PREFIX = 'Please take an egocentric view to understand the following question. '
+INSTRUCTION = ('\n\nInstructions: Please select the most appropriate answer from the options above '
+               'and return only the option number (e.g. A, B, C or D).')
+
+# -----------------------------------------------------------------------------
+# routes: a route is a JSON-able dict; its meaning is the step list route_steps() derives
+
+def sample_route(rng, segments=(2, 4), seg_len=(2, 4)):
+    """One route from the prior: headings, lengths, landmarks, actions, and the carved cells.
+    Rejection-samples until the corridor never touches itself."""
+    while True:
+        n = int(rng.integers(segments[0], segments[1] + 1))
+        turns = [('left', 'right')[int(b)] for b in rng.integers(0, 2, n - 1)]
+        headings = [int(rng.integers(4))]
+        for t in turns:
+            headings.append((headings[-1] + (1 if t == 'right' else -1)) % 4)
+        lengths = [int(x) for x in rng.integers(seg_len[0], seg_len[1] + 1, n)]
+        lm_segs = sorted(rng.choice(n, int(rng.integers(1, min(3, n) + 1)), replace=False).tolist())
+        act_segs = sorted(rng.choice(n, int(rng.integers(1, min(3, n) + 1)), replace=False).tolist())
+        names = rng.choice(len(LANDMARKS), len(lm_segs), replace=False)
+        acts = rng.choice(len(ACTIONS), len(act_segs), replace=False)   # distinct: at most one door
+        actions = [dict(seg=s, pos=int(rng.integers(1, lengths[s])), action=ACTIONS[a])
+                   for s, a in zip(act_segs, acts)]
+        landmarks = []
+        for s, k in zip(lm_segs, names):
+            side = ['left', 'right', 'ahead'][int(rng.integers(3))]
+            free = [j for j in range(1, lengths[s]) if all(a['pos'] != j for a in actions if a['seg'] == s)]
+            if side != 'ahead' and not free:
+                side = 'ahead'
+            pos = lengths[s] + 0.5 if side == 'ahead' else int(rng.choice(free))
+            landmarks.append(dict(seg=s, pos=pos, side=side, name=LANDMARKS[k]))
+        cells = carve(headings, lengths)
+        if not touches(cells):
+            return dict(headings=headings, lengths=lengths, turns=turns, landmarks=landmarks,
+                        actions=actions, cells=cells)
+
+
+def carve(headings, lengths):
+    """The corridor cells [x, y] walked from (0, 0), corners included once."""
+    cells = [[0, 0]]
+    for h, L in zip(headings, lengths):
+        for _ in range(L):
+            cells.append([cells[-1][0] + int(DIRS[h][0]), cells[-1][1] + int(DIRS[h][1])])
+    return cells
+
+
+def touches(cells):
+    """True if two cells more than two steps apart are neighbours (incl. diagonal): walls would be
+    missing between corridors and one view could show two places."""
+    P = np.array(cells)
+    cheb = np.abs(P[:, None] - P[None]).max(-1)
+    far = np.abs(np.arange(len(P))[:, None] - np.arange(len(P))[None]) >= 3
+    return bool((far & (cheb < 2)).any())
+
+
+def route_steps(route):
+    """The forward step list, in the order things happen along the way."""
+    steps = []
+    for s, L in enumerate(route['lengths']):
+        if s:
+            steps.append(('turn', route['turns'][s - 1]))
+        events = sorted([(l['pos'], 'lm', l['name']) for l in route['landmarks'] if l['seg'] == s] +
+                        [(a['pos'], 'do', a['action']) for a in route['actions'] if a['seg'] == s])
+        landmark = None
+        for _, kind, what in events:
+            if kind == 'lm':
+                landmark = what
+            else:
+                steps += [('go', landmark), ('do', what)]
+                landmark = None
+        steps.append(('go', landmark))
+    return steps
+
+
+def reverse_steps(steps):
+    """Retrace: reverse the order, swap left and right, invert actions, turn around first."""
+    flip = {'left': 'right', 'right': 'left', 'around': 'around'}
+    around = [('turn', 'around')]
+    body, lead = (steps[1:], []) if steps[:1] == around else (steps, around)
+    rev = [('turn', flip[v]) if k == 'turn' else ('do', INVERSE[v]) if k == 'do' else (k, v)
+           for k, v in reversed(body)]
+    return lead + rev
+
+
+def step_text(step):
+    kind, v = step
+    if kind == 'go':
+        return 'go straight' + (f' past the {v}' if v else '')
+    return f'turn {v}' if kind == 'turn' else v
+
+
+def route_to_text(steps, end='.'):
+    """Steps -> text in the grammar of the module docstring."""
+    return ', '.join(step_text(s) for s in steps) + end
+
+
+def text_to_steps(text):
+    """The inverse of route_to_text (strict: unknown words are an error)."""
+    steps = []
+    for part in text.strip().rstrip('.').split(', '):
+        if part.startswith('go straight'):
+            rest = part[len('go straight'):]
+            if rest and not rest.startswith(' past the '):
+                raise ValueError(f'bad route step {part!r} in {text!r}')
+            steps.append(('go', rest[len(' past the '):] or None))
+        elif part in ('turn left', 'turn right', 'turn around'):
+            steps.append(('turn', part[5:]))
+        elif part in INVERSE:
+            steps.append(('do', part))
+        else:
+            raise ValueError(f'bad route step {part!r} in {text!r}')
+    return steps
+
+
+def moves(steps):
+    """Movement only: actions dropped, the walks they split merged again."""
+    out_ = []
+    for k, v in steps:
+        if k == 'do':
+            continue
+        if k == 'go' and out_ and out_[-1][0] == 'go':
+            out_[-1] = ('go', out_[-1][1] or v)
+        else:
+            out_.append((k, v))
+    return out_
+
+
+def answer_texts(steps):
+    """The ground-truth text of every task for one direction of travel."""
+    return {'route': route_to_text(moves(steps)),
+            'direction': route_to_text([s for s in steps if s[0] == 'turn'], end=''),
+            'landmark': ', '.join(v for k, v in steps if k == 'go' and v),
+            'action': ', '.join(v for k, v in steps if k == 'do')}
+
+
+def make_questions(rng, segments=(2, 4), seg_len=(2, 4), n_options=4):
+    """One video's route and its eight questions, without rendering anything.
+    Returns (route, {(task, direction): dict(question, options, answer, answer_text, opposite)})."""
+    while True:  # n_options routes i.i.d. from the prior, kept only if every MCQ's texts differ
+        routes = [sample_route(rng, segments, seg_len) for _ in range(n_options)]
+        texts = [answer_texts(route_steps(r)) for r in routes]
+        if all(len({t[task] for t in texts}) == n_options for task in TASKS[1:]):
+            break
+    route = routes[0]
+    both = {'forward': [answer_texts(route_steps(r)) for r in routes]}
+    both['reverse'] = [answer_texts(reverse_steps(route_steps(r))) for r in routes]
+    qs = {}
+    for task in TASKS:
+        for d, o in (('forward', 'reverse'), ('reverse', 'forward')):
+            q = dict(question='Based on this video, ' + STEMS[task, d], options=[],
+                     answer=both[d][0][task], answer_text=both[d][0][task], opposite=both[o][0][task])
+            if task != 'route':
+                perm = rng.permutation(n_options)
+                q['options'] = [both[d][k][task] for k in perm]
+                q['answer'] = LETTERS[int(np.flatnonzero(perm == 0)[0])]
+            qs[task, d] = q
+    return route, qs
+
+# -----------------------------------------------------------------------------
+# rendering
+
+def build_world(route):
+    """Grid arrays for the raycaster (indexed [y, x]) and the timeline of the walk.
+    Time: segment s is walked during [T_s, T_s + L_s], then the turn takes one unit."""
+    cells = np.array(route['cells'])
+    off = 3 - cells.min(0)
+    gw, gh = cells.max(0) + off + 4
+    solid = np.ones((gh, gw), bool)
+    solid[cells[:, 1] + off[1], cells[:, 0] + off[0]] = False
+    tex = np.zeros((gh, gw, 4), np.int16)     # face code by the heading a ray travels when it hits
+    stair = np.full((gh, gw), -1, np.int8)    # uphill heading of a stairs cell
+    starts = np.cumsum([0] + route['lengths'])
+    T = np.cumsum([0] + [L + 1 for L in route['lengths']])
+    door, items = None, []
+
+    def cell(s, j):
+        return cells[starts[s] + j] + off
+    for lm in route['landmarks']:
+        s, h = lm['seg'], route['headings'][lm['seg']]
+        if lm['side'] == 'ahead':
+            c, k = cell(s, route['lengths'][s]) + DIRS[h], h
+        else:
+            k = (h - 1) % 4 if lm['side'] == 'left' else (h + 1) % 4
+            c = cell(s, lm['pos']) + DIRS[k]
+        tex[c[1], c[0], k] = 1 + LANDMARKS.index(lm['name'])
+    for a in route['actions']:
+        s, j, h, act = a['seg'], a['pos'], route['headings'][a['seg']], a['action']
+        c = cell(s, j)
+        if act == 'open the door':   # solid until opened; then its leaf lies on the left wall
+            door = dict(cell=c, t_open=T[s] + j - 0.9)
+            tex[c[1], c[0], :] = DOOR
+            leaf = c + DIRS[(h - 1) % 4]
+            tex[leaf[1], leaf[0], (h - 1) % 4] = LEAF
+        elif act.startswith('climb'):
+            stair[c[1], c[0]] = h if 'up' in act else (h + 2) % 4
+        else:
+            items.append(dict(pos=c + 0.5, name=act.split()[-1], t_pick=T[s] + j - 0.4))
+    return dict(solid=solid, tex=tex, stair=stair, door=door, items=items, T=T,
+                seg_start=cells[starts[:-1]] + off + 0.5)
+
+
+def key_times(route, world, n):
+    """The n moments the model must see, in time order (see the module docstring)."""
+    T, Ls, last = world['T'], route['lengths'], len(route['lengths']) - 1
+    must = [T[s] for s in range(last + 1)] + [T[s] + Ls[s] + 0.5 for s in range(last)]
+    extra = [T[last] + Ls[last]]
+    for a in route['actions']:
+        t0 = T[a['seg']] + a['pos']
+        extra.append(t0 - 0.75 if a['action'].startswith('open') else t0 - 0.7 if 'climb' in a['action'] else t0 - 0.2)
+    for lm in route['landmarks']:
+        j = Ls[lm['seg']] if lm['side'] == 'ahead' else lm['pos']
+        extra.append(T[lm['seg']] + j - 1)
+    if len(must) > n:
+        raise ValueError(f'key_frames={n} cannot show {last + 1} segments and {last} turns: use more frames')
+    times = sorted(set(must))
+    for t in extra:
+        if len(times) < n and t not in times:
+            times = sorted(times + [t])
+    while len(times) < n:   # fill the largest gaps with walking views
+        g = int(np.argmax(np.diff(times)))
+        times.insert(g + 1, (times[g] + times[g + 1]) / 2)
+    return np.array(times, float)
+
+
+def poses(route, world, times):
+    """Camera position (x, y) and angle (radians clockwise from north) at each time."""
+    T, Ls, hs = world['T'], route['lengths'], route['headings']
+    xy, ang = [], []
+    for t in times:
+        s = min(int(np.searchsorted(T, t, side='right')) - 1, len(Ls) - 1)
+        start, u = world['seg_start'][s], t - T[s]
+        if u <= Ls[s]:
+            xy.append(start + DIRS[hs[s]] * u)
+            ang.append(hs[s] * math.pi / 2)
+        else:   # turning in place at the corner
+            sign = 1 if route['turns'][s] == 'right' else -1
+            xy.append(start + DIRS[hs[s]] * Ls[s])
+            ang.append(hs[s] * math.pi / 2 + sign * (u - Ls[s]) * math.pi / 2)
+    return np.array(xy, float), np.array(ang, float)
+
+
+def _patterns(u, v):
+    """Masks of the landmark kinds' dark marks on a wall face, u along the wall, v up."""
+    return [(u < 0.18) | (u > 0.82) | (v < 0.2) | (v > 0.8),                      # painting: frame
+            (np.abs(u - 0.5) < 0.1) | (np.abs(v - 0.55) < 0.1),                     # window: cross
+            (u - 0.5) ** 2 + (v - 0.55) ** 2 < 0.09,                               # clock: disc
+            (np.floor(u * 4) % 2 == 0)]                                            # banner: stripes
+
+
+def render(route, times, size=56, theme='default', world=None):
+    """All frames of a clip at once: uint8 (len(times), size, size, 3)."""
+    world = world or build_world(route)
+    th = THEMES[theme]
+    n, H = len(times), size
+    f, eye = size / 2, 0.5                                      # 90 degree field of view
+    xy, ang = poses(route, world, times)
+    fwd = np.stack([np.sin(ang), np.cos(ang)], -1)
+    right = np.stack([np.cos(ang), -np.sin(ang)], -1)
+    cam = (np.arange(size) + 0.5) / f - 1
+    ray = fwd[:, None] + right[:, None] * cam[None, :, None]   # (n, W, 2)
+    solid = np.repeat(world['solid'][None], n, 0)
+    door = world['door']
+    opened = np.array([door is not None and t >= door['t_open'] for t in times])
+    if door is not None:
+        solid[~opened, door['cell'][1], door['cell'][0]] = True
+    # DDA over every ray of every frame together
+    fr = np.repeat(np.arange(n), size)
+    px, py = np.repeat(xy[:, 0], size), np.repeat(xy[:, 1], size)
+    rx, ry = ray[..., 0].ravel(), ray[..., 1].ravel()
+    with np.errstate(divide='ignore'):
+        ddx, ddy = np.abs(1 / rx), np.abs(1 / ry)
+    mx, my = np.floor(px).astype(int), np.floor(py).astype(int)
+    sx, sy = np.where(rx < 0, -1, 1), np.where(ry < 0, -1, 1)
+    distx = np.where(rx < 0, px - mx, mx + 1 - px) * ddx
+    disty = np.where(ry < 0, py - my, my + 1 - py) * ddy
+    hit, side = np.zeros(len(rx), bool), np.zeros(len(rx), int)
+    for _ in range(sum(solid.shape[1:])):
+        gx = ~hit & (distx < disty)
+        gy = ~hit & ~gx
+        distx[gx] += ddx[gx]; mx[gx] += sx[gx]; side[gx] = 0
+        disty[gy] += ddy[gy]; my[gy] += sy[gy]; side[gy] = 1
+        hit |= solid[fr, my, mx]
+        if hit.all():
+            break
+    perp = np.where(side == 0, distx - ddx, disty - ddy)
+    k = np.where(side == 0, np.where(sx > 0, 1, 3), np.where(sy > 0, 0, 2))
+    u = np.where(side == 0, py + perp * ry, px + perp * rx) % 1.0
+    code = world['tex'][my, mx, k]
+    code = np.where((code == LEAF) & ~opened[fr], 0, code)
+    perp, k, u, code = (a.reshape(n, 1, size) for a in (perp, k, u, code))
+    yc = np.arange(H) + 0.5 - H / 2
+    v = eye - yc[None, :, None] * perp / f                        # height on the wall, (n, H, W)
+    img = np.empty((n, H, size, 3))
+    wall = (v >= 0) & (v <= 1)
+    base = np.array(th['walls'], float)[k] * np.where(k % 2 == 1, 0.85, 1.0)[..., None]
+    colour = np.broadcast_to(base, (n, H, size, 3)).copy()
+    lm = (code >= 1) & (code <= len(LANDMARKS))
+    lid = np.clip(code - 1, 0, len(LANDMARKS) - 1)
+    lmcol = np.array(list(COLOURS.values()), float)[lid // len(KINDS)]
+    marks = np.select([lid % len(KINDS) == i for i in range(len(KINDS))], _patterns(u, v), False)
+    mark = np.where(lid // len(KINDS) == 1, 200.0, 35.0)[..., None]   # dark marks, light on black
+    colour = np.where(lm[..., None], np.where(marks[..., None], mark, lmcol), colour)
+    dmark = (u < 0.12) | (u > 0.88) | (v > 0.9) | ((np.abs(u - 0.75) < 0.06) & (np.abs(v - 0.45) < 0.06))
+    colour = np.where(((code == DOOR) | (code == LEAF))[..., None],
+                      np.where(dmark[..., None], (70, 40, 15), (140, 85, 40)), colour)
+    edge = (u < 0.05) | (u > 0.95) | (v < 0.04)                # cell edges: motion cues
+    colour *= np.where(edge, 0.5, 1.0)[..., None]
+    img[:] = colour * (1 / (1 + 0.12 * perp))[..., None]
+    # floor and ceiling: where on the plane each pixel's ray lands
+    dist = np.where(yc > 0, eye * f / np.abs(yc), (1 - eye) * f / np.abs(yc))[None, :, None]
+    wx = xy[:, 0, None, None] + dist * ray[:, None, :, 0]
+    wy = xy[:, 1, None, None] + dist * ray[:, None, :, 1]
+    cx = np.clip(np.floor(wx).astype(int), 0, solid.shape[2] - 1)
+    cy = np.clip(np.floor(wy).astype(int), 0, solid.shape[1] - 1)
+    floor = np.array(th['floor'], float)[(cx + cy) % 2]
+    up = world['stair'][cy, cx]
+    along = np.select([up == 0, up == 1, up == 2, up == 3], [wy % 1, wx % 1, 1 - wy % 1, 1 - wx % 1], 0)
+    step = 60 + 45 * np.floor(along * 4)                          # steps brighten uphill
+    step = np.where((along * 4) % 1 < 0.15, 30, step)
+    floor = np.where((up >= 0)[..., None], step[..., None] * np.array([1, 0.9, 0.7]), floor)
+    ceil = np.array(th['ceiling'], float) * np.where(((wx % 1) < 0.06) | ((wy % 1) < 0.06), 0.6, 1)[..., None]
+    plane = np.where((yc > 0)[None, :, None, None], floor, ceil) * (1 / (1 + 0.12 * dist))[..., None]
+    img = np.where(wall[..., None], img, plane)
+    _draw_items(img, world, times, xy, fwd, right, perp[:, 0], f, eye)
+    return np.clip(img * th['light'], 0, 255).astype(np.uint8)
+
+
+def _draw_items(img, world, times, xy, fwd, right, zbuf, f, eye):
+    """Items as floor sprites until picked up, then as a square in the hand (bottom right)."""
+    n, H, W, _ = img.shape
+    rows, cols = np.arange(H) + 0.5, np.arange(W) + 0.5
+    for i, it in enumerate(world['items']):
+        colour = np.array(ITEMS[it['name']], float)
+        for t in range(n):
+            if times[t] >= it['t_pick']:
+                s = H // 7
+                img[t, H - s - 1:H - 1, W - (i + 1) * (s + 2):W - i * (s + 2) - 2] = colour
+                continue
+            rel = it['pos'] - xy[t]
+            depth, lat = rel @ fwd[t], rel @ right[t]
+            if depth < 0.3:
+                continue
+            x0, half = W / 2 + lat / depth * f, 0.16 * f / depth
+            y1, y0 = H / 2 + eye * f / depth, H / 2 + (eye - 0.32) * f / depth
+            inside = (np.abs(cols - x0) < half)[None] & ((rows > y0) & (rows < y1))[:, None]
+            if it['name'] == 'ball':
+                inside &= ((cols[None] - x0) / half) ** 2 + ((rows[:, None] - (y0 + y1) / 2) / ((y1 - y0) / 2)) ** 2 < 1
+            inside &= (depth < zbuf[t])[None]
+            img[t][inside] = colour / (1 + 0.12 * depth)
+
+
+def clip_times(route, world, frames, key_frames):
+    """Times of all video frames: the key times on data.py's sampled indices, the rest between."""
+    keys = key_times(route, world, key_frames)
+    idx = np.round(np.linspace(0, frames - 1, key_frames)).astype(int)
+    return np.interp(np.arange(frames), idx, keys)
+
+
+def write_mp4(path, clip, fps=8):
+    """H.264 (libx264, no B-frames, one thread: byte-identical output for identical frames)."""
+    import av
+    tmp = path + '.tmp.mp4'
+    with av.open(tmp, 'w') as c:
+        s = c.add_stream('libx264', rate=fps)
+        s.width, s.height, s.pix_fmt = clip.shape[2], clip.shape[1], 'yuv420p'
+        s.codec_context.options = {'crf': '16', 'preset': 'veryfast', 'bf': '0', 'threads': '1'}
+        for frame in clip:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format='rgb24')))
+        c.mux(s.encode())
+    os.replace(tmp, path)
+
+# -----------------------------------------------------------------------------
+# data set files
+
+def cot_solution(route, qs, task, d, cot=True):
+    """The reverse-thinking target of one question (see the module docstring)."""
+    q = qs[task, d]
+    answer = q['answer']
+    if not cot:
+        return f'<answer>{answer}</answer>'
+    o = 'reverse' if d == 'forward' else 'forward'
+    head = f"Headings: {', '.join(HEADINGS[h] for h in route['headings'])}. " if cot_perception else ''
+    think = (f"{head}Let's start by thinking {o} {STEMS[task, o]} {q['opposite']} "
+             f"And then think about {STEMS[task, d]} Hence, ")
+    if task == 'route':
+        return f'<think>{think}reversing it gives the route.</think> <answer>{answer}</answer>'
+    if cot_answer_text:
+        think += f"reversing it gives {q['answer_text']}, so "
+    return f'<think>{think}the correct answer is {answer}</think> <answer>{answer}</answer>'
+
+
+def problem_text(q):
+    if not q['options']:
+        return PREFIX + q['question']
+    opts = ', '.join(f'{LETTERS[i]}. {o}' for i, o in enumerate(q['options']))
+    return PREFIX + q['question'] + ' Options: ' + opts + INSTRUCTION
+
+
+def make_sample(job):
+    """One video: questions, frames, mp4. A job is (split dir, split index, i, settings)."""
+    split_dir, split_idx, i, cfg = job
+    rng = np.random.default_rng([cfg['seed'], split_idx, i])
+    route, qs = make_questions(rng, cfg['segments'], cfg['seg_len'], cfg['n_options'])
+    world = build_world(route)
+    clip = render(route, clip_times(route, world, cfg['frames'], cfg['key_frames']), cfg['size'], cfg['theme'], world)
+    sid = f"{os.path.basename(split_dir)}_{i:05d}"
+    write_mp4(os.path.join(split_dir, 'part1', sid + '.mp4'), clip, cfg['fps'])
+    return sid, route, qs
+
+
+def generate_split(split_dir, split_idx, n, theme, segs, pool=None):
+    """Write one split in the benchmark layout plus routes.jsonl and the ST-R1 JSONL files."""
+    os.makedirs(os.path.join(split_dir, 'part1'), exist_ok=True)
+    cfg = dict(seed=seed, segments=segs, seg_len=seg_len, n_options=n_options, frames=frames,
+               key_frames=key_frames, size=size, theme=theme, fps=fps)
+    jobs = [(split_dir, split_idx, i, cfg) for i in range(n)]
+    results = pool.imap(make_sample, jobs, chunksize=8) if pool else map(make_sample, jobs)
+    files = {(t, d): {} for t in TASKS for d in ('forward', 'reverse')}
+    lines = {True: [], False: []}
+    with open(os.path.join(split_dir, 'routes.jsonl'), 'w') as meta:
+        for sid, route, qs in results:
+            video = sid + '.mp4'
+            meta.write(json.dumps(dict(id=sid, video=video, theme=theme, steps=route_steps(route), **route)) + '\n')
+            for (task, d), q in qs.items():
+                if task == 'route':
+                    files[task, d][sid] = {'video': video, 'question': q['question'], f'{d}_answer': q['answer']}
+                else:
+                    files[task, d][sid] = {'video': video, f'{d}_mcq': {k: q[k] for k in ('question', 'options', 'answer')}}
+                for cot in (True, False):
+                    p = problem_text(q)
+                    lines[cot].append(json.dumps(dict(problem=p, solution=cot_solution(route, qs, task, d, cot),
+                                                      video='part1/' + video, original_question=p,
+                                                      original_answer=q['answer'])))
+    for (task, d), obj in files.items():
+        with open(os.path.join(split_dir, f'Part1_{d}_{FILES[task]}.json'), 'w') as fh:
+            json.dump(obj, fh, indent=1)
+    for cot, name in ((True, 'st_r1_cot.jsonl'), (False, 'st_r1_nocot.jsonl')):
+        with open(os.path.join(split_dir, name), 'w') as fh:
+            fh.write('\n'.join(lines[cot]) + '\n')
+
+
+def write_contact_sheet(path, n=4, split_idx=0):
+    """A PNG: one row of frames per sample, its forward route text underneath."""
+    from PIL import Image, ImageDraw
+    scale, pad = 2, 14
+    cell = size * scale
+    sheet = Image.new('RGB', (frames * (cell + 2), n * (cell + pad + 2)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r in range(n):
+        rng = np.random.default_rng([seed, split_idx, r])
+        route, qs = make_questions(rng, segments, seg_len, n_options)
+        world = build_world(route)
+        clip = render(route, clip_times(route, world, frames, key_frames), size, 'default', world)
+        for c, fr_ in enumerate(clip):
+            sheet.paste(Image.fromarray(fr_).resize((cell, cell), Image.NEAREST), (c * (cell + 2), r * (cell + pad + 2)))
+        text = ' | '.join(HEADINGS[h] for h in route['headings']) + ' :: ' + qs['route', 'forward']['answer'] + \
+            ' :: ' + qs['action', 'forward']['answer_text']
+        draw.text((2, r * (cell + pad + 2) + cell + 1), text, fill=(0, 0, 0))
+    sheet.save(path)
+
+
+def main():
+    from configurator import configure
+    configure(globals())
+    do_gen = generate if generate is not None else not (contact_sheet or make_model)
+    if do_gen:
+        for name in ('train', 'test', 'ood'):
+            if os.path.exists(os.path.join(out, name, 'routes.jsonl')):
+                raise FileExistsError(f'{os.path.join(out, name)} already holds a split: pick another --out or delete it')
+        t0, total = time.time(), n_train + n_test + n_ood
+        with Pool(workers) if workers > 1 else _NoPool() as pool:
+            for idx, (name, n, theme, segs) in enumerate([('train', n_train, 'default', segments),
+                                                          ('test', n_test, 'default', segments),
+                                                          ('ood', n_ood, ood_theme, ood_segments)]):
+                generate_split(os.path.join(out, name), idx, n, theme, segs, pool if workers > 1 else None)
+                print(f'{name}: {n} videos -> {os.path.join(out, name)}')
+        dt = time.time() - t0
+        print(f'{total} videos in {dt:.1f}s ({total / dt:.1f} videos/s, {workers} workers)')
+    if contact_sheet:
+        write_contact_sheet(contact_sheet)
+        print(f'contact sheet -> {contact_sheet}')
+    if make_model:
+        make_tiny_model(make_model)
+
+
+class _NoPool:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def corpus_texts(n):
+    """Every kind of text the model reads or writes: prompts (data.build_user_text), chat roles,
+    CoT and no-CoT targets. Text only: nothing is rendered."""
+    import data
+    texts = [data.SYSTEM_PROMPT, 'system\n', 'user\n', 'assistant\n']
+    for i in range(n):
+        rng = np.random.default_rng([seed, 0, i])
+        route, qs = make_questions(rng, segments, seg_len, n_options)
+        for (task, d), q in qs.items():
+            s = data.Sample(id=str(i), video='', task=task, direction=d, question=q['question'],
+                            options=q['options'], answer=q['answer'], answer_text=q['answer_text'])
+            texts += [data.build_user_text(s), cot_solution(route, qs, task, d), cot_solution(route, qs, task, d, False)]
+    return texts
+
+
+def make_tiny_model(path):
+    """tokenizer.json (+ chat template, preprocessor config with this world's pixel budget) trained
+    on EgoWorld text, and a random-initialised Qwen2-VL of PROBE.md's size on it, in the HF layout."""
+    import torch
+    import data
+    import model
+    settings = data.VisionSettings(nframes=key_frames, min_pixels=size * size, max_pixels=size * size)
+    tok = data.build_tokenizer(corpus_texts(tiny_corpus), vocab_size, path, settings)
+    head_dim = tiny_hidden // tiny_heads
+    mrope = [head_dim // 8, head_dim * 3 // 16, head_dim // 2 - head_dim // 8 - head_dim * 3 // 16]
+    cfg = model.ModelConfig(vocab_size=tok.vocab_size, hidden_size=tiny_hidden, intermediate_size=tiny_intermediate,
+                            num_hidden_layers=tiny_layers, num_attention_heads=tiny_heads,
+                            num_key_value_heads=tiny_kv_heads, mrope_section=mrope, tie_word_embeddings=True,
+                            max_position_embeddings=4096, vision_depth=tiny_vision_depth,
+                            vision_embed_dim=tiny_vision_dim, vision_num_heads=tiny_vision_heads, **tok.model_ids())
+    torch.manual_seed(seed)
+    m = model.Qwen2VL(cfg)   # init std 0.02 (PROBE: tied embeddings with default init start at loss ~12)
+    m.save_pretrained(path)
+    n = sum(p.numel() for p in m.parameters())
+    print(f'tiny model: {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, frames {size}x{size} x {key_frames} -> {path}')
+    return m, tok
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,277 @@
+"""EgoWorld: answers recomputed from the route's geometry, the reverse rule, MCQ construction, text-only
+baselines at chance, the renderer's cues, mp4 round trips through data.py, determinism, the tiny model."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import egoworld as ew
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+# -----------------------------------------------------------------------------
+# an independent recomputation of every answer from the carved cells (not from the step list)
+
+FLIP = {'left': 'right', 'right': 'left'}
+INV = {'open the door': 'close the door', 'climb up the stairs': 'climb down the stairs',
+       'climb down the stairs': 'climb up the stairs', 'pick up the box': 'put down the box',
+       'pick up the ball': 'put down the ball', 'pick up the book': 'put down the book'}
+
+
+def expected(route):
+    """{(task, direction): text} from cells, landmarks and actions alone."""
+    cells = np.array(route['cells'])
+    d = np.diff(cells, axis=0)
+    corners = [0] + [i for i in range(1, len(d)) if (d[i] != d[i - 1]).any()] + [len(d)]
+    segs = [d[a] for a in corners[:-1]]                                 # unit vector of each segment
+    # x east, y north: a clockwise (right) turn has a negative cross product
+    turns = ['right' if a[0] * b[1] - a[1] * b[0] < 0 else 'left' for a, b in zip(segs, segs[1:])]
+    lms = {l['seg']: l['name'] for l in route['landmarks']}
+    acts = [a['action'] for a in sorted(route['actions'], key=lambda a: a['seg'])]
+    n = len(segs)
+    go = lambda s: 'go straight' + (f" past the {lms[s]}" if s in lms else '')
+    fwd = [go(0)] + [x for s in range(1, n) for x in (f'turn {turns[s - 1]}', go(s))]
+    rev = ['turn around', go(n - 1)] + [x for s in range(n - 2, -1, -1) for x in (f'turn {FLIP[turns[s]]}', go(s))]
+    lm_order = [lms[s] for s in range(n) if s in lms]
+    return {('route', 'forward'): ', '.join(fwd) + '.', ('route', 'reverse'): ', '.join(rev) + '.',
+            ('direction', 'forward'): ', '.join(f'turn {t}' for t in turns),
+            ('direction', 'reverse'): ', '.join(['turn around'] + [f'turn {FLIP[t]}' for t in reversed(turns)]),
+            ('landmark', 'forward'): ', '.join(lm_order), ('landmark', 'reverse'): ', '.join(lm_order[::-1]),
+            ('action', 'forward'): ', '.join(acts), ('action', 'reverse'): ', '.join(INV[a] for a in reversed(acts))}
+
+
+def questions(n, seed=0, segments=(2, 4)):
+    rng = np.random.default_rng(seed)
+    return [ew.make_questions(rng, segments, (2, 4), 4) for _ in range(n)]
+
+
+def test_answers_recomputed_from_geometry():
+    for route, qs in questions(200) + questions(50, 1, (5, 5)):
+        assert ew.carve(route['headings'], route['lengths']) == route['cells']
+        assert not ew.touches(route['cells'])
+        want = expected(route)
+        for key, q in qs.items():
+            assert q['answer_text'] == want[key], key
+            other = (key[0], 'reverse' if key[1] == 'forward' else 'forward')
+            assert q['opposite'] == want[other]
+
+
+def test_reverse_twice_and_grammar_round_trip():
+    for route, qs in questions(200):
+        steps = ew.route_steps(route)
+        rev = ew.reverse_steps(steps)
+        assert rev[0] == ('turn', 'around') and ew.reverse_steps(rev) == steps
+        assert len([s for s in steps if s[0] == 'go']) >= len(route['lengths'])
+        for s in (steps, rev, ew.moves(steps)):
+            assert ew.text_to_steps(ew.route_to_text(s)) == s
+        assert ew.route_to_text(ew.moves(rev)) == qs['route', 'reverse']['answer']
+    for bad in ('go straight past', 'turn back', 'go straightish', 'open the window'):
+        with pytest.raises(ValueError, match='bad route step'):
+            ew.text_to_steps(bad)
+
+
+def test_actions_split_walks_in_order():
+    route = dict(headings=[0, 1], lengths=[3, 2], turns=['right'], cells=ew.carve([0, 1], [3, 2]),
+                 landmarks=[dict(seg=0, pos=2, side='left', name='white clock'),
+                            dict(seg=1, pos=2.5, side='ahead', name='cyan window')],
+                 actions=[dict(seg=0, pos=1, action='open the door'), dict(seg=1, pos=1, action='pick up the ball')])
+    steps = ew.route_steps(route)
+    assert ew.route_to_text(steps) == ('go straight, open the door, go straight past the white clock, turn right, '
+                                       'go straight, pick up the ball, go straight past the cyan window.')
+    assert ew.route_to_text(ew.reverse_steps(steps)) == (
+        'turn around, go straight past the cyan window, put down the ball, go straight, turn left, '
+        'go straight past the white clock, close the door, go straight.')
+    assert ew.answer_texts(steps)['route'] == 'go straight past the white clock, turn right, go straight past the cyan window.'
+
+
+def test_mcq_one_correct_distinct_balanced():
+    letters = Counter()
+    for route, qs in questions(300):
+        for (task, d), q in qs.items():
+            if task == 'route':
+                assert q['options'] == []
+                continue
+            assert len(q['options']) == 4 and len(set(q['options'])) == 4
+            assert [o == q['answer_text'] for o in q['options']].count(True) == 1
+            assert q['options'][ew.LETTERS.index(q['answer'])] == q['answer_text']
+            letters[q['answer']] += 1
+    n = sum(letters.values())
+    assert set(letters) == set('ABCD') and all(abs(c / n - 0.25) < 0.03 for c in letters.values()), letters
+
+
+def _baselines(train, test):
+    """Text-only answerers; each maps (question dict) -> option index."""
+    prior = Counter(q['answer'] for q in train).most_common(1)[0][0]
+    freq = Counter(o for q in train for o in q['options'])
+    correct = Counter(q['answer_text'] for q in train)
+    same = lambda a, b: sum(x == y for x, y in zip(a.split(', '), b.split(', ')))
+
+    def central(q):  # the option agreeing most, step by step, with the others: catches perturbed copies
+        return max(range(4), key=lambda i: sum(same(q['options'][i], o) for o in q['options']))
+    rules = {'letter prior': lambda q: ew.LETTERS.index(prior),
+             'longest': lambda q: max(range(4), key=lambda i: len(q['options'][i])),
+             'shortest': lambda q: min(range(4), key=lambda i: len(q['options'][i])),
+             'most common option': lambda q: max(range(4), key=lambda i: freq[q['options'][i]]),
+             'most often correct': lambda q: max(range(4), key=lambda i: correct[q['options'][i]] / (1 + freq[q['options'][i]])),
+             'central': central}
+    return {name: np.mean([ew.LETTERS[r(q)] == q['answer'] for q in test]) for name, r in rules.items()}
+
+
+def test_text_only_baselines_at_chance():
+    mcq = [q for _, qs in questions(600, seed=7) for (t, _), q in qs.items() if t != 'route']
+    accs = _baselines(mcq[:1800], mcq[1800:])    # 1800 questions to fit on, 1800 to score
+    assert all(abs(a - 0.25) < 0.045 for a in accs.values()), accs
+    # the check has teeth: distractors made by perturbing the answer (one turn flipped) leak
+    leaky = []
+    for q in mcq:
+        if q['answer_text'].count('turn') < 3 or 'turn around' in q['answer_text']:
+            continue
+        parts = q['answer_text'].split(', ')
+        flips = [', '.join(p if j != i else ('turn left' if p == 'turn right' else 'turn right') for j, p in enumerate(parts))
+                 for i in range(len(parts))]
+        opts = [q['answer_text']] + flips[:3]
+        k = len(leaky) % 4
+        opts[0], opts[k] = opts[k], opts[0]
+        leaky.append(dict(options=opts, answer=ew.LETTERS[k], answer_text=q['answer_text']))
+    assert len(leaky) > 100 and _baselines(leaky, leaky)['central'] > 0.6
+
+
+def test_cot_states_the_opposite_route():
+    (route, qs), = questions(1, seed=3)
+    for (task, d), q in qs.items():
+        sol = ew.cot_solution(route, qs, task, d)
+        o = 'reverse' if d == 'forward' else 'forward'
+        assert sol.startswith('<think>Headings: ' + ', '.join(ew.HEADINGS[h] for h in route['headings']) + '. ')
+        assert f"Let's start by thinking {o} {ew.STEMS[task, o]} {qs[task, o]['answer_text']} And then think about {ew.STEMS[task, d]} Hence, " in sol
+        assert '[' not in sol and sol.endswith(f"</think> <answer>{q['answer']}</answer>")
+        assert ew.cot_solution(route, qs, task, d, cot=False) == f"<answer>{q['answer']}</answer>"
+
+
+def _hand_route():
+    """North 3 cells (white clock on the left at cell 1, box at cell 2), turn right, east 3 cells."""
+    return dict(headings=[0, 1], lengths=[3, 3], turns=['right'], cells=ew.carve([0, 1], [3, 3]),
+                landmarks=[dict(seg=0, pos=1, side='left', name='white clock')],
+                actions=[dict(seg=0, pos=2, action='pick up the box')])
+
+
+def test_renderer_shows_heading_landmark_item_and_turn():
+    route = _hand_route()
+    world = ew.build_world(route)
+    times = [0.0, 0.5, 1.2, 2.8, 3.5, 4.0, 5.5]     # start, walking x2, box taken, mid-turn, east x2
+    img = ew.render(route, np.array(times), 56, 'default', world).astype(int)
+    red, green, white, box = map(np.array, ([200, 40, 40], [40, 170, 60], [235, 235, 235], ew.ITEMS['box']))
+    near = lambda px, c, tol=60: np.abs(px - c).max(-1) < tol
+    centre = lambda f: img[f, 26:30, 26:30].reshape(-1, 3).mean(0)
+    assert near(centre(0) / centre(0).max() * 200, red, 80)          # heading north: the far wall is red
+    assert near(centre(5) / centre(5).max() * 170, green, 80)        # heading east after the turn: green
+    assert near(img[0, :, :20], white).sum() > 40 and near(img[0, :, 36:], white).sum() == 0   # clock on the left
+    assert near(img[2], white).sum() == 0                            # ... and behind once passed
+    assert near(img[0, 28:, 20:36], box, 40).sum() > 4               # the box lies ahead on the floor ...
+    assert near(img[3, -9:, -10:], box, 10).sum() > 20               # ... and is in the hand once picked up
+    assert near(img[0, -9:, -10:], box, 10).sum() == 0
+    half = lambda f: (img[f, :, :28].mean(), img[f, :, 28:].mean())
+    assert not np.array_equal(img[4], img[3]) and not np.array_equal(img[4], img[5])   # the turn is its own view
+    assert half(0) != half(1)                                         # walking changes the view
+
+
+def test_key_frames_cover_every_segment():
+    for route, _ in questions(100) + questions(30, 2, (5, 5)):
+        world = ew.build_world(route)
+        t = ew.clip_times(route, world, 32, 16)
+        keys = t[np.round(np.linspace(0, 31, 16)).astype(int)]
+        assert np.array_equal(keys, ew.key_times(route, world, 16))
+        for s, T in enumerate(world['T'][:-1]):
+            assert ((keys >= T) & (keys <= T + route['lengths'][s])).any()
+            if s < len(route['lengths']) - 1:   # a mid-turn view of every turn
+                assert ((keys > T + route['lengths'][s]) & (keys < world['T'][s + 1])).any()
+    with pytest.raises(ValueError, match='key_frames=4'):
+        ew.key_times(questions(1, 0, (5, 5))[0][0], ew.build_world(questions(1, 0, (5, 5))[0][0]), 4)
+
+
+def _generate(out, seed=0, n=(3, 2, 2)):
+    cmd = [sys.executable, os.path.join(ROOT, 'egoworld.py'), f'--out={out}', f'--seed={seed}', '--workers=1',
+           f'--n_train={n[0]}', f'--n_test={n[1]}', f'--n_ood={n[2]}']
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+
+
+def test_cli_output_is_deterministic_and_readable(tmp_path):
+    data = pytest.importorskip('data')
+    a, b, c = tmp_path / 'a', tmp_path / 'b', tmp_path / 'c'
+    _generate(a)
+    _generate(b)
+    _generate(c, seed=1, n=(3, 0, 0))
+    for split in ('train', 'test', 'ood'):
+        names = sorted(os.listdir(a / split))
+        assert names == sorted(os.listdir(b / split))
+        for name in names:
+            if name.endswith('json') or name.endswith('jsonl'):
+                assert (a / split / name).read_text() == (b / split / name).read_text(), name
+        for v in sorted(os.listdir(a / split / 'part1')):
+            fa = data.load_frames(str(a / split / 'part1' / v), 16)
+            assert fa.shape == (16, 56, 56, 3)
+            assert np.array_equal(fa, data.load_frames(str(b / split / 'part1' / v), 16))
+    assert (a / 'train' / 'routes.jsonl').read_text() != (c / 'train' / 'routes.jsonl').read_text()
+    # data.py reads every output with no special case, and both layouts agree
+    routes = {json.loads(l)['id']: json.loads(l) for l in (a / 'ood' / 'routes.jsonl').read_text().splitlines()}
+    assert all(len(r['lengths']) == 5 and r['theme'] == 'dusk' for r in routes.values())
+    bench = data.read_benchmark(str(a / 'ood'))
+    assert Counter((s.task, s.direction) for s in bench) == Counter({(t, d): 2 for t in ew.TASKS for d in ('forward', 'reverse')})
+    by_key = {(s.id.split('#')[1], s.task, s.direction): s for s in bench}
+    for s in bench:
+        assert s.answer_text == expected(routes[s.id.split('#')[1]])[s.task, s.direction]
+        assert s.opposite == expected(routes[s.id.split('#')[1]])[s.task, 'reverse' if s.direction == 'forward' else 'forward']
+    for name in ('st_r1_cot.jsonl', 'st_r1_nocot.jsonl'):
+        items = data.read_st_r1_jsonl(str(a / 'ood' / name))
+        assert len(items) == 16
+        for s in items:
+            t = by_key[os.path.basename(s.video)[:-4], s.task, s.direction]
+            assert (s.video, s.question, s.options, s.answer, s.opposite) == (t.video, t.question, t.options, t.answer, t.opposite)
+    # frames on disk are the rendered ones, up to H.264 loss
+    sid = sorted(routes)[0]
+    r = routes[sid]
+    world = ew.build_world(r)
+    want = ew.render(r, ew.clip_times(r, world, 16, 16), 56, 'dusk', world).astype(int)
+    got = data.load_frames(str(a / 'ood' / 'part1' / f'{sid}.mp4'), 16).astype(int)
+    assert np.abs(got - want).mean() < 6
+
+
+def test_cli_refuses_to_overwrite(tmp_path):
+    _generate(tmp_path, n=(1, 0, 0))
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        _generate(tmp_path, n=(1, 0, 0))
+    assert b'already holds a split' in e.value.stderr
+
+
+def test_tiny_model_runs_on_egoworld(tmp_path, monkeypatch):
+    torch = pytest.importorskip('torch')
+    data = pytest.importorskip('data')
+    model = pytest.importorskip('model')
+    monkeypatch.setattr(ew, 'tiny_corpus', 30)
+    m, tok = ew.make_tiny_model(str(tmp_path / 'tiny'))
+    n = sum(p.numel() for p in m.parameters())
+    assert 1.5e6 < n < 5e6 and m.config.vocab_size == tok.vocab_size
+    for t in data.SPECIAL_TOKENS:
+        assert tok.tk.token_to_id(t) is not None
+    loaded = model.Qwen2VL.from_pretrained(str(tmp_path / 'tiny'))
+    route, qs = questions(1, seed=4)[0]
+    world = ew.build_world(route)
+    ew.write_mp4(str(tmp_path / 'v.mp4'), ew.render(route, ew.clip_times(route, world, 16, 16), 56, 'default', world))
+    q = qs['direction', 'reverse']
+    s = data.Sample(id='x', video=str(tmp_path / 'v.mp4'), task='direction', direction='reverse',
+                    question=q['question'], options=q['options'], answer=q['answer'])
+    settings = data.VisionSettings(nframes=16, min_pixels=56 * 56, max_pixels=56 * 56)
+    enc = data.encode(s, tok, settings, ew.cot_solution(route, qs, 'direction', 'reverse'), loaded.config)
+    assert enc['grid_thw'].tolist() == [[8, 4, 4]]                   # 56 px frames reach the model unresized
+    assert (enc['input_ids'] == tok.video_pad_id).sum() == 32
+    assert tok.decode(enc['input_ids'][enc['labels'] >= 0]).startswith('<think>Headings:')
+    b = data.pack([enc])
+    with torch.no_grad():
+        logits = loaded(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'])
+    assert logits.shape == (len(enc['input_ids']), tok.vocab_size) and torch.isfinite(logits).all()
+    loss = torch.nn.functional.cross_entropy(logits[:-1], b['labels'][1:], ignore_index=-100)
+    assert abs(loss.item() - np.log(tok.vocab_size)) < 1.0           # std 0.02 init: near-uniform start
