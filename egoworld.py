@@ -140,7 +140,7 @@ INSTRUCTION = ('\n\nInstructions: Please select the most appropriate answer from
 def sample_route(rng, segments=(2, 4), seg_len=(2, 4)):
     """One route from the prior: headings, lengths, landmarks, actions, and the carved cells.
     Rejection-samples until the corridor never touches itself."""
-    while True:
+    for _ in range(10000):
         n = int(rng.integers(segments[0], segments[1] + 1))
         turns = [('left', 'right')[int(b)] for b in rng.integers(0, 2, n - 1)]
         headings = [int(rng.integers(4))]
@@ -165,6 +165,7 @@ def sample_route(rng, segments=(2, 4), seg_len=(2, 4)):
         if not touches(cells):
             return dict(headings=headings, lengths=lengths, turns=turns, landmarks=landmarks,
                         actions=actions, cells=cells)
+    raise ValueError(f'no corridor of segments={segments} seg_len={seg_len} avoids itself')
 
 
 def carve(headings, lengths):
@@ -268,11 +269,13 @@ def answer_texts(steps):
 def make_questions(rng, segments=(2, 4), seg_len=(2, 4), n_options=4):
     """One video's route and its eight questions, without rendering anything.
     Returns (route, {(task, direction): dict(question, options, answer, answer_text, opposite)})."""
-    while True:  # n_options routes i.i.d. from the prior, kept only if every MCQ's texts differ
+    for _ in range(1000):  # n_options routes i.i.d. from the prior, kept only if every MCQ's texts differ
         routes = [sample_route(rng, segments, seg_len) for _ in range(n_options)]
         texts = [answer_texts(route_steps(r)) for r in routes]
         if all(len({t[task] for t in texts}) == n_options for task in TASKS[1:]):
             break
+    else:
+        raise ValueError(f'segments={segments} seg_len={seg_len}: too few distinct routes for {n_options} options')
     route = routes[0]
     both = {'forward': [answer_texts(route_steps(r)) for r in routes]}
     both['reverse'] = [answer_texts(reverse_steps(route_steps(r))) for r in routes]
@@ -422,37 +425,38 @@ def render(route, times, size=56, theme='default', world=None):
     perp, k, u, code = (a.reshape(n, 1, size) for a in (perp, k, u, code))
     yc = np.arange(H) + 0.5 - H / 2
     v = eye - yc[None, :, None] * perp / f                        # height on the wall, (n, H, W)
-    img = np.empty((n, H, size, 3))
     wall = (v >= 0) & (v <= 1)
-    base = np.array(th['walls'], float)[k] * np.where(k % 2 == 1, 0.85, 1.0)[..., None]
+    base = np.array(th['walls'], np.float32)[k] * np.where(k % 2 == 1, 0.85, 1.0).astype(np.float32)[..., None]
     colour = np.broadcast_to(base, (n, H, size, 3)).copy()
     lm = (code >= 1) & (code <= len(LANDMARKS))
-    lid = np.clip(code - 1, 0, len(LANDMARKS) - 1)
-    lmcol = np.array(list(COLOURS.values()), float)[lid // len(KINDS)]
-    marks = np.select([lid % len(KINDS) == i for i in range(len(KINDS))], _patterns(u, v), False)
-    mark = np.where(lid // len(KINDS) == 1, 200.0, 35.0)[..., None]   # dark marks, light on black
-    colour = np.where(lm[..., None], np.where(marks[..., None], mark, lmcol), colour)
-    dmark = (u < 0.12) | (u > 0.88) | (v > 0.9) | ((np.abs(u - 0.75) < 0.06) & (np.abs(v - 0.45) < 0.06))
-    colour = np.where(((code == DOOR) | (code == LEAF))[..., None],
-                      np.where(dmark[..., None], (70, 40, 15), (140, 85, 40)), colour)
+    if lm.any():
+        lid = np.clip(code - 1, 0, len(LANDMARKS) - 1)
+        lmcol = np.array(list(COLOURS.values()), np.float32)[lid // len(KINDS)]
+        marks = np.select([lid % len(KINDS) == i for i in range(len(KINDS))], _patterns(u, v), False)
+        mark = np.where(lid // len(KINDS) == 1, 200, 35).astype(np.float32)[..., None]   # dark; light on black
+        colour = np.where(lm[..., None], np.where(marks[..., None], mark, lmcol), colour)
+    if ((code == DOOR) | (code == LEAF)).any():
+        dmark = (u < 0.12) | (u > 0.88) | (v > 0.9) | ((np.abs(u - 0.75) < 0.06) & (np.abs(v - 0.45) < 0.06))
+        colour = np.where(((code == DOOR) | (code == LEAF))[..., None],
+                          np.where(dmark[..., None], np.float32([70, 40, 15]), np.float32([140, 85, 40])), colour)
     edge = (u < 0.05) | (u > 0.95) | (v < 0.04)                # cell edges: motion cues
-    colour *= np.where(edge, 0.5, 1.0)[..., None]
-    img[:] = colour * (1 / (1 + 0.12 * perp))[..., None]
+    colour *= (np.where(edge, 0.5, 1.0) / (1 + 0.12 * perp)).astype(np.float32)[..., None]
     # floor and ceiling: where on the plane each pixel's ray lands
     dist = np.where(yc > 0, eye * f / np.abs(yc), (1 - eye) * f / np.abs(yc))[None, :, None]
     wx = xy[:, 0, None, None] + dist * ray[:, None, :, 0]
     wy = xy[:, 1, None, None] + dist * ray[:, None, :, 1]
     cx = np.clip(np.floor(wx).astype(int), 0, solid.shape[2] - 1)
     cy = np.clip(np.floor(wy).astype(int), 0, solid.shape[1] - 1)
-    floor = np.array(th['floor'], float)[(cx + cy) % 2]
+    fx, fy = wx - np.floor(wx), wy - np.floor(wy)
+    floor = np.array(th['floor'], np.float32)[(cx + cy) % 2]
     up = world['stair'][cy, cx]
-    along = np.select([up == 0, up == 1, up == 2, up == 3], [wy % 1, wx % 1, 1 - wy % 1, 1 - wx % 1], 0)
-    step = 60 + 45 * np.floor(along * 4)                          # steps brighten uphill
-    step = np.where((along * 4) % 1 < 0.15, 30, step)
-    floor = np.where((up >= 0)[..., None], step[..., None] * np.array([1, 0.9, 0.7]), floor)
-    ceil = np.array(th['ceiling'], float) * np.where(((wx % 1) < 0.06) | ((wy % 1) < 0.06), 0.6, 1)[..., None]
-    plane = np.where((yc > 0)[None, :, None, None], floor, ceil) * (1 / (1 + 0.12 * dist))[..., None]
-    img = np.where(wall[..., None], img, plane)
+    if (up >= 0).any():
+        along = np.select([up == 0, up == 1, up == 2, up == 3], [fy, fx, 1 - fy, 1 - fx], 0)
+        step = np.where((along * 4) % 1 < 0.15, 30, 60 + 45 * np.floor(along * 4))   # steps brighten uphill
+        floor = np.where((up >= 0)[..., None], (step[..., None] * np.float32([1, 0.9, 0.7])).astype(np.float32), floor)
+    ceil = np.float32(th['ceiling']) * np.where((fx < 0.06) | (fy < 0.06), 0.6, 1).astype(np.float32)[..., None]
+    plane = np.where((yc > 0)[None, :, None, None], floor, ceil) * (1 / (1 + 0.12 * dist)).astype(np.float32)[..., None]
+    img = np.where(wall[..., None], colour, plane)
     _draw_items(img, world, times, xy, fwd, right, perp[:, 0], f, eye)
     return np.clip(img * th['light'], 0, 255).astype(np.uint8)
 
@@ -571,41 +575,59 @@ def generate_split(split_dir, split_idx, n, theme, segs, pool=None):
             fh.write('\n'.join(lines[cot]) + '\n')
 
 
-def write_contact_sheet(path, n=4, split_idx=0):
-    """A PNG: one row of frames per sample, its forward route text underneath."""
+def write_contact_sheet(path, n=3):
+    """A PNG: the frames of the first n train videos and the first OOD video, one row each, with the
+    segment headings, the forward route and the actions underneath."""
     from PIL import Image, ImageDraw
-    scale, pad = 2, 14
-    cell = size * scale
-    sheet = Image.new('RGB', (frames * (cell + 2), n * (cell + pad + 2)), (255, 255, 255))
+    scale, pad, cell = 2, 14, size * 2
+    rows = [(0, i, 'default', segments) for i in range(n)] + [(2, 0, ood_theme, ood_segments)]
+    sheet = Image.new('RGB', (frames * (cell + 2), len(rows) * (cell + pad + 2)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    for r in range(n):
-        rng = np.random.default_rng([seed, split_idx, r])
-        route, qs = make_questions(rng, segments, seg_len, n_options)
+    for r, (split_idx, i, theme, segs) in enumerate(rows):
+        route, qs = make_questions(np.random.default_rng([seed, split_idx, i]), segs, seg_len, n_options)
         world = build_world(route)
-        clip = render(route, clip_times(route, world, frames, key_frames), size, 'default', world)
-        for c, fr_ in enumerate(clip):
-            sheet.paste(Image.fromarray(fr_).resize((cell, cell), Image.NEAREST), (c * (cell + 2), r * (cell + pad + 2)))
-        text = ' | '.join(HEADINGS[h] for h in route['headings']) + ' :: ' + qs['route', 'forward']['answer'] + \
-            ' :: ' + qs['action', 'forward']['answer_text']
-        draw.text((2, r * (cell + pad + 2) + cell + 1), text, fill=(0, 0, 0))
+        clip = render(route, clip_times(route, world, frames, key_frames), size, theme, world)
+        y = r * (cell + pad + 2)
+        for c, im in enumerate(clip):
+            sheet.paste(Image.fromarray(im).resize((cell, cell), Image.NEAREST), (c * (cell + 2), y))
+        text = (f"[{('train', 'test', 'ood')[split_idx]} {i}] " + ', '.join(HEADINGS[h] for h in route['headings']) +
+                ' :: ' + qs['route', 'forward']['answer'] + ' :: ' + qs['action', 'forward']['answer_text'])
+        draw.text((2, y + cell + 1), text, fill=(0, 0, 0))
     sheet.save(path)
+
+
+def check_config():
+    """Settings that cannot make a valid world fail here, naming the key."""
+    bad = [(size % 2, f'size={size}: H.264 needs an even frame side (a multiple of 28 avoids resizing)'),
+           (frames < key_frames, f'frames={frames} < key_frames={key_frames}'),
+           (min(segments[0], ood_segments[0]) < 2, 'segments/ood_segments: a route needs at least 2 segments (a turn)'),
+           (seg_len[0] < 2, f'seg_len={seg_len}: segments need an inner cell for actions and landmarks'),
+           (ood_theme not in THEMES, f'ood_theme={ood_theme!r}: one of {sorted(THEMES)}'),
+           (not 2 <= n_options <= 4, f'n_options={n_options}: 2 to 4 (the prompt names letters A-D)')]
+    for failed, msg in bad:
+        if failed:
+            raise ValueError(msg)
 
 
 def main():
     from configurator import configure
     configure(globals())
-    do_gen = generate if generate is not None else not (contact_sheet or make_model)
-    if do_gen:
-        for name in ('train', 'test', 'ood'):
+    check_config()
+    if generate if generate is not None else not (contact_sheet or make_model):
+        splits = [('train', n_train, 'default', segments), ('test', n_test, 'default', segments),
+                  ('ood', n_ood, ood_theme, ood_segments)]
+        for name, *_ in splits:
             if os.path.exists(os.path.join(out, name, 'routes.jsonl')):
                 raise FileExistsError(f'{os.path.join(out, name)} already holds a split: pick another --out or delete it')
         t0, total = time.time(), n_train + n_test + n_ood
-        with Pool(workers) if workers > 1 else _NoPool() as pool:
-            for idx, (name, n, theme, segs) in enumerate([('train', n_train, 'default', segments),
-                                                          ('test', n_test, 'default', segments),
-                                                          ('ood', n_ood, ood_theme, ood_segments)]):
-                generate_split(os.path.join(out, name), idx, n, theme, segs, pool if workers > 1 else None)
+        pool = Pool(workers) if workers > 1 else None
+        try:
+            for idx, (name, n, theme, segs) in enumerate(splits):
+                generate_split(os.path.join(out, name), idx, n, theme, segs, pool)
                 print(f'{name}: {n} videos -> {os.path.join(out, name)}')
+        finally:
+            if pool:
+                pool.close()
         dt = time.time() - t0
         print(f'{total} videos in {dt:.1f}s ({total / dt:.1f} videos/s, {workers} workers)')
     if contact_sheet:
@@ -613,14 +635,6 @@ def main():
         print(f'contact sheet -> {contact_sheet}')
     if make_model:
         make_tiny_model(make_model)
-
-
-class _NoPool:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def corpus_texts(n):
