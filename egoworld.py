@@ -41,15 +41,17 @@ Output (each split dir in the released benchmark layout, data.read_benchmark rea
     out/{train,test,ood}/Part1_{forward,reverse}_{qa,mcq,mcq_landmark,mcq_action}.json
     out/{split}/part1/<id>.mp4, out/{split}/routes.jsonl (the ground-truth route per video),
     out/{split}/st_r1_cot.jsonl and st_r1_nocot.jsonl (ST-R1 training format, 8 items a video).
-CoT (the paper's reverse-thinking template, cleaned of Python list reprs), e.g. a forward MCQ:
-    <think>Headings: north, east, north. Let's start by thinking reverse {reverse stem}
-    {reverse ground truth}. And then think about {forward stem} {forward ground truth}.
-    Hence, the correct answer is B</think> <answer>B</answer>
-The "Headings:" perception step (cot_perception) and stating the question's own answer text
-before the letter (cot_answer_text) are our additions: the probe found a tiny model learns routes
-only through the headings, and matching options needs the derived text. Reverse questions start
-with "thinking forward". Route items end the thought after the question's stem and answer with the
-route text. The no-CoT variant's solution is "<answer>X</answer>".
+CoT: the paper's reverse-thinking template, cleaned of Python list reprs. A forward MCQ:
+    <think>Headings: north, east, north. Let's start by thinking reverse {reverse stem} {reverse
+    ground truth} And then think about {forward stem} Hence, reversing it gives {forward ground
+    truth}, so the correct answer is B</think> <answer>B</answer>
+A reverse question starts "thinking forward" with the forward ground truth. Without our two
+additions it is the paper's template verbatim: "Headings: ..." (cot_perception: the compass
+heading of each segment; the probe found a tiny model learns routes only through such a
+perception step) and "reversing it gives {...}, so" (cot_answer_text: matching options needs the
+derived text stated). Route items end "Hence, reversing it gives the route.</think> <answer>{route
+text}</answer>". data.py's CoT pattern recovers the opposite ground truth exactly. No-CoT: the
+solution is "<answer>X</answer>" (route items: the route text inside the tags).
 
 Left out on purpose: textures beyond flat colours, lighting, rooms wider than a corridor,
 moving people, audio; and a second camera height for stairs (the steps' shading carries up/down).
@@ -277,8 +279,7 @@ def make_questions(rng, segments=(2, 4), seg_len=(2, 4), n_options=4):
     else:
         raise ValueError(f'segments={segments} seg_len={seg_len}: too few distinct routes for {n_options} options')
     route = routes[0]
-    both = {'forward': [answer_texts(route_steps(r)) for r in routes]}
-    both['reverse'] = [answer_texts(reverse_steps(route_steps(r))) for r in routes]
+    both = {'forward': texts, 'reverse': [answer_texts(reverse_steps(route_steps(r))) for r in routes]}
     qs = {}
     for task in TASKS:
         for d, o in (('forward', 'reverse'), ('reverse', 'forward')):
@@ -552,27 +553,26 @@ def generate_split(split_dir, split_idx, n, theme, segs, pool=None):
     jobs = [(split_dir, split_idx, i, cfg) for i in range(n)]
     results = pool.imap(make_sample, jobs, chunksize=8) if pool else map(make_sample, jobs)
     files = {(t, d): {} for t in TASKS for d in ('forward', 'reverse')}
-    lines = {True: [], False: []}
-    with open(os.path.join(split_dir, 'routes.jsonl'), 'w') as meta:
-        for sid, route, qs in results:
-            video = sid + '.mp4'
-            meta.write(json.dumps(dict(id=sid, video=video, theme=theme, steps=route_steps(route), **route)) + '\n')
-            for (task, d), q in qs.items():
-                if task == 'route':
-                    files[task, d][sid] = {'video': video, 'question': q['question'], f'{d}_answer': q['answer']}
-                else:
-                    files[task, d][sid] = {'video': video, f'{d}_mcq': {k: q[k] for k in ('question', 'options', 'answer')}}
-                for cot in (True, False):
-                    p = problem_text(q)
-                    lines[cot].append(json.dumps(dict(problem=p, solution=cot_solution(route, qs, task, d, cot),
-                                                      video='part1/' + video, original_question=p,
-                                                      original_answer=q['answer'])))
+    lines = {True: [], False: [], 'meta': []}
+    for sid, route, qs in results:
+        video = sid + '.mp4'
+        lines['meta'].append(json.dumps(dict(id=sid, video=video, theme=theme, steps=route_steps(route), **route)))
+        for (task, d), q in qs.items():
+            if task == 'route':
+                files[task, d][sid] = {'video': video, 'question': q['question'], f'{d}_answer': q['answer']}
+            else:
+                files[task, d][sid] = {'video': video, f'{d}_mcq': {k: q[k] for k in ('question', 'options', 'answer')}}
+            for cot in (True, False):
+                p = problem_text(q)
+                lines[cot].append(json.dumps(dict(problem=p, solution=cot_solution(route, qs, task, d, cot),
+                                                  video='part1/' + video, original_question=p,
+                                                  original_answer=q['answer'])))
     for (task, d), obj in files.items():
         with open(os.path.join(split_dir, f'Part1_{d}_{FILES[task]}.json'), 'w') as fh:
             json.dump(obj, fh, indent=1)
-    for cot, name in ((True, 'st_r1_cot.jsonl'), (False, 'st_r1_nocot.jsonl')):
+    for key, name in ((True, 'st_r1_cot.jsonl'), (False, 'st_r1_nocot.jsonl'), ('meta', 'routes.jsonl')):
         with open(os.path.join(split_dir, name), 'w') as fh:
-            fh.write('\n'.join(lines[cot]) + '\n')
+            fh.write('\n'.join(lines[key]) + '\n')
 
 
 def write_contact_sheet(path, n=3):
@@ -623,6 +623,8 @@ def main():
         pool = Pool(workers) if workers > 1 else None
         try:
             for idx, (name, n, theme, segs) in enumerate(splits):
+                if n == 0:
+                    continue
                 generate_split(os.path.join(out, name), idx, n, theme, segs, pool)
                 print(f'{name}: {n} videos -> {os.path.join(out, name)}')
         finally:

@@ -205,6 +205,7 @@ def test_cli_output_is_deterministic_and_readable(tmp_path):
     _generate(a)
     _generate(b)
     _generate(c, seed=1, n=(3, 0, 0))
+    assert not (c / "test").exists()
     for split in ('train', 'test', 'ood'):
         names = sorted(os.listdir(a / split))
         assert names == sorted(os.listdir(b / split))
