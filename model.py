@@ -33,7 +33,10 @@ Usage
     logits = model(ids, pos, torch.tensor([0, len(ids)], dtype=torch.int32), pixel_values, grid_thw)
     tokens, logprobs, lengths = model.generate(ids, pos, cu, pixel_values, grid_thw,
         max_new_tokens=512, temperature=1.0, stop_tokens=[im_end_id], num_samples=8)
-    model.gradient_checkpointing = True   # recompute blocks in backward (training only)
+    cache, logits, next_pos = model.prefill(ids, pos, cu, pixel_values, grid_thw, max_new_tokens=512)
+    cache = cache.repeat(8)                # GRPO: one prefill per prompt, 8 rows each (rows b*8 .. b*8+7)
+    logits = model.decode_step(tokens, next_pos.repeat_interleave(8) + step, cache)   # one token per row
+    model.gradient_checkpointing = True   # recompute blocks in backward (when training)
     model.save_pretrained('out/ckpt')     # transformers' Qwen2VLForConditionalGeneration loads it
 """
 import json
@@ -90,6 +93,12 @@ class ModelConfig:
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     in_channels: int = 3
+
+    def __post_init__(self):
+        hd = self.hidden_size // self.num_attention_heads
+        if hd * self.num_attention_heads != self.hidden_size or sum(self.mrope_section) * 2 != hd:
+            raise ValueError(f'hidden_size {self.hidden_size} / {self.num_attention_heads} heads must give a head_dim '
+                             f'of 2 * sum(mrope_section {self.mrope_section})')
 
     @classmethod
     def from_hf(cls, d, source='config.json'):
@@ -331,9 +340,9 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values, grid_thw, ckpt=False):
         w = self.patch_embed.proj.weight
-        if pixel_values.shape != (int(grid_thw.prod(-1).sum()), w[0].numel()):
-            raise ValueError(f'pixel_values {tuple(pixel_values.shape)} do not match grid_thw {grid_thw.tolist()} '
-                             f'(expected ({int(grid_thw.prod(-1).sum())}, {w[0].numel()}))')
+        if grid_thw is None or pixel_values.shape != (int(grid_thw.prod(-1).sum()), w[0].numel()):
+            raise ValueError(f'pixel_values {tuple(pixel_values.shape)} do not match grid_thw '
+                             f'{None if grid_thw is None else grid_thw.tolist()} ({w[0].numel()} values per patch)')
         x = F.linear(pixel_values.to(w.dtype), w.flatten(1))
         cos, sin = vision_cos_sin(grid_thw, self.cfg, x.device)
         # attention stays inside one temporal slice of one image/video: grid_t segments of h*w each
@@ -356,8 +365,7 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -522,7 +530,8 @@ class Qwen2VL(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device='cpu'):
         """Load an HF-layout directory. The model is built on the meta device and the checkpoint's
-        tensors become its parameters (assign=True), so a 7B never exists twice in memory."""
+        tensors become its parameters (assign=True), so a 7B never exists twice in memory.
+        Returned in train mode like any new nn.Module (no dropout: only checkpointing looks at it)."""
         with open(os.path.join(path, 'config.json')) as f:
             cfg = ModelConfig.from_hf(json.load(f), os.path.join(path, 'config.json'))
         with torch.device('meta'):
@@ -552,7 +561,8 @@ class Qwen2VL(nn.Module):
         return model
 
     def save_pretrained(self, path, max_shard_size=4 * 2**30):
-        """config.json + model.safetensors, or model-0000i-of-0000n.safetensors + index past max_shard_size bytes."""
+        """config.json + model.safetensors, or model-0000i-of-0000n.safetensors + index past max_shard_size
+        bytes. Earlier model*.safetensors files in `path` are removed first; files are written atomically."""
         os.makedirs(path, exist_ok=True)
         for f in os.listdir(path):  # stale weights of an earlier save would confuse loaders
             if f.startswith('model') and (f.endswith('.safetensors') or f.endswith('.safetensors.index.json')):

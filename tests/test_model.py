@@ -365,3 +365,20 @@ def test_gradient_checkpointing_and_autocast(pair):
         with torch.autocast('cpu', dtype=torch.bfloat16):
             low = model(ids, pos, cu, pix, grid)
     assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+@pytest.mark.parametrize('lens,causal', [([5, 9, 2], True), ([4, 4, 4], False), ([7], True)])
+def test_attention_is_block_diagonal(lens, causal):
+    """The CPU path (SDPA per segment / batched when equal) equals one SDPA with the dense mask."""
+    from model import attention
+    g = torch.Generator().manual_seed(0)
+    T = sum(lens)
+    q, k, v = torch.randn(T, 4, 8, generator=g), torch.randn(T, 2, 8, generator=g), torch.randn(T, 2, 8, generator=g)
+    seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    mask = seg[:, None] == seg[None, :]
+    if causal:
+        mask &= torch.ones(T, T, dtype=torch.bool).tril()
+    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
+                                                           v.repeat_interleave(2, 1).transpose(0, 1), attn_mask=mask)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    assert (attention(q, k, v, cu, max(lens), causal) - ref.transpose(0, 1)).abs().max() < 1e-5
