@@ -477,8 +477,9 @@ class Qwen2VL(nn.Module):
         Returns (cache, logits of each prompt's last token (B, vocab) fp32, next positions (B,))."""
         cu = cu_seqlens.long().tolist()
         lens = torch.tensor([e - s for s, e in zip(cu[:-1], cu[1:])])
-        w = self.embed_tokens.weight
-        cache = KVCache.empty(self.config, len(lens), int(lens.max()) + max_new_tokens, w.dtype, w.device)
+        w = self.embed_tokens.weight  # under autocast keep the cache in the low precision the kernels use
+        dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
+        cache = KVCache.empty(self.config, len(lens), int(lens.max()) + max_new_tokens, dtype, w.device)
         h = self.forward(input_ids, position_ids, cu_seqlens, pixel_values, grid_thw, return_hidden=True, cache=cache)
         cache.lens = lens.to(w.device)
         logits = self.logits(h[[e - 1 for e in cu[1:]]]).float()

@@ -365,6 +365,11 @@ def test_gradient_checkpointing_and_autocast(pair):
         with torch.autocast('cpu', dtype=torch.bfloat16):
             low = model(ids, pos, cu, pix, grid)
     assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        cache, logits, _ = model.prefill(ids, pos, cu, pix, grid, max_new_tokens=2)
+        tokens, _, lengths = model.generate(ids, pos, cu, pix, grid, max_new_tokens=3)
+    assert cache.k.dtype == torch.bfloat16 and (logits - ref[cu[1:].long() - 1]).abs().max() < 0.1 * ref.abs().max()
+    assert tokens.shape == (2, 3) and lengths.tolist() == [3, 3]
 
 
 @pytest.mark.parametrize('lens,causal', [([5, 9, 2], True), ([4, 4, 4], False), ([7], True)])
