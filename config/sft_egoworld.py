@@ -1,0 +1,29 @@
+# SFT of the tiny EgoWorld Qwen2-VL on a CPU (2 cores, minutes). Make the data and model first:
+#   python egoworld.py --out=data_egoworld && python egoworld.py --make_model=out/egoworld-tiny
+#   python sft.py config/sft_egoworld.py
+# The recipe is the feasibility probe's (../shared/egost/PROBE.md), not the paper's: a random
+# ~2M-parameter model has everything to learn, so it is fully fine-tuned at a high learning rate.
+init_from = 'out/egoworld-tiny'
+data = 'data_egoworld/train/st_r1_cot.jsonl'
+out_dir = 'out/sft-egoworld'
+save_interval = 100
+# EgoWorld clips are 16 frames of 56x56 px, planned so that the 16 sampled frames see every segment;
+# min = max = 56*56 px keeps them unresized: 4x4 patches -> 32 merged visual tokens per clip
+nframes = 16
+min_pixels = 56 * 56
+max_pixels = 56 * 56
+# ~256 tokens a sample -> ~32 samples per step, the probe's batch
+token_budget = 8192
+grad_accum = 1
+num_workers = 1
+# full fine-tune, everything trains (the tower is random too)
+lora_rank = 0
+freeze_vision = False
+lr = 1e-3
+min_lr = 1e-4
+warmup_frac = 0.05
+weight_decay = 0.05
+grad_clip = 1.0
+epochs = 1
+# tiny activations: recomputing them would only cost time
+activation_checkpointing = False

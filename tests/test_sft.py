@@ -1,0 +1,269 @@
+"""sft.py on a tiny EgoWorld: training lowers the loss, checkpoints load in transformers with our
+logits, torchrun (2 gloo ranks) follows the one-process loss curve, kill + --resume replays the
+uninterrupted run exactly, the loss sees assistant tokens only and normalises over the whole step,
+LoRA merges without changing logits, the training state round-trips.
+
+Everything runs on a shrunken egoworld tiny model (~0.2M parameters) and 6 EgoWorld videos, so the
+end-to-end runs (subprocesses, as a user would run them) take seconds each.
+Tolerances: logits 1e-4 (fp32); the 2-rank loss curve 1e-5 per step (the same tokens, summed in
+another order); resume: bitwise equal losses.
+"""
+import json
+import os
+import subprocess
+import sys
+
+os.environ['HF_HUB_OFFLINE'] = '1'
+import pytest
+import torch
+
+import data
+import egoworld
+import sft
+from model import Qwen2VL
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+torch.set_num_threads(1)
+STEPS = 8
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    """6 EgoWorld videos (48 samples) and egoworld's tiny tokenizer + model, shrunk for speed."""
+    d = tmp_path_factory.mktemp('sft')
+    small = dict(tiny_corpus=20, tiny_hidden=64, tiny_layers=2, tiny_intermediate=128, tiny_vision_dim=32,
+                 tiny_vision_heads=2, tiny_vision_depth=1, vocab_size=512)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in small.items():
+            mp.setattr(egoworld, k, v)
+        egoworld.make_tiny_model(str(d / 'tiny'))
+        egoworld.generate_split(str(d / 'train'), 0, 6, 'default', egoworld.segments)
+    return d
+
+
+def args(world, out, **kw):
+    """config/sft_egoworld.py on the fixture: 8 steps of 2 micro-batches of ~4 samples, lr 3e-3."""
+    a = dict(init_from=world / 'tiny', data=world / 'train' / 'st_r1_cot.jsonl', out_dir=out, max_steps=STEPS,
+             token_budget=1100, grad_accum=2, num_workers=0, lr=3e-3, warmup_frac=0.0, save_interval=0)
+    a.update(kw)
+    return [os.path.join(ROOT, 'config', 'sft_egoworld.py')] + [f'--{k}={v}' for k, v in a.items()]
+
+
+def run(argv, nproc=1, kill_after=None):
+    """sft.py as a user runs it. kill_after=k: the process dies (os._exit) right after logging step k."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    if nproc > 1:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--standalone',
+               os.path.join(ROOT, 'sft.py')]
+    else:
+        cmd = [sys.executable, '-c', KILLER % (kill_after if kill_after is not None else -1)]
+    p = subprocess.run(cmd + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if kill_after is None and p.returncode != 0:
+        raise AssertionError(f'sft.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}')
+    return p
+
+
+KILLER = '''
+import os, sys, sft
+log = sft.log_metrics
+def log_then_die(path, m):
+    log(path, m)
+    if m['step'] == %d:
+        os._exit(9)   # as abrupt as a kill: no cleanup, no final checkpoint
+sft.log_metrics = log_then_die
+sft.main(sys.argv[1:])
+'''
+
+
+def metrics(out):
+    with open(os.path.join(out, 'metrics.jsonl')) as f:
+        return [json.loads(l) for l in f]
+
+
+@pytest.fixture(scope='module')
+def baseline(world):
+    """One uninterrupted single-process run (full fine-tune), shared by three tests."""
+    out = world / 'base'
+    run(args(world, out))
+    return out
+
+
+def packed_example(world, tok, cfg, n=2):
+    samples = data.read_samples(str(world / 'train' / 'st_r1_cot.jsonl'))[:n]
+    st = data.VisionSettings(nframes=16, min_pixels=56 * 56, max_pixels=56 * 56)
+    return samples, data.pack([data.encode(s, tok, st, s.solution, cfg) for s in samples])
+
+
+def test_training_lowers_loss_and_checkpoint_loads_in_transformers(world, baseline):
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    m = metrics(baseline)
+    assert [x['step'] for x in m] == list(range(STEPS))
+    loss = [x['loss'] for x in m]
+    assert sum(loss[-2:]) / 2 < sum(loss[:2]) / 2 - 0.3, loss
+    assert all(x['tokens_per_s'] > 0 and x['peak_mem_gb'] > 0 and x['grad_norm'] > 0 for x in m)
+    # the saved model is the trained one (the trainable tensors of the training state), in the HF layout
+    ours = Qwen2VL.from_pretrained(str(baseline)).eval()
+    state = json.load(open(baseline / 'train_state.json'))
+    assert state['step'] == STEPS
+    trained = Qwen2VL.from_pretrained(str(world / 'tiny'))
+    trained.load_state_dict(sft.load_file(str(baseline / state['dir'] / 'trainable.safetensors')), strict=True)
+    fresh = Qwen2VL.from_pretrained(str(world / 'tiny'))
+    assert not torch.equal(fresh.embed_tokens.weight, ours.embed_tokens.weight)
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(str(baseline)).eval()
+    tok = data.Tokenizer(str(baseline))
+    _, b = packed_example(world, tok, ours.config, n=1)
+    with torch.no_grad():
+        a = ours(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'])
+        t = trained.eval()(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'])
+        h = hf(input_ids=b['input_ids'][None], position_ids=b['position_ids'][:, None],
+               pixel_values_videos=b['pixel_values'], video_grid_thw=b['grid_thw']).logits[0]
+    assert (a - h).abs().max() < 1e-4 and (a - t).abs().max() < 1e-4
+    # the tokenizer, chat template and run records travel with the checkpoint
+    hf_tok = AutoTokenizer.from_pretrained(str(baseline))
+    assert hf_tok('go straight, turn left')['input_ids'] == tok.encode('go straight, turn left')
+    assert json.load(open(baseline / 'vision_settings.json')) == data.VisionSettings(16, 56 * 56, 56 * 56).asdict()
+    assert json.load(open(baseline / 'run_config.json'))['max_steps'] == STEPS
+    for f in ('config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'preprocessor_config.json',
+              'chat_template.json'):
+        assert (baseline / f).exists(), f
+
+
+def test_torchrun_two_ranks_follow_one_process(world, baseline):
+    """2 gloo ranks x 1 micro-batch = 1 process x 2 micro-batches: the same global batch each step."""
+    out = world / 'ddp'
+    run(args(world, out, grad_accum=1), nproc=2)
+    a, b = metrics(baseline), metrics(out)
+    assert len(a) == len(b) == STEPS
+    for x, y in zip(a, b):
+        assert x['target_tokens'] == y['target_tokens'] and x['tokens'] == y['tokens']
+        assert abs(x['loss'] - y['loss']) < 1e-5, (x, y)
+        assert abs(x['grad_norm'] - y['grad_norm']) < 1e-4 * x['grad_norm']
+    wa, wb = sft.load_file(str(baseline / 'model.safetensors')), sft.load_file(str(out / 'model.safetensors'))
+    assert wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max() < 1e-5 for k in wa)
+
+
+def test_kill_and_resume_replays_the_run_exactly(world):
+    """LoRA with dropout, so the RNG restore matters too. Killed after step 4 (last checkpoint: 3)."""
+    kw = dict(lora_rank=4, lora_alpha=8, lora_dropout=0.1, save_interval=3)
+    full, cut = world / 'lora_full', world / 'lora_cut'
+    run(args(world, full, **kw))
+    p = run(args(world, cut, **kw), kill_after=4)
+    assert p.returncode == 9 and len(metrics(cut)) == 5
+    assert json.load(open(cut / 'train_state.json'))['step'] == 3
+    run(args(world, cut, resume=True, **kw))
+    a, b = metrics(full), metrics(cut)
+    assert [x['step'] for x in b] == list(range(STEPS))
+    assert [x['loss'] for x in a] == [x['loss'] for x in b]
+    assert [x['grad_norm'] for x in a] == [x['grad_norm'] for x in b]
+
+
+def test_loss_sees_assistant_tokens_only(world):
+    """Token by token: the loss has a gradient at position t iff token t+1 is in the assistant turn
+    (its text and closing <|im_end|>), found from the chat layout, not from the labels; so never at
+    system, user, vision or padding tokens."""
+    tok = data.Tokenizer(str(world / 'tiny'))
+    model = Qwen2VL.from_pretrained(str(world / 'tiny'))
+    samples, b = packed_example(world, tok, model.config, n=3)
+    ids = b['input_ids'].tolist()
+    expected = torch.zeros(len(ids), dtype=torch.bool)
+    for s, e, sample in zip(b['cu_seqlens'][:-1].tolist(), b['cu_seqlens'][1:].tolist(), samples):
+        turns = [i for i in range(s, e) if ids[i] == tok.im_start_id]
+        assert len(turns) == 3  # system, user, assistant
+        first = next(j for j in range(turns[2], e) if tok.decode(ids[turns[2] + 1:j]) == 'assistant\n')
+        end = ids.index(tok.im_end_id, first)
+        assert tok.decode(ids[first:end]) == sample.solution
+        expected[first - 1:end] = True   # positions predicting tokens first .. end (the <|im_end|>)
+    # the loss through a "model" whose hidden states are a leaf: which positions get a gradient?
+    h = torch.randn(len(ids), model.config.hidden_size, requires_grad=True)
+    fake = lambda *a, **k: h
+    fake.logits = model.logits
+    ce, n = sft.target_loss(fake, b, 'cpu')
+    ce.backward()
+    got = h.grad.abs().sum(-1) > 0
+    assert n == int(expected.sum()) and torch.equal(got, expected)
+    not_targets = {tok.vision_start_id, tok.vision_end_id, tok.video_pad_id, tok.image_pad_id, tok.pad_id, tok.im_start_id}
+    assert not any(ids[t + 1] in not_targets for t in got.nonzero().squeeze(1).tolist())
+
+
+def test_loss_normalised_over_the_whole_step(world):
+    """Two micro-batches with different target counts: the accumulated gradient is that of the mean
+    CE over all their target tokens at once, not the mean of the two micro-batch means."""
+    tok = data.Tokenizer(str(world / 'tiny'))
+    model = Qwen2VL.from_pretrained(str(world / 'tiny'))
+    samples = data.read_samples(str(world / 'train' / 'st_r1_nocot.jsonl'))
+    st = data.VisionSettings(nframes=16, min_pixels=56 * 56, max_pixels=56 * 56)
+    enc = [data.encode(s, tok, st, s.solution, model.config) for s in samples[:3]]
+    micro = [data.pack(enc[:1]), data.pack(enc[1:])]
+    loss, n = sft.forward_backward(model, micro, 'cpu')
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    whole = data.pack(enc)
+    pos = sft.target_positions(whole['labels'])
+    logits = model(whole['input_ids'], whole['position_ids'], whole['cu_seqlens'], whole['pixel_values'], whole['grid_thw'])
+    ref = torch.nn.functional.cross_entropy(logits[pos], whole['labels'][1:][pos])
+    ref.backward()
+    assert n == len(pos) and abs(loss - ref.item()) < 1e-5
+    counts = [len(sft.target_positions(m['labels'])) for m in micro]
+    assert counts[0] != counts[1] // 2  # the two normalisations differ on this step
+    for k, p in model.named_parameters():
+        assert torch.allclose(got[k], p.grad, atol=1e-6, rtol=1e-4), k
+
+
+def test_lora_merge_keeps_logits(world, tmp_path):
+    tok = data.Tokenizer(str(world / 'tiny'))
+    model = Qwen2VL.from_pretrained(str(world / 'tiny')).eval()
+    names = sft.apply_lora(model, rank=4, alpha=8, dropout=0.1, targets='q_proj,k_proj,v_proj,o_proj')
+    assert len(names) == 4 * model.config.num_hidden_layers and not any(n.startswith('visual') for n in names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f'{n}.lora_{x}' for n in names for x in 'AB'}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if 'lora_B' in n:
+                p.normal_(0, 0.5)  # a trained adapter, so merging has something to add
+    _, b = packed_example(world, tok, model.config)
+    fwd = lambda m: m(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'])
+    with torch.no_grad():
+        before = fwd(model)
+        base = Qwen2VL.from_pretrained(str(world / 'tiny')).eval()
+        assert (fwd(base) - before).abs().max() > 1e-2  # the adapter changes the output
+        sft.save_model(str(tmp_path), model, str(world / 'tiny'))
+        reloaded = Qwen2VL.from_pretrained(str(tmp_path)).eval()
+        assert (fwd(reloaded) - before).abs().max() < 1e-4
+        merged = sft.merge_lora(model)
+        assert not any('lora' in n for n, _ in merged.named_parameters())
+        assert (fwd(merged) - before).abs().max() < 1e-4
+    with pytest.raises(ValueError, match='no nn.Linear named'):
+        sft.apply_lora(base, 4, 8, targets='query')
+
+
+def test_training_state_round_trip(world, tmp_path):
+    """save_checkpoint -> load_training_state restores trainable tensors, AdamW state and RNG."""
+    model = Qwen2VL.from_pretrained(str(world / 'tiny'))
+    sft.apply_lora(model, 2, 4, dropout=0.1)
+    opt = sft.make_optimizer(model, 1e-2)
+    for _ in range(2):
+        sum(p.float().pow(2).sum() for p in model.parameters() if p.requires_grad).backward()
+        opt.step()
+    sft.save_checkpoint(str(tmp_path), model, str(world / 'tiny'), opt, dict(step=2, epoch=0, step_in_epoch=2),
+                        dict(lr=1e-2), vision_settings=None)
+    draws = torch.rand(5)
+    again = Qwen2VL.from_pretrained(str(world / 'tiny'))
+    sft.apply_lora(again, 2, 4, dropout=0.1)
+    opt2 = sft.make_optimizer(again, 1e-2)
+    state = sft.load_training_state(str(tmp_path), again, opt2)
+    assert state['step'] == 2 and torch.equal(torch.rand(5), draws)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1['param_groups'] == s2['param_groups']
+    assert all(torch.equal(s1['state'][i][k], s2['state'][i][k]) for i in s1['state'] for k in s1['state'][i])
+    bad = Qwen2VL.from_pretrained(str(world / 'tiny'))
+    sft.apply_lora(bad, 2, 4, targets='q_proj')
+    with pytest.raises(ValueError, match='do not match the trainable parameters'):
+        sft.load_training_state(str(tmp_path), bad, sft.make_optimizer(bad, 1e-2))
+
+
+def test_schedule():
+    lrs = [sft.lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11) and lrs[10] == 1.0
+    assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
