@@ -94,13 +94,16 @@ def _open_video(path):
         raise DataError(f'{path}: video has no frames')
     return vr
 
+def _decode(path, vr, indices):
+    try:
+        return vr.get_batch(indices).asnumpy()
+    except Exception as e:
+        raise DataError(f'{path}: cannot decode frames ({str(e).splitlines()[0]})') from e
+
 def load_frames(path, nframes):
     """uint8 (N, H, W, 3) RGB. Only the sampled frames are decoded (seek + decode from the previous key frame)."""
     vr = _open_video(path)
-    try:
-        return vr.get_batch(frame_indices(len(vr), nframes).tolist()).asnumpy()
-    except Exception as e:
-        raise DataError(f'{path}: cannot decode frames ({str(e).splitlines()[0]})') from e
+    return _decode(path, vr, frame_indices(len(vr), nframes).tolist())
 
 def load_image(path):
     """uint8 (1, H, W, 3): a still image is a one-frame video."""
@@ -123,13 +126,9 @@ def video_info(path):
                     _VIDEO_INFO[path] = (1, im.height, im.width)
             except OSError as e:
                 raise DataError(f'{path}: cannot read image ({e})') from e
-        else:
+        else:  # decord exposes no header size; frame 0 is a key frame, cheap to decode
             vr = _open_video(path)
-            try:
-                h, w = vr[0].shape[:2]  # decord exposes no header size; frame 0 is a key frame, cheap
-            except Exception as e:
-                raise DataError(f'{path}: cannot decode frames ({str(e).splitlines()[0]})') from e
-            _VIDEO_INFO[path] = (len(vr), h, w)
+            _VIDEO_INFO[path] = (len(vr), *_decode(path, vr, [0]).shape[1:3])
     return _VIDEO_INFO[path]
 
 def smart_resize(height, width, min_pixels, max_pixels, factor=FACTOR):
@@ -344,25 +343,18 @@ def split_inline_options(text):
         pos = nxt.end()
     return [clean_option(o) for o in opts + [text[pos:]]]
 
-def clean_listish(s):
-    """"['Turn back', 'go straight']" (the release's CoT) -> 'Turn back, go straight'."""
-    s = s.strip()
-    if s.startswith('['):
+def clean_listish(v):
+    """A list, or its Python repr as in the release's CoT ("['Turn back', 'go straight']"), -> 'Turn back, go straight'."""
+    if isinstance(v, str) and v.strip().startswith('['):
         try:
-            v = ast.literal_eval(s)
-            if isinstance(v, list):
-                return ', '.join(str(x).strip() for x in v)
+            v = ast.literal_eval(v.strip())
         except (ValueError, SyntaxError):
             pass
-    return s
+    return ', '.join(clean_text(x) for x in v) if isinstance(v, list) else clean_text(v)
 
 def check_mcq(where, options, answer):
-    if not options:
-        raise DataError(f'{where}: empty options')
-    if any(not o for o in options):
-        raise DataError(f'{where}: empty option text in {options}')
-    if len(options) > len(LETTERS):
-        raise DataError(f'{where}: {len(options)} options, at most {len(LETTERS)} supported')
+    if not options or any(not o for o in options):
+        raise DataError(f'{where}: empty options' + (f' ({options})' if options else ''))
     if answer not in LETTERS[:len(options)]:
         raise DataError(f'{where}: answer {answer!r} is not among the options {LETTERS[:len(options)]}')
 
@@ -392,7 +384,7 @@ def parse_st_r1_item(d, where, base_dir, video_root=None):
         raise DataError(f'{where}: the CoT starts by thinking {cot.group(1)} but the question is {direction}')
     answer = str(d['original_answer']).strip()
     if task == 'route':
-        answer_text = clean_text(answer)
+        answer = answer_text = clean_listish(d['original_answer'])
         if not answer_text:
             raise DataError(f'{where}: empty answer')
     else:
@@ -440,27 +432,25 @@ def parse_bench_item(item, where, task, direction, video_dir):
         key, other = f'{direction}_answer', ('reverse' if direction == 'forward' else 'forward') + '_answer'
         if 'question' not in item or key not in item:
             raise DataError(f"{where}: route QA needs 'question' and {key!r}; keys found: {sorted(item)}")
-        answer = clean_text(item[key])
+        answer = clean_listish(item[key])
         if not answer:
             raise DataError(f'{where}: empty {key}')
         return Sample(id=where.rsplit('/', 1)[-1], video=video, task=task, direction=direction,
                       question=clean_text(item['question']), answer=answer, answer_text=answer,
-                      opposite=clean_text(item[other]) if item.get(other) else None, source=where)
+                      opposite=clean_listish(item[other]) if item.get(other) else None, source=where)
     mcq = item.get(f'{direction}_mcq')
     if not isinstance(mcq, dict) or 'question' not in mcq or 'options' not in mcq:
         raise DataError(f"{where}: needs {direction}_mcq with 'question' and 'options'; keys found: {sorted(item)}"
                         + (f', in {direction}_mcq: {sorted(mcq)}' if isinstance(mcq, dict) else ''))
-    if not isinstance(mcq['options'], list):
-        raise DataError(f"{where}: options must be a list, got {type(mcq['options']).__name__}")
+    if not isinstance(mcq['options'], list) or len(mcq['options']) > len(LETTERS):
+        raise DataError(f"{where}: options must be a list of at most {len(LETTERS)}, got {mcq['options']!r}")
     options = [clean_option(re.sub(rf'^\(?{L}[.):]\)?\s+', '', str(o).strip())) for L, o in zip(LETTERS, mcq['options'])]
     key = next((k for src in (mcq, item) for k in ANSWER_KEYS if k in src), None)
     if key is None:
         raise DataError(f'{where}: no correct-option field (looked for {list(ANSWER_KEYS)}); keys found: '
                         f'{sorted(mcq)} in {direction}_mcq, {sorted(item)} in the item')
-    if not options:
-        raise DataError(f'{where}: empty options')
+    check_mcq(where, options, 'A')
     answer = resolve_answer(where, mcq.get(key, item.get(key)), options, key)
-    check_mcq(where, options, answer)
     return Sample(id=where.rsplit('/', 1)[-1], video=video, task=task, direction=direction,
                   question=clean_text(mcq['question']), options=options, answer=answer,
                   answer_text=options[LETTERS.index(answer)], source=where)
@@ -480,41 +470,42 @@ def pair_opposites(samples):
 
 def _check_video(s, check_videos):
     """Missing or undecodable videos are caught when reading (header + frame 0), not mid-training."""
-    if not check_videos:
-        return
-    if not os.path.isfile(s.video):
-        raise DataError(f'{s.source}: video not found: {s.video}')
     try:
-        video_info(s.video)
+        if check_videos:
+            video_info(s.video)
     except DataError as e:
         raise DataError(f'{s.source}: {e}') from e
+    return s
 
-def _finish(samples, errors, strict):
-    pair_opposites(samples)
-    return samples if strict else (samples, errors)
+def _keep(samples, errors, strict, make):
+    """samples += make(); a DataError is raised (strict) or collected."""
+    try:
+        samples.append(make())
+    except DataError as e:
+        if strict:
+            raise
+        errors.append(str(e))
+
+def _load_json(where, text, one_line=False):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f'column {e.colno}' if one_line else f'line {e.lineno} column {e.colno}'
+        raise DataError(f'{where}: malformed JSON ({e.msg} at {at})') from e
 
 def read_st_r1_jsonl(path, video_root=None, strict=True, check_videos=True):
     """The released ST-R1 training file (or one written like it). video_root remaps the authors'
     absolute paths by basename; relative paths are taken from the file's folder."""
+    def make(line, where):
+        s = parse_st_r1_item(_load_json(where, line, one_line=True), where, os.path.dirname(path), video_root)
+        return _check_video(s, check_videos)
     samples, errors = [], []
     with open(path, encoding='utf-8') as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f'{path}:{lineno}'
-            try:
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f'{where}: malformed JSON ({e.msg} at column {e.colno})') from e
-                s = parse_st_r1_item(d, where, os.path.dirname(path), video_root)
-                _check_video(s, check_videos)
-                samples.append(s)
-            except DataError as e:
-                if strict:
-                    raise
-                errors.append(str(e))
-    return _finish(samples, errors, strict)
+            if line.strip():
+                _keep(samples, errors, strict, lambda: make(line, f'{path}:{lineno}'))
+    pair_opposites(samples)
+    return samples if strict else (samples, errors)
 
 def _part_video_dir(root, part):
     """part{N}/ or part{N}_<anything>/ (part3_clip/, part4_clip/ in the release)."""
@@ -526,32 +517,25 @@ def read_benchmark(root, strict=True, check_videos=True):
     files = sorted(n for n in os.listdir(root) if BENCH_FILE.match(n))
     if not files:
         raise DataError(f'{root}: no PartN_{{forward,reverse}}_{{qa,mcq,mcq_landmark,mcq_action}}.json files')
-    samples, errors = [], []
+    def items(path):
+        with open(path, encoding='utf-8') as f:
+            data = _load_json(path, f.read())
+        if not isinstance(data, dict):
+            raise DataError(f'{path}: expected a JSON object keyed by sample id, got {type(data).__name__}')
+        return list(data.items())
+    def make(name, key, item, kind, direction, video_dir):
+        s = parse_bench_item(item, f'{os.path.join(root, name)}#{key}', BENCH_TASK[kind], direction, video_dir)
+        s.id = f'{name[:-5]}#{key}'  # ids repeat across the files
+        return _check_video(s, check_videos)
+    samples, errors, files_ok = [], [], []
     for name in files:
+        _keep(files_ok, errors, strict, lambda: (name, items(os.path.join(root, name))))
+    for name, pairs in files_ok:
         part, direction, kind = BENCH_FILE.match(name).groups()
-        path, video_dir = os.path.join(root, name), _part_video_dir(root, part)
-        try:
-            with open(path, encoding='utf-8') as f:
-                data = json.load(f)
-            if not isinstance(data, dict):
-                raise DataError(f'{path}: expected a JSON object keyed by sample id, got {type(data).__name__}')
-        except (json.JSONDecodeError, DataError) as e:
-            msg = f'{path}: line {e.lineno}: malformed JSON ({e.msg})' if isinstance(e, json.JSONDecodeError) else str(e)
-            if strict:
-                raise DataError(msg) from e
-            errors.append(msg)
-            continue
-        for key, item in data.items():
-            try:
-                s = parse_bench_item(item, f'{path}#{key}', BENCH_TASK[kind], direction, video_dir)
-                s.id = f'{name[:-5]}#{key}'
-                _check_video(s, check_videos)
-                samples.append(s)
-            except DataError as e:
-                if strict:
-                    raise
-                errors.append(str(e))
-    return _finish(samples, errors, strict)
+        for key, item in pairs:
+            _keep(samples, errors, strict, lambda: make(name, key, item, kind, direction, _part_video_dir(root, part)))
+    pair_opposites(samples)
+    return samples if strict else (samples, errors)
 
 def read_samples(path, **kwargs):
     """A benchmark folder or an ST-R1-style .jsonl."""
@@ -606,14 +590,14 @@ def target_text(sample, target):
 
 def sample_length(sample, tok, settings, target=None):
     """Exact token count of encode(sample) without decoding the video."""
-    n, h, w = video_info(sample.video)
-    t, gh, gw = visual_grid(1 if is_image(sample.video) else settings.nframes, h, w, settings)
-    ids, _ = chat_tokens(tok, build_user_text(sample), t * gh * gw // MERGE**2, target_text(sample, target))
+    image, (_, h, w) = is_image(sample.video), video_info(sample.video)
+    t, gh, gw = visual_grid(1 if image else settings.nframes, h, w, settings)
+    ids, _ = chat_tokens(tok, build_user_text(sample), t * gh * gw // MERGE**2, target_text(sample, target), image)
     return len(ids)
 
 def plan_batches(lengths, token_budget, seed):
-    """Seeded shuffle (seed: an int or a tuple such as (seed, epoch)), then greedy packing: a batch closes when the next sample would pass the budget.
-    A sample longer than the budget gets a batch of its own (nothing is dropped)."""
+    """Seeded shuffle (seed: an int or a tuple such as (seed, epoch)), then greedy packing: a batch
+    closes when the next sample would pass the budget. A longer sample gets a batch of its own."""
     plan, cur, used = [], [], 0
     for i in np.random.default_rng(seed).permutation(len(lengths)).tolist():
         if cur and used + lengths[i] > token_budget:
@@ -653,5 +637,6 @@ def batches(samples, tok, settings, token_budget, seed=0, rank=None, world_size=
     if per_rank == 0:
         raise ValueError(f'batches: {len(samples)} samples make {len(plan)} batches, fewer than {world_size} ranks')
     mine = plan[rank::world_size][:per_rank]
+    # own generator: iterating must not draw from torch's global RNG (dropout, sampling use it)
     return torch.utils.data.DataLoader(PackedBatches(samples, mine, tok, settings, target, cfg), batch_size=None,
-                                       shuffle=False, num_workers=num_workers)
+                                       shuffle=False, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))

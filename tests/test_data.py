@@ -285,7 +285,7 @@ def test_read_benchmark_layout(tmp_path, vids):
         os.link(vids['a'], tmp_path / part / 'v.mp4')
     files = {
         'Part1_forward_qa.json': {'0': {'video': 'v.mp4', 'question': 'Describe the route to your destination ?', 'forward_answer': 'Go straight, turn left.'}},
-        'Part1_reverse_qa.json': {'0': {'video': 'v.mp4', 'question': 'Describe the route back.', 'reverse_answer': 'Turn back, turn right.'}},
+        'Part1_reverse_qa.json': {'0': {'video': 'v.mp4', 'question': 'Describe the route back.', 'reverse_answer': ['Turn back', 'turn right.']}},
         'Part1_forward_mcq.json': {'0': {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': ['A. go left', 'B. go right'], 'answer': 'A'}}},
         'Part1_reverse_mcq.json': {'0': {'video': 'v.mp4', 'reverse_mcq': {'question': 'q', 'options': ['turn back', 'turn right.'], 'correct_answer': 'Turn right'}}},
         'Part3_forward_mcq_landmark.json': {'7': {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': ['a', 'b', 'c'], 'gt': 2}}},
@@ -349,10 +349,13 @@ def test_bad_benchmark_items(tmp_path, vids):
     samples, errors = D.read_benchmark(str(tmp_path), strict=False)
     assert [x.id for x in samples] == ['Part2_forward_mcq#ok'] and len(errors) == 5
     f = str(tmp_path / 'Part2_forward_mcq.json')
-    assert errors[0].startswith(f"{f}#nokey: no correct-option field") and "['options', 'question', 'truth']" in errors[0]
-    assert errors[1].startswith(f'{f}#text: answer ') and errors[2] == f'{f}#empty: empty options'
-    assert errors[3].startswith(f'{f}#novideo: video not found')
-    assert errors[4].startswith(f"{tmp_path / 'Part2_reverse_mcq.json'}: line 1: malformed JSON")
+    assert errors[0].startswith(f"{tmp_path / 'Part2_reverse_mcq.json'}: malformed JSON") and 'line 1' in errors[0]
+    assert errors[1].startswith(f"{f}#nokey: no correct-option field") and "['options', 'question', 'truth']" in errors[1]
+    assert errors[2].startswith(f'{f}#text: answer ') and errors[3] == f'{f}#empty: empty options'
+    assert errors[4] == f"{f}#novideo: {tmp_path / 'part2' / 'w.mp4'}: video not found"
+    with pytest.raises(D.DataError, match='Part2_reverse_mcq.json: malformed JSON'):
+        D.read_benchmark(str(tmp_path))
+    os.remove(tmp_path / 'Part2_reverse_mcq.json')
     with pytest.raises(D.DataError, match='nokey: no correct-option field'):
         D.read_benchmark(str(tmp_path))
 
@@ -413,7 +416,9 @@ def test_batches_deterministic_disjoint_budgeted(tok, vids):
             assert len(b['input_ids']) <= budget and b['cu_seqlens'][-1] == len(b['input_ids'])
             out.append(b['ids'])
         return out
+    torch.manual_seed(0)
     one = ids(seed=1, rank=0, world_size=1, num_workers=0)
+    assert torch.rand(1).item() == torch.rand(1, generator=torch.Generator().manual_seed(0)).item()  # global RNG untouched
     assert sorted(sum(one, [])) == sorted(s.id for s in samples) and len(one) >= 4
     assert ids(seed=1, rank=0, world_size=1, num_workers=2) == one  # workers: same batches, same order
     assert ids(seed=2, rank=0, world_size=1, num_workers=0) != one
