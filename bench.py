@@ -1,0 +1,562 @@
+"""
+Ego-ST Bench evaluation of any checkpoint directory (ours or an official Qwen2-VL one).
+
+    python bench.py CKPT                                  # the EgoWorld test split (the default)
+    python bench.py CKPT --data /path/to/Ego-ST-Bench --judge_url=http://host:8000/v1
+    python bench.py CKPT --mode=logits --tasks=direction,landmark,action
+    torchrun --nproc_per_node 8 bench.py CKPT --data=...  # data parallel, rank 0 merges
+
+Design
+- One loop, `evaluate(samples, answer_fn, out_dir, settings, ...)`. answer_fn(samples, inputs)
+  maps a batch to raw output strings; the CLI passes our model's batched greedy generate (or the
+  letter-logits scorer), tests pass oracles. Nothing else in the loop knows about the model.
+- Inputs (video decode + prompt tokens: data.encode, the one preprocessing function) are made in
+  DataLoader workers, so decoding overlaps model work. A sample whose video is missing or corrupt,
+  whose ground truth cannot be scored, or that the reader rejected, is counted and listed in
+  results.json; the run goes on. If a whole batch fails, its samples are retried one at a time so
+  only the culprit is lost.
+- Scoring is reward.py's, so bench and GRPO agree: MCQ letter = parse_answer (strict; no "first
+  A-D character anywhere" fallback), an unparsable output is wrong and counts in the parse-failure
+  rate; route = route_rubric on the final <answer> block (direction, landmark, logic, 0-5 each).
+- Route descriptions can also go to an LLM judge: an OpenAI-compatible /chat/completions endpoint
+  (stdlib urllib), the paper's three-part rubric, temperature 0, JSON output, retries. Fixed
+  denominator: a judge failure or an empty prediction scores 0 and is counted, never skipped (the
+  released evaluation skipped empty predictions and ran the judge at its default temperature).
+- Predictions: a JSONL record per sample, carrying the run's settings (frames, pixels, prompt
+  version, mode, ...). A re-run skips finished ids and refuses a file written with other settings.
+  Under torchrun each rank takes a disjoint shard and appends to its own file; rank 0 merges them
+  in sample order after a barrier, so the merged file does not depend on the number of ranks.
+- mode='logits': an MCQ letter from ONE forward pass. The prompt is followed by the assistant text
+  `logits_prefix` (default "<think></think><answer>": an empty thought, so the next token is where
+  the letter goes) and the argmax over the valid option letters' logits is the answer. The fork
+  point is taken from the real tokenisations of prefix+"A", prefix+"B", ... because byte-level BPE
+  may merge the letter with the prefix's last character. Route samples still generate. Much faster
+  and never unparsable: compare it with generate-mode numbers only knowingly.
+- Scores in the table are percent: MCQ accuracy; route = mean 0-5 score / 5 * 100 (the judge's
+  when a judge ran, else the rubric's). Category = mean of its forward and reverse rows; forward /
+  reverse / overall = mean over the rows present (a row with no evaluated sample has no score and
+  is left out of the averages; its bad count shows).
+Left out: sampling-based self-consistency, parallel judge calls, caching decoded videos between runs.
+"""
+import functools
+import glob
+import json
+import math
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data as D  # (plain `data` is the --data option)
+import reward
+from model import Qwen2VL, rope_positions
+
+# -----------------------------------------------------------------------------
+# what to evaluate
+ckpt = ''                 # checkpoint dir (HF layout); usually given as the first positional directory
+data = 'data_egoworld/test'  # the EgoWorld test split (the embedded default); or a benchmark folder / .jsonl
+tasks = 'route,direction,landmark,action'  # any subset; x directions = the eight tasks
+directions = 'forward,reverse'
+parts = ''                # '' = all; '1,3' keeps samples from Part1_*/Part3_* files (OOD = held-out parts)
+limit = 0                 # >0: the first N samples after filtering (smoke runs)
+out_dir = ''              # '' -> out/bench/<ckpt name>_<data name>
+# preprocessing, data.VisionSettings. 0 = what the checkpoint was trained with (its
+# vision_settings.json, written by sft.py/grpo.py); else EgoWorld's clips (16 frames of 56x56)
+# for the EgoWorld default; else the paper's evaluation setting (8 frames, [128*28^2, 360*420] px)
+nframes = 0
+min_pixels = 0
+max_pixels = 0
+# decoding
+mode = 'generate'         # 'generate' | 'logits' (MCQ letter from one forward pass; see docstring)
+logits_prefix = '<think></think><answer>'  # assistant text before the letter in logits mode
+batch_size = 8            # prompts per model call; generation is batched over one KV cache
+max_new_tokens = 512      # the paper's setting; CoT answers need the room
+temperature = 0.0         # 0 = greedy, the benchmark default
+num_workers = 2           # DataLoader workers decoding videos while the model runs
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
+# LLM judge for route descriptions (off when judge_url is '')
+judge_url = ''            # OpenAI-compatible base url, e.g. http://localhost:8000/v1
+judge_model = 'gpt-4o'    # the paper's judge
+judge_key_env = 'OPENAI_API_KEY'  # env var holding the bearer key, if the endpoint needs one
+judge_retries = 3         # extra attempts; a reply that is not the JSON asked for is retried too
+judge_timeout = 60.0      # seconds per HTTP call
+judge_backoff = 1.0       # seconds before the first retry, doubled each time
+# -----------------------------------------------------------------------------
+
+MCQ_TASKS = ('direction', 'landmark', 'action')
+TASK_ORDER = ('route',) + MCQ_TASKS
+PAPER_SETTINGS = dict(nframes=8, min_pixels=128 * 28 * 28, max_pixels=360 * 420)
+DEFAULT_DATA = data
+MAKE_DEFAULT = "python egoworld.py --out=data_egoworld"  # writes data_egoworld/{train,test,ood}
+
+
+# ----------------------------------------------------------------------------- samples
+
+def part_of(sample):
+    """The benchmark Part number from the sample's source file name (None when there is none)."""
+    m = re.match(r'Part(\d+)_', os.path.basename(sample.source))
+    return int(m.group(1)) if m else None
+
+
+def load_samples(path, tasks='route,direction,landmark,action', directions='forward,reverse', parts='', limit=0):
+    """Any data.py format, read leniently -> (samples, errors: one line per rejected item). Videos
+    are checked later, in the loader's workers, in parallel with the model."""
+    if not os.path.exists(path):
+        raise SystemExit(f"bench: {path} not found." + (f" Make the EgoWorld default with\n    {MAKE_DEFAULT}"
+                                                        if path == DEFAULT_DATA else ''))
+    samples, errors = D.read_samples(path, strict=False, check_videos=False)
+    keep_p = {int(p) for p in str(parts).split(',') if p.strip()}
+    samples = [s for s in samples if s.task in tasks.split(',') and s.direction in directions.split(',')
+               and (not keep_p or part_of(s) in keep_p)]
+    seen, unique = set(), []
+    for s in samples:
+        if s.id in seen:
+            errors.append(f"{s.source}: duplicate sample id {s.id!r}; the first one is kept")
+        else:
+            seen.add(s.id)
+            unique.append(s)
+    return (unique[:limit] if limit > 0 else unique), list(errors)
+
+
+def vision_settings(model_dir, data_path, overrides):
+    """data.VisionSettings: explicit overrides > CKPT/vision_settings.json > EgoWorld's clips for the
+    EgoWorld default > the paper's evaluation setting."""
+    base = dict(PAPER_SETTINGS)
+    path = os.path.join(model_dir, 'vision_settings.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            base.update({k: v for k, v in json.load(f).items() if k in base})
+    elif data_path == DEFAULT_DATA:
+        import egoworld  # its clips are key_frames frames of size x size, planned for that sampling
+        base.update(nframes=egoworld.key_frames, min_pixels=egoworld.size ** 2, max_pixels=egoworld.size ** 2)
+    base.update({k: v for k, v in overrides.items() if v})
+    return D.VisionSettings(**base)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def score(sample, raw):
+    """One prediction record (settings are added by the loop). ValueError: unscorable ground truth."""
+    rec = dict(id=sample.id, task=sample.task, direction=sample.direction, source=sample.source,
+               answer=sample.answer, raw=raw)
+    if sample.task in MCQ_TASKS:
+        letter = reward.parse_answer(raw, reward.option_letters(len(sample.options)))
+        rec.update(parsed=letter, correct=letter == sample.answer, score=float(letter == sample.answer))
+    else:
+        text = reward.parse_answer_text(raw)
+        rubric = reward.route_rubric(text, sample.answer)
+        rec.update(parsed=text, rubric=rubric, score=rubric['score'])
+    return rec
+
+
+JUDGE_SYSTEM = "You are a strict evaluator of route descriptions. Reply with a JSON object only."
+JUDGE_PROMPT = """Compare a predicted route description with the reference route of an egocentric video.
+Score three aspects, each an integer from 0 (worst) to 5 (best):
+- "direction": are the direction changes (go straight, turn left, turn right, turn around) and their
+  order the same as in the reference? Penalise every direction change that is not in the reference,
+  and every reference direction change that is missing or reversed.
+- "landmark": does the prediction mention the reference's landmarks? Do NOT penalise extra landmarks;
+  penalise reference landmarks that are missing.
+- "logic": semantic and logical consistency: is the prediction a coherent route, similar overall in
+  meaning to the reference?
+Reference route: {reference}
+Predicted route: {prediction}
+Reply with exactly this JSON and nothing else: {{"direction": <0-5>, "landmark": <0-5>, "logic": <0-5>}}"""
+JUDGE_KEYS = ('direction', 'landmark', 'logic')
+
+
+def parse_judge_reply(content):
+    """The judge's message -> {direction, landmark, logic} integers 0-5, or ValueError saying why."""
+    try:
+        obj = json.loads(content)
+    except (json.JSONDecodeError, TypeError):
+        m = re.search(r'\{.*\}', content or '', re.S)  # tolerate ```json fences around the object
+        try:
+            obj = json.loads(m.group(0)) if m else None
+        except json.JSONDecodeError:
+            obj = None
+    if not isinstance(obj, dict):
+        raise ValueError(f"judge reply is not a JSON object: {content!r:.200}")
+    out = {}
+    for k in JUDGE_KEYS:
+        v = obj.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or not 0 <= v <= 5:
+            raise ValueError(f"judge reply: {k!r} must be an integer 0-5, got {v!r} in {content!r:.200}")
+        out[k] = int(v)
+    return out
+
+
+def judge_route(prediction, reference, url, model, retries=3, timeout=60.0, backoff=1.0, api_key=None):
+    """The paper's rubric from an OpenAI-compatible endpoint -> dict(direction, landmark, logic,
+    score, attempts, error). Never raises: after the last retry the sample scores 0, error recorded."""
+    if not (prediction or '').strip():  # fixed denominator: no answer is a 0, not a skip
+        return dict(direction=0, landmark=0, logic=0, score=0.0, attempts=0, error='empty prediction')
+    endpoint = url.rstrip('/')
+    endpoint += '' if endpoint.endswith('/chat/completions') else '/chat/completions'
+    body = json.dumps(dict(model=model, temperature=0, response_format={'type': 'json_object'},
+                           messages=[dict(role='system', content=JUDGE_SYSTEM),
+                                     dict(role='user', content=JUDGE_PROMPT.format(reference=reference, prediction=prediction))])).encode()
+    headers = {'Content-Type': 'application/json', **({'Authorization': f'Bearer {api_key}'} if api_key else {})}
+    error = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            req = urllib.request.Request(endpoint, data=body, headers=headers, method='POST')
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                s = parse_judge_reply(json.loads(r.read().decode())['choices'][0]['message']['content'])
+            return dict(s, score=sum(s.values()) / 3, attempts=attempt + 1, error=None)
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # URLError, HTTPError, timeouts are OSErrors
+            error = f"{type(e).__name__}: {e}"
+    return dict(direction=0, landmark=0, logic=0, score=0.0, attempts=retries + 1, error=error)
+
+
+# ----------------------------------------------------------------------------- predictions file
+
+def _pred_files(out_dir):
+    return [os.path.join(out_dir, 'predictions.jsonl')] + sorted(glob.glob(os.path.join(out_dir, 'predictions.rank*.jsonl')))
+
+
+def read_predictions(out_dir, settings):
+    """Records of earlier runs (any world size, possibly interrupted) -> ({id: record}, [bad records]).
+    A torn last line (killed mid-write) is dropped and re-evaluated; any other bad line, or a record
+    written with other settings, is an error naming the file and line."""
+    done, bad = {}, []
+    for path in _pred_files(out_dir):
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            lines = f.read().split('\n')
+        last = max((i for i, l in enumerate(lines) if l.strip()), default=-1)
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == last:
+                    print(f"bench: {path}:{i + 1}: incomplete last line (interrupted write), re-evaluating it", file=sys.stderr)
+                    continue
+                raise ValueError(f"{path}:{i + 1}: not a JSON record ({e}); fix or delete the file") from None
+            old = rec.get('settings') or {}
+            if old != settings:
+                diff = ', '.join(f"{k}: file {old.get(k)!r} vs now {settings.get(k)!r}"
+                                 for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
+                raise ValueError(f"{path}:{i + 1}: predictions were made with other settings ({diff}); "
+                                 f"use another --out_dir or delete the file")
+            if rec.get('bad'):
+                bad.append(rec)  # bad samples are retried by the next run
+            else:
+                done[rec['id']] = rec
+    return done, bad
+
+
+def _write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def merge_predictions(out_dir, settings, order):
+    """Rank 0: fold the per-rank files into predictions.jsonl, records in `order` (ids), others after.
+    Returns (done, bad) as read_predictions."""
+    done, bad = read_predictions(out_dir, settings)
+    pos = {k: i for i, k in enumerate(order)}
+    recs = sorted(done.values(), key=lambda r: (pos.get(r['id'], len(pos)), r['id']))
+    _write_atomic(os.path.join(out_dir, 'predictions.jsonl'), ''.join(json.dumps(r) + '\n' for r in recs))
+    for path in _pred_files(out_dir)[1:]:
+        os.remove(path)
+    return done, bad
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _prepare_batch(prepare, samples):
+    """DataLoader collate, run in the workers: each sample -> (sample, inputs, error)."""
+    out = []
+    for s in samples:
+        try:
+            out.append((s, prepare(s) if prepare else None, None))
+        except Exception as e:  # a missing/corrupt video must not end the run
+            out.append((s, None, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def _answer(answer_fn, samples, inputs):
+    """[(raw, error)] for a batch; when the batch fails, one at a time, so only the culprit is lost."""
+    try:
+        outs = list(answer_fn(samples, inputs))
+        if len(outs) != len(samples):
+            raise RuntimeError(f"answer_fn returned {len(outs)} outputs for {len(samples)} samples")
+        return [(o, None) for o in outs]
+    except Exception as e:
+        if len(samples) == 1:
+            return [(None, f"{type(e).__name__}: {e}")]
+    return [_answer(answer_fn, [s], [x])[0] for s, x in zip(samples, inputs)]
+
+
+def _record(s, raw, err, judge):
+    if err is None:
+        try:
+            rec = score(s, raw)
+            if judge is not None and s.task not in MCQ_TASKS:
+                rec['judge'] = judge(rec['parsed'], s.answer)
+            return rec
+        except ValueError as e:  # e.g. a reference route with no parseable step
+            err = f"{type(e).__name__}: {e}"
+    return dict(id=s.id, task=s.task, direction=s.direction, source=s.source, bad=True, error=err)
+
+
+def _barrier(world_size):
+    if world_size > 1:
+        dist.barrier()
+
+
+def evaluate(samples, answer_fn, out_dir, settings, prepare=None, batch_size=8, num_workers=0,
+             judge=None, reader_errors=(), rank=0, world_size=1, progress=True):
+    """Answer and score every sample not yet in out_dir/predictions.jsonl; rank 0 merges and writes
+    results.json and results.md. answer_fn(samples, inputs) -> raw output strings; prepare(sample)
+    -> inputs, run in DataLoader workers (raising marks the sample bad); judge(prediction,
+    reference) -> dict with 'score' and 'error', for route samples. Returns the summary on rank 0."""
+    os.makedirs(out_dir, exist_ok=True)
+    ids = [s.id for s in samples]
+    read_predictions(out_dir, settings)  # every rank validates first, so a mismatch fails on all alike
+    _barrier(world_size)                 # ... and nobody is still reading when rank 0 rewrites
+    if rank == 0:
+        merge_predictions(out_dir, settings, ids)
+    _barrier(world_size)
+    done, _ = read_predictions(out_dir, settings)
+    todo = [s for s in samples if s.id not in done]
+    mine = todo[rank::world_size]
+    loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=functools.partial(_prepare_batch, prepare))
+    if progress and rank == 0:
+        print(f"bench: {len(todo)} of {len(samples)} samples to evaluate ({len(done)} done by an earlier run)")
+    bar = tqdm(total=len(mine), unit='QA', disable=not progress or rank != 0, dynamic_ncols=True, desc='bench')
+    with open(os.path.join(out_dir, f'predictions.rank{rank}.jsonl'), 'a') as f:
+        for batch in loader:
+            good = [(s, x) for s, x, err in batch if err is None]
+            answers = iter(_answer(answer_fn, [s for s, _ in good], [x for _, x in good]) if good else [])
+            for s, _, err in batch:
+                raw, err = next(answers) if err is None else (None, err)
+                rec = dict(_record(s, raw, err, judge), settings=settings)
+                f.write(json.dumps(rec) + '\n')
+                f.flush()  # an interruption loses at most the line being written
+            bar.update(len(batch))
+    bar.close()
+    _barrier(world_size)
+    if rank != 0:
+        return None
+    done, bad = merge_predictions(out_dir, settings, ids)
+    bad = [b for b in bad if b['id'] not in done]
+    summary = summarize([done[k] for k in ids if k in done], bad, reader_errors, judged=judge is not None)
+    summary['settings'] = settings
+    _write_atomic(os.path.join(out_dir, 'results.json'), json.dumps(summary, indent=1) + '\n')
+    _write_atomic(os.path.join(out_dir, 'results.md'), markdown(summary))
+    return summary
+
+
+# ----------------------------------------------------------------------------- the table
+
+def _mean(xs):
+    xs = [x for x in xs if x == x]  # a row whose every sample was bad has no score (NaN): left out
+    return sum(xs) / len(xs) if xs else float('nan')
+
+
+def summarize(records, bad=(), reader_errors=(), judged=False):
+    """Rows per task x direction, per category, forward/reverse averages; score in percent."""
+    rows = {}
+    for t in TASK_ORDER:
+        for d in ('forward', 'reverse'):
+            rs = [r for r in records if r['task'] == t and r['direction'] == d]
+            nbad = sum(b['task'] == t and b['direction'] == d for b in bad)
+            if not rs and not nbad:
+                continue
+            row = dict(task=t, direction=d, n=len(rs), bad=nbad, parse_fail=100 * _mean(r['parsed'] is None for r in rs))
+            if t in MCQ_TASKS:
+                row['accuracy'] = row['score'] = 100 * _mean(r['correct'] for r in rs)
+            else:
+                for k in ('direction', 'landmark', 'logic', 'score'):
+                    row[f'rubric_{k}'] = _mean(r['rubric'][k] for r in rs)
+                row['score'] = 20 * row['rubric_score']
+                if judged:
+                    js = [r['judge'] for r in rs]
+                    row['judge'] = _mean(j['score'] for j in js)  # failures are in, as 0
+                    row['judge_fail'] = sum(j['error'] not in (None, 'empty prediction') for j in js)
+                    row['judge_empty'] = sum(j['error'] == 'empty prediction' for j in js)
+                    row['score'] = 20 * row['judge']
+            rows[f'{t}_{d}'] = row
+    cats = {t: _mean(r['score'] for r in rows.values() if r['task'] == t)
+            for t in TASK_ORDER if any(r['task'] == t for r in rows.values())}
+    return dict(tasks=rows, categories=cats,
+                forward=_mean(r['score'] for r in rows.values() if r['direction'] == 'forward'),
+                reverse=_mean(r['score'] for r in rows.values() if r['direction'] == 'reverse'),
+                overall=_mean(r['score'] for r in rows.values()), evaluated=len(records),
+                bad=len(bad) + len(reader_errors),
+                bad_samples=[dict(id=b['id'], source=b['source'], error=b['error']) for b in bad],
+                reader_errors=list(reader_errors))
+
+
+def _f(x, fmt='.1f'):
+    return '-' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def markdown(s):
+    out = ['| task | dir | n | bad | score % | parse fail % | rubric 0-5 (dir/lmk/logic) | judge 0-5 (fail/empty) |',
+           '|---|---|---|---|---|---|---|---|']
+    for r in s['tasks'].values():
+        rub = (f"{_f(r['rubric_score'], '.2f')} ({_f(r['rubric_direction'], '.2f')}/{_f(r['rubric_landmark'], '.2f')}/"
+               f"{_f(r['rubric_logic'], '.2f')})" if 'rubric_score' in r else '-')
+        jud = f"{_f(r['judge'], '.2f')} ({r['judge_fail']}/{r['judge_empty']})" if 'judge' in r else '-'
+        out.append(f"| {r['task']} | {r['direction']} | {r['n']} | {r['bad']} | {_f(r['score'])} | {_f(r['parse_fail'])} | {rub} | {jud} |")
+    heads = list(s['categories']) + ['forward', 'reverse', 'overall']
+    vals = list(s['categories'].values()) + [s['forward'], s['reverse'], s['overall']]
+    out += ['', '| ' + ' | '.join(heads) + ' |', '|' + '---|' * len(heads), '| ' + ' | '.join(map(_f, vals)) + ' |',
+            '', f"evaluated {s['evaluated']}, bad {s['bad']} (listed in results.json)"]
+    return '\n'.join(out) + '\n'
+
+
+# ----------------------------------------------------------------------------- the model side
+
+def prepare_sample(tok, settings, cfg, sample):
+    """Video decode + prompt tokens of one sample (in a DataLoader worker): data.py's one pipeline."""
+    return D.encode(sample, tok, settings, None, cfg)
+
+
+def _to(batch, device):
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def make_generate_fn(model, tok, max_new_tokens, temperature=0.0, device='cpu'):
+    """answer_fn: one batched generate over a KV cache; greedy when temperature == 0."""
+    stop = [tok.im_end_id, tok.pad_id]  # Qwen2-VL's generation_config eos ids: <|im_end|>, <|endoftext|>
+
+    def answer(samples, inputs):
+        b = _to(D.pack(inputs), device)
+        toks, _, lens = model.generate(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'],
+                                       b['grid_thw'], max_new_tokens=max_new_tokens, temperature=temperature,
+                                       stop_tokens=stop)
+        rows = [t[:n].tolist() for t, n in zip(toks, lens.tolist())]
+        return [tok.decode(r[:-1] if r and r[-1] in stop else r) for r in rows]  # the stop token is no output
+    return answer
+
+
+def letter_tokens(tok, prefix, n):
+    """(tokens shared by prefix+'A' ... prefix+<n-th letter>, the one token where each letter differs)."""
+    encs = [tok.encode(prefix + L) for L in reward.option_letters(n)[:n]]
+    k = 0
+    while all(len(e) > k for e in encs) and len({e[k] for e in encs}) == 1:
+        k += 1
+    if any(len(e) != k + 1 for e in encs):
+        raise ValueError(f"logits_prefix {prefix!r}: the option letters are not one token each after it "
+                         f"({[e[k:] for e in encs]}); end the prefix where the letter starts")
+    return encs[0][:k], [e[k] for e in encs]
+
+
+def make_logits_fn(model, tok, prefix, generate_fn, device='cpu'):
+    """answer_fn for mode='logits': MCQ letter = argmax over the valid letters' logits after
+    prompt + prefix (one forward pass for the batch); route samples go to generate_fn."""
+    def answer(samples, inputs):
+        outs = [None] * len(samples)
+        route = [i for i, s in enumerate(samples) if s.task not in MCQ_TASKS]
+        for i, o in zip(route, generate_fn([samples[i] for i in route], [inputs[i] for i in route]) if route else []):
+            outs[i] = o
+        mcq = [i for i, s in enumerate(samples) if s.task in MCQ_TASKS]
+        if not mcq:
+            return outs
+        seqs, letters = [], []
+        for i in mcq:
+            shared, ids = letter_tokens(tok, prefix, len(samples[i].options))
+            x = torch.cat([inputs[i]['input_ids'], torch.tensor(shared, dtype=torch.long)])
+            pos, nxt = rope_positions(x, inputs[i]['grid_thw'], model.config)
+            seqs.append(dict(inputs[i], input_ids=x, labels=torch.full_like(x, -100), position_ids=pos, next_position=nxt))
+            letters.append(ids)
+        b = _to(D.pack(seqs), device)
+        h = model(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'], return_hidden=True)
+        logits = model.logits(h[b['cu_seqlens'][1:].long() - 1]).float()
+        for j, i in enumerate(mcq):
+            outs[i] = f"{prefix}{reward.option_letters(len(letters[j]))[int(logits[j, letters[j]].argmax())]}</answer>"
+        return outs
+    return answer
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def split_args(argv):
+    """`CKPT [config.py ...] [--key=value | --key value ...]` -> (checkpoint dir or None, configurator args)."""
+    ck, rest, i = None, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith('--') and '=' not in a and i + 1 < len(argv) and not argv[i + 1].startswith('--'):
+            rest.append(f"{a}={argv[i + 1]}")  # `--data DIR` as well as `--data=DIR`
+            i += 1
+        elif not a.startswith('--') and ck is None and os.path.isdir(a):
+            ck = a
+        elif not a.startswith('--') and not a.endswith('.py'):
+            raise SystemExit(f"bench: {a!r} is neither a checkpoint directory nor a config file (*.py)")
+        else:
+            rest.append(a)
+        i += 1
+    return ck, rest
+
+
+def main(argv=None):
+    ck, rest = split_args(sys.argv[1:] if argv is None else argv)
+    from configurator import configure
+    configure(globals(), rest)
+    model_dir = ck or ckpt
+    if not model_dir or not os.path.isdir(model_dir):
+        raise SystemExit(f"usage: python bench.py CKPT [config/bench_x.py] [--key=value ...]\n"
+                         f"bench: checkpoint directory {model_dir!r} not found (the tiny EgoWorld one: "
+                         f"python egoworld.py --make_model=out/egoworld-tiny)")
+    if mode not in ('generate', 'logits'):
+        raise SystemExit(f"bench: mode must be 'generate' or 'logits', got {mode!r}")
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, world, dev = 0, 1, device
+    if ddp:
+        dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if dev.startswith('cuda'):
+            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(dev)
+    samples, errors = load_samples(data, tasks, directions, parts, limit)
+    vs = vision_settings(model_dir, data, dict(nframes=nframes, min_pixels=min_pixels, max_pixels=max_pixels))
+    settings = dict(vs.asdict(), checkpoint=os.path.abspath(model_dir), mode=mode, max_new_tokens=max_new_tokens,
+                    temperature=temperature, logits_prefix=logits_prefix if mode == 'logits' else None,
+                    judge_model=judge_model if judge_url else None)
+    tok = D.Tokenizer(model_dir)
+    model = Qwen2VL.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=dev).eval()
+    answer_fn = make_generate_fn(model, tok, max_new_tokens, temperature, dev)
+    if mode == 'logits':
+        answer_fn = make_logits_fn(model, tok, logits_prefix, answer_fn, dev)
+    judge = None
+    if judge_url:
+        judge = functools.partial(judge_route, url=judge_url, model=judge_model, retries=judge_retries,
+                                  timeout=judge_timeout, backoff=judge_backoff, api_key=os.environ.get(judge_key_env))
+    out = out_dir or os.path.join('out', 'bench', f"{os.path.basename(os.path.normpath(model_dir))}_"
+                                  f"{os.path.basename(os.path.normpath(data))}")
+    if rank == 0:
+        print(f"bench: {len(samples)} samples from {data}, {len(errors)} rejected by the reader; "
+              f"{vs.nframes} frames, {vs.min_pixels}-{vs.max_pixels} px, {mode} -> {out}")
+    with torch.inference_mode():
+        summary = evaluate(samples, answer_fn, out, settings, prepare=functools.partial(prepare_sample, tok, vs, model.config),
+                           batch_size=batch_size, num_workers=num_workers, judge=judge, reader_errors=errors,
+                           rank=rank, world_size=world)
+    if rank == 0:
+        print(markdown(summary), end='')
+        print(f"bench: {out}/predictions.jsonl, results.json, results.md")
+    if ddp:
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == '__main__':
+    main()
