@@ -307,7 +307,7 @@ def build_user_text(sample):
 
 PREFIX = re.compile(r'^(?:\s*Please take an? egocentric view to understand the following questions?\.)+\s*')
 ANSWER_KEYS = ('answer', 'correct_answer', 'correct_option', 'correct', 'gt', 'ground_truth', 'gt_answer',
-               'label', 'answer_idx', 'answer_index', 'correct_choice', 'key')
+               'label', 'answer_idx', 'answer_index', 'correct_choice', 'answer_letter')
 BENCH_FILE = re.compile(r'^Part(\d+)_(forward|reverse)_(qa|mcq|mcq_landmark|mcq_action)\.json$')
 BENCH_TASK = {'qa': 'route', 'mcq': 'direction', 'mcq_landmark': 'landmark', 'mcq_action': 'action'}
 ACTION_FORWARD = 'which actions did you perform to reach your destination?'
