@@ -6,6 +6,9 @@ Ego-ST Bench evaluation of any checkpoint directory (ours or an official Qwen2-V
     python bench.py CKPT --mode=logits --tasks=direction,landmark,action
     torchrun --nproc_per_node 8 bench.py CKPT --data=...  # data parallel, rank 0 merges
 
+Arguments: the first one that is a directory is the checkpoint (or --ckpt=), *.py files are
+config presets (config/bench_egoworld.py), then --key=value or --key value overrides the globals below.
+
 Design
 - One loop, `evaluate(samples, answer_fn, out_dir, settings, ...)`. answer_fn(samples, inputs)
   maps a batch to raw output strings; the CLI passes our model's batched greedy generate (or the
@@ -46,7 +49,6 @@ import os
 import re
 import sys
 import time
-import urllib.error
 import urllib.request
 
 import torch
@@ -132,7 +134,11 @@ def vision_settings(model_dir, data_path, overrides):
     path = os.path.join(model_dir, 'vision_settings.json')
     if os.path.exists(path):
         with open(path) as f:
-            base.update({k: v for k, v in json.load(f).items() if k in base})
+            trained = json.load(f)
+        base.update({k: v for k, v in trained.items() if k in base})
+        if trained.get('prompt_version', D.PROMPT_VERSION) != D.PROMPT_VERSION:
+            print(f"bench: warning: {path} was trained with prompt {trained['prompt_version']!r}, "
+                  f"data.py now builds {D.PROMPT_VERSION!r}", file=sys.stderr)
     elif data_path == DEFAULT_DATA:
         import egoworld  # its clips are key_frames frames of size x size, planned for that sampling
         base.update(nframes=egoworld.key_frames, min_pixels=egoworld.size ** 2, max_pixels=egoworld.size ** 2)
@@ -244,12 +250,12 @@ def read_predictions(out_dir, settings):
                 if i == last:
                     print(f"bench: {path}:{i + 1}: incomplete last line (interrupted write), re-evaluating it", file=sys.stderr)
                     continue
-                raise ValueError(f"{path}:{i + 1}: not a JSON record ({e}); fix or delete the file") from None
+                raise D.DataError(f"{path}:{i + 1}: not a JSON record ({e}); fix or delete the file") from None
             old = rec.get('settings') or {}
             if old != settings:
                 diff = ', '.join(f"{k}: file {old.get(k)!r} vs now {settings.get(k)!r}"
                                  for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
-                raise ValueError(f"{path}:{i + 1}: predictions were made with other settings ({diff}); "
+                raise D.DataError(f"{path}:{i + 1}: predictions were made with other settings ({diff}); "
                                  f"use another --out_dir or delete the file")
             if rec.get('bad'):
                 bad.append(rec)  # bad samples are retried by the next run
@@ -546,10 +552,13 @@ def main(argv=None):
     if rank == 0:
         print(f"bench: {len(samples)} samples from {data}, {len(errors)} rejected by the reader; "
               f"{vs.nframes} frames, {vs.min_pixels}-{vs.max_pixels} px, {mode} -> {out}")
-    with torch.inference_mode():
-        summary = evaluate(samples, answer_fn, out, settings, prepare=functools.partial(prepare_sample, tok, vs, model.config),
-                           batch_size=batch_size, num_workers=num_workers, judge=judge, reader_errors=errors,
-                           rank=rank, world_size=world)
+    try:
+        with torch.inference_mode():
+            summary = evaluate(samples, answer_fn, out, settings, prepare=functools.partial(prepare_sample, tok, vs, model.config),
+                               batch_size=batch_size, num_workers=num_workers, judge=judge, reader_errors=errors,
+                               rank=rank, world_size=world)
+    except D.DataError as e:  # an unusable predictions file: say which line and why, no traceback
+        raise SystemExit(f"bench: {e}")
     if rank == 0:
         print(markdown(summary), end='')
         print(f"bench: {out}/predictions.jsonl, results.json, results.md")

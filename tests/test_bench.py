@@ -49,7 +49,7 @@ def judge_server():
     def start(replies):
         _Judge.replies, _Judge.requests = list(replies), []
         srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Judge)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        threading.Thread(target=srv.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
         servers.append(srv)
         return f"http://127.0.0.1:{srv.server_address[1]}/v1", _Judge.requests
     servers = []
@@ -290,6 +290,10 @@ def test_settings_and_arguments(world, tmp_path):
         mp.setattr(bench, 'DEFAULT_DATA', missing)
         with pytest.raises(SystemExit, match='python egoworld.py --out=data_egoworld'):
             bench.load_samples(missing)
+    pick = lambda **kw: [(s.task, s.direction) for s in bench.load_samples(str(world / 'test'), **kw)[0]]
+    assert len(pick(parts='1')) == 24 and pick(parts='2,3') == []                        # EgoWorld is Part1
+    assert sorted(set(pick(tasks='landmark', directions='reverse'))) == [('landmark', 'reverse')]
+    assert len(pick(tasks='route,action', limit=5)) == 5
     with pytest.raises(SystemExit, match='nowhere not found'):
         bench.load_samples(str(tmp_path / 'nowhere'))
 
@@ -376,6 +380,7 @@ def test_cli_resume_torchrun_and_logits(world, tmp_path):
     # two ranks (gloo): disjoint shards, rank 0 merges; the same predictions and table as one process
     p = _cli(world, tmp_path / 'two', nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert '| 12/12 [' in p.stderr and '24/24' not in p.stderr  # rank 0's bar: its half of the samples
     assert (tmp_path / 'two' / 'predictions.jsonl').read_text() == one
     two = json.loads((tmp_path / 'two' / 'results.json').read_text())
     assert two == summ
