@@ -17,7 +17,8 @@ Design
   DataLoader workers, so decoding overlaps model work. A sample whose video is missing or corrupt,
   whose ground truth cannot be scored, or that the reader rejected, is counted and listed in
   results.json; the run goes on. If a whole batch fails, its samples are retried one at a time so
-  only the culprit is lost.
+  only the culprit is lost (but a model that fails on its first sample alone is broken: the run
+  stops with that error rather than marking every sample bad).
 - Scoring is reward.py's, so bench and GRPO agree: MCQ letter = parse_answer (strict; no "first
   A-D character anywhere" fallback), an unparsable output is wrong and counts in the parse-failure
   rate; route = route_rubric on the final <answer> block (direction, landmark, logic, 0-5 each).
@@ -296,8 +297,10 @@ def _prepare_batch(prepare, samples):
     return out
 
 
-def _answer(answer_fn, samples, inputs):
-    """[(raw, error)] for a batch; when the batch fails, one at a time, so only the culprit is lost."""
+def _answer(answer_fn, samples, inputs, fail_fast):
+    """[(raw, error)] for a batch; when the batch fails, one at a time, so only the culprit is lost.
+    fail_fast (nothing answered yet): a sample that fails alone re-raises, because a model that
+    cannot answer its first sample is broken, and hours of "bad" samples would hide it."""
     try:
         outs = list(answer_fn(samples, inputs))
         if len(outs) != len(samples):
@@ -305,8 +308,14 @@ def _answer(answer_fn, samples, inputs):
         return [(o, None) for o in outs]
     except Exception as e:
         if len(samples) == 1:
+            if fail_fast:
+                raise
             return [(None, f"{type(e).__name__}: {e}")]
-    return [_answer(answer_fn, [s], [x])[0] for s, x in zip(samples, inputs)]
+    out = []
+    for s, x in zip(samples, inputs):
+        out += _answer(answer_fn, [s], [x], fail_fast)
+        fail_fast = fail_fast and out[-1][1] is not None
+    return out
 
 
 def _record(s, raw, err, judge):
@@ -347,10 +356,13 @@ def evaluate(samples, answer_fn, out_dir, settings, prepare=None, batch_size=8, 
     if progress and rank == 0:
         print(f"bench: {len(todo)} of {len(samples)} samples to evaluate ({len(done)} done by an earlier run)")
     bar = tqdm(total=len(mine), unit='QA', disable=not progress or rank != 0, dynamic_ncols=True, desc='bench')
+    answered = False
     with open(os.path.join(out_dir, f'predictions.rank{rank}.jsonl'), 'a') as f:
         for batch in loader:
             good = [(s, x) for s, x, err in batch if err is None]
-            answers = iter(_answer(answer_fn, [s for s, _ in good], [x for _, x in good]) if good else [])
+            answers = _answer(answer_fn, [s for s, _ in good], [x for _, x in good], not answered) if good else []
+            answered = answered or any(err is None for _, err in answers)
+            answers = iter(answers)
             for s, _, err in batch:
                 raw, err = next(answers) if err is None else (None, err)
                 rec = dict(_record(s, raw, err, judge), settings=settings)

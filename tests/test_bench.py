@@ -222,7 +222,7 @@ def test_bad_samples_are_counted_listed_and_skipped(world, tmp_path):
     tok = data.Tokenizer(str(world / 'tiny'))
     vs = data.VisionSettings(nframes=16, min_pixels=56 * 56, max_pixels=56 * 56)
     prepare = functools.partial(bench.prepare_sample, tok, vs, None)
-    boom = f'Part1_forward_mcq#{videos[2][:-4]}'  # a sample with a good video and ground truth
+    boom = f'Part1_reverse_mcq#{videos[2][:-4]}'  # a sample with a good video and ground truth
 
     def answer(samples, inputs):  # one sample makes the model fail: only it is lost, not its batch
         assert all(x['grid_thw'].tolist() == [[8, 4, 4]] for x in inputs)
@@ -240,6 +240,10 @@ def test_bad_samples_are_counted_listed_and_skipped(world, tmp_path):
     assert bad[boom] == 'RuntimeError: out of memory'
     assert summ['evaluated'] == 23 - 18 and summ['overall'] == 100.0
     assert sum(r['bad'] for r in summ['tasks'].values()) == 18
+    # ... but a model that fails on its very first sample is broken: fail fast, do not mark all bad
+    with pytest.raises(RuntimeError, match='broken'):
+        bench.evaluate(ss, lambda s_, x: (_ for _ in ()).throw(RuntimeError('broken')), str(tmp_path / 'x'), SETTINGS,
+                       batch_size=4, progress=False)
     # bad samples are not "done": a re-run with the videos back evaluates exactly them
     shutil.copy(world / 'test' / 'part1' / videos[0], d / 'part1' / videos[0])
     shutil.copy(world / 'test' / 'part1' / videos[1], d / 'part1' / videos[1])
