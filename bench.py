@@ -32,9 +32,9 @@ Design
   in sample order after a barrier, so the merged file does not depend on the number of ranks.
 - mode='logits': an MCQ letter from ONE forward pass. The prompt is followed by the assistant text
   `logits_prefix` (default "<think></think><answer>": an empty thought, so the next token is where
-  the letter goes) and the argmax over the valid option letters' logits is the answer. The fork
-  point is taken from the real tokenisations of prefix+"A", prefix+"B", ... because byte-level BPE
-  may merge the letter with the prefix's last character. Route samples still generate. Much faster
+  the letter goes) and the valid option letter with the highest log-prob is the answer. The letters'
+  tokens come from the joint tokenisations of prefix+"A", prefix+"B", ... because byte-level BPE
+  may merge a letter with the prefix's last character. Route samples still generate. Much faster
   and never unparsable: compare it with generate-mode numbers only knowingly.
 - Scores in the table are percent: MCQ accuracy; route = mean 0-5 score / 5 * 100 (the judge's
   when a judge ran, else the rubric's). Category = mean of its forward and reverse rows; forward /
@@ -468,40 +468,58 @@ def make_generate_fn(model, tok, max_new_tokens, temperature=0.0, device='cpu'):
 
 
 def letter_tokens(tok, prefix, n):
-    """(tokens shared by prefix+'A' ... prefix+<n-th letter>, the one token where each letter differs)."""
+    """(tokens shared by prefix+'A' ... prefix+<n-th letter>, each letter's remaining tokens). The
+    letters' tokens are those of the joint tokenisation, as in training: BPE may merge a letter
+    with the prefix's last character ('>A'), for some letters and not others."""
     encs = [tok.encode(prefix + L) for L in reward.option_letters(n)[:n]]
     k = 0
     while all(len(e) > k for e in encs) and len({e[k] for e in encs}) == 1:
         k += 1
-    if any(len(e) != k + 1 for e in encs):
-        raise ValueError(f"logits_prefix {prefix!r}: the option letters are not one token each after it "
-                         f"({[e[k:] for e in encs]}); end the prefix where the letter starts")
-    return encs[0][:k], [e[k] for e in encs]
+    if any(len(e) == k for e in encs):
+        raise ValueError(f"logits_prefix {prefix!r}: one option letter's tokens are a prefix of another's")
+    return encs[0][:k], [e[k:] for e in encs]
+
+
+def letter_logprobs(model, tok, prefix, samples, inputs, device='cpu'):
+    """Per MCQ sample, log p(letter tokens | prompt + prefix) for each valid letter, from one packed
+    forward pass. Usually every letter is one token after the shared part: one sequence per sample,
+    read at its last position. Letters of several tokens add a sequence per distinct context (the
+    vision tower runs again for it) and score the sum of their tokens' log-probs."""
+    seqs, reads = [], []  # reads[j]: per letter of sample j, (sequence index, its length, the letter's tokens)
+    for s, inp in zip(samples, inputs):
+        shared, tails = letter_tokens(tok, prefix, len(s.options))
+        ctx = {}
+        for tail in tails:
+            if tuple(tail[:-1]) not in ctx:
+                x = torch.cat([inp['input_ids'], torch.tensor(shared + tail[:-1], dtype=torch.long)])
+                pos, nxt = rope_positions(x, inp['grid_thw'], model.config)
+                ctx[tuple(tail[:-1])] = (len(seqs), len(x))
+                seqs.append(dict(inp, input_ids=x, labels=torch.full_like(x, -100), position_ids=pos, next_position=nxt))
+        reads.append([(*ctx[tuple(t[:-1])], t) for t in tails])
+    b = _to(D.pack(seqs), device)
+    cu = b['cu_seqlens'].tolist()
+    # token j of a letter's tail is predicted at position len(x) - len(tail) + j of its sequence
+    rows = [cu[q] + n - len(t) + j for r in reads for q, n, t in r for j in range(len(t))]
+    toks = torch.tensor([tid for r in reads for _, _, t in r for tid in t])
+    h = model(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'], return_hidden=True)
+    lp = iter(model.logits(h[rows]).float().log_softmax(-1)[torch.arange(len(rows)), toks.to(h.device)].tolist())
+    return [[sum(next(lp) for _ in t) for _, _, t in r] for r in reads]
 
 
 def make_logits_fn(model, tok, prefix, generate_fn, device='cpu'):
-    """answer_fn for mode='logits': MCQ letter = argmax over the valid letters' logits after
-    prompt + prefix (one forward pass for the batch); route samples go to generate_fn."""
+    """answer_fn for mode='logits': MCQ letter = the valid letter of highest letter_logprobs, written
+    as prefix + letter + '</answer>' (parse_answer reads it like any output); route samples go to
+    generate_fn."""
     def answer(samples, inputs):
         outs = [None] * len(samples)
         route = [i for i, s in enumerate(samples) if s.task not in MCQ_TASKS]
         for i, o in zip(route, generate_fn([samples[i] for i in route], [inputs[i] for i in route]) if route else []):
             outs[i] = o
         mcq = [i for i, s in enumerate(samples) if s.task in MCQ_TASKS]
-        if not mcq:
-            return outs
-        seqs, letters = [], []
-        for i in mcq:
-            shared, ids = letter_tokens(tok, prefix, len(samples[i].options))
-            x = torch.cat([inputs[i]['input_ids'], torch.tensor(shared, dtype=torch.long)])
-            pos, nxt = rope_positions(x, inputs[i]['grid_thw'], model.config)
-            seqs.append(dict(inputs[i], input_ids=x, labels=torch.full_like(x, -100), position_ids=pos, next_position=nxt))
-            letters.append(ids)
-        b = _to(D.pack(seqs), device)
-        h = model(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'], return_hidden=True)
-        logits = model.logits(h[b['cu_seqlens'][1:].long() - 1]).float()
-        for j, i in enumerate(mcq):
-            outs[i] = f"{prefix}{reward.option_letters(len(letters[j]))[int(logits[j, letters[j]].argmax())]}</answer>"
+        if mcq:
+            scores = letter_logprobs(model, tok, prefix, [samples[i] for i in mcq], [inputs[i] for i in mcq], device)
+            for i, sc in zip(mcq, scores):
+                outs[i] = f"{prefix}{reward.option_letters(len(sc))[max(range(len(sc)), key=sc.__getitem__)]}</answer>"
         return outs
     return answer
 

@@ -304,23 +304,49 @@ def test_settings_and_arguments(world, tmp_path):
 
 # ----------------------------------------------------------------------------- the real model
 
-def test_logits_mode_matches_per_candidate_forward(world, samples):
+class _MergingTok:
+    """A tokenizer whose BPE merges some letters with the prefix's last token and splits others,
+    as a real vocabulary may: after '>', 'B' is one merged token, 'C' two tokens, A and D plain."""
+    def __init__(self, tok):
+        self.tok, self.gt, self.x = tok, tok.encode('>')[-1], tok.encode('x')[-1]
+
+    def encode(self, text):
+        ids = self.tok.encode(text)
+        if text.endswith('>B') and ids[-2] == self.gt:
+            return ids[:-2] + [ids[-1]]                  # '>B' as one token (stands in for a merge)
+        if text.endswith('>C'):
+            return ids[:-1] + [self.x, ids[-1]]          # 'C' as two tokens
+        return ids
+
+
+@pytest.mark.parametrize('merging', [False, True])
+def test_logits_mode_matches_per_candidate_forward(world, samples, merging):
     m = Qwen2VL.from_pretrained(str(world / 'noisy')).eval()
     tok = data.Tokenizer(str(world / 'noisy'))
     vs = data.VisionSettings(nframes=16, min_pixels=56 * 56, max_pixels=56 * 56)
     mcq = [s for s in samples if s.task != 'route'][:6]
     xs = [bench.prepare_sample(tok, vs, m.config, s) for s in mcq]
+    ltok = _MergingTok(tok) if merging else tok
+    if merging:
+        _, tails = bench.letter_tokens(ltok, bench.logits_prefix, 4)
+        assert [len(t) for t in tails] == [2, 1, 3, 2]
     with torch.no_grad():
-        got = bench.make_logits_fn(m, tok, bench.logits_prefix, None)(mcq, xs)
-        for s, x, out in zip(mcq, xs, got):
+        got = bench.make_logits_fn(m, ltok, bench.logits_prefix, None)(mcq, xs)
+        lps = bench.letter_logprobs(m, ltok, bench.logits_prefix, mcq, xs)
+        for s, x, out, lp_bench in zip(mcq, xs, got, lps):
+            encs = [ltok.encode(bench.logits_prefix + L) for L in 'ABCD'[:len(s.options)]]
+            k = next(i for i in range(min(map(len, encs))) if len({e[i] for e in encs}) > 1)
             scores = []
-            for L in 'ABCD'[:len(s.options)]:  # the whole prompt + prefix + letter, alone: log p(letter)
-                ids = torch.cat([x['input_ids'], torch.tensor(tok.encode(bench.logits_prefix + L))])
+            for e in encs:  # each candidate alone, whole: the sum of its own tokens' log-probs after the shared part
+                ids = torch.cat([x['input_ids'], torch.tensor(e)])
                 pos, _ = rope_positions(ids, x['grid_thw'], m.config)
                 lp = m(ids, pos, torch.tensor([0, len(ids)], dtype=torch.int32), x['pixel_values'], x['grid_thw']).log_softmax(-1)
-                scores.append(float(lp[-2, ids[-1]]))
+                n = len(e) - k
+                scores.append(float(lp[len(ids) - n - 1:-1].gather(1, ids[-n:, None]).sum()))
+            assert lp_bench == pytest.approx(scores, abs=1e-4)
             assert out == f"{bench.logits_prefix}{'ABCD'[max(range(len(scores)), key=scores.__getitem__)]}</answer>"
             assert reward.parse_answer(out) in 'ABCD'
+    assert merging or len(set(got)) > 1  # the noisy model's answers differ: the comparison bites
 
 
 def _cli(world, out, *extra, nproc=1, kill_after=None, ckpt='noisy'):
