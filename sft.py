@@ -91,7 +91,6 @@ dtype = 'bfloat16'       # compute dtype on GPU (weights stay fp32); CPU always 
 save_dtype = 'float32'   # dtype of the exported model.safetensors (bfloat16 halves a 7B's files)
 activation_checkpointing = True  # recompute each block in backward: ~1/3 more compute, far less memory
 peak_flops = 0.0         # per device, for MFU; 0: guess from the GPU's name (none on CPU)
-log_interval = 1
 
 # -----------------------------------------------------------------------------
 # plumbing shared with grpo.py (`from sft import ...`)
@@ -118,11 +117,13 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def all_reduce(t, op=None):
-    """Sum (or op) a tensor over ranks in place; identity when alone."""
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
+def all_reduce(t):
+    """Sum of a tensor over ranks (a new tensor on t's device; NCCL reduces a CUDA copy); t when alone."""
+    if not dist.is_initialized():
+        return t
+    x = t.to(torch.device('cuda', torch.cuda.current_device())) if dist.get_backend() == 'nccl' else t.clone()
+    dist.all_reduce(x)
+    return x.to(t.device)
 
 
 def lr_at(step, total_steps, lr, warmup_steps, min_lr=0.0):
@@ -191,10 +192,6 @@ def merge_lora_weights(state_dict, scalings):
     return sd
 
 
-def lora_scalings(model):
-    return {n: m.scaling for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
 def merge_lora(model):
     """Fold every adapter into its base weight and put a plain nn.Linear back (unsharded model)."""
     for name, m in list(model.named_modules()):
@@ -243,11 +240,6 @@ def _write_json(path, obj):
     os.replace(path + '.tmp', path)
 
 
-def _copy(src, dst):
-    shutil.copyfile(src, dst + '.tmp')
-    os.replace(dst + '.tmp', dst)
-
-
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'preprocessor_config.json', 'chat_template.json',
                    'chat_template.jinja', 'generation_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt')
 
@@ -258,14 +250,15 @@ def save_model(out_dir, model, tokenizer_src_dir, save_dtype=torch.float32, sd=N
     sd = full_state_dict(model) if sd is None else sd
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    sd = merge_lora_weights(sd, lora_scalings(model))
+    sd = merge_lora_weights(sd, {n: m.scaling for n, m in model.named_modules() if isinstance(m, LoRALinear)})
     with torch.device('meta'):
         export = Qwen2VL(model.config)
     export.load_state_dict({k: v.to(save_dtype) for k, v in sd.items()}, strict=True, assign=True)
     export.save_pretrained(out_dir)
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(tokenizer_src_dir, name)):
-            _copy(os.path.join(tokenizer_src_dir, name), os.path.join(out_dir, name))
+            shutil.copyfile(os.path.join(tokenizer_src_dir, name), os.path.join(out_dir, name + '.tmp'))
+            os.replace(os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name))
 
 
 def _rng_state():
@@ -389,8 +382,8 @@ def target_loss(model, batch, device):
 
 def forward_backward(model, micro_batches, device, autocast=nullcontext):
     """Backward of (sum of CE over every target token of the step, on every rank) / (their global
-    count). Returns (step loss (global mean per target token), global target count) as floats."""
-    n = all_reduce(torch.tensor(float(sum(len(target_positions(b['labels'])) for b in micro_batches))))
+    count). Returns (the step's loss: global mean CE per target token, global target count)."""
+    n = int(all_reduce(torch.tensor(sum(len(target_positions(b['labels'])) for b in micro_batches))))
     world = dist.get_world_size() if dist.is_initialized() else 1
     total = torch.zeros((), device=device)
     for i, b in enumerate(micro_batches):
@@ -399,9 +392,9 @@ def forward_backward(model, micro_batches, device, autocast=nullcontext):
         with autocast():
             ce, _ = target_loss(model, b, device)
         # FSDP averages gradients over ranks; * world turns that average back into the sum we want
-        (ce * (world / n.clamp(min=1).item())).backward()
+        (ce * (world / max(n, 1))).backward()
         total += ce.detach()
-    return float(all_reduce(total.cpu()) / n.clamp(min=1)), int(n)
+    return float(all_reduce(total)) / max(n, 1), n
 
 
 def param_counts(model):
@@ -485,10 +478,6 @@ def step_batches(samples, tok, settings, model_cfg, rank, world, epoch, start):
         epoch, start = epoch + 1, 0
 
 
-def steps_per_epoch(samples, tok, settings, model_cfg, world, epoch):
-    target = cot_target if cot else answer_target
-    return len(data_batches(samples, tok, settings, token_budget, seed, 0, world, 0, target, epoch, model_cfg)) // grad_accum
-
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -507,7 +496,7 @@ def main(argv=None):
     print0(f'{data}: {len(samples)} samples; targets: {"reverse-thinking CoT" if cot else "bare answers"}')
 
     # model: fp32 master weights, adapters, then shards
-    model = Qwen2VL.from_pretrained(init_from, dtype=torch.float32)
+    model = Qwen2VL.from_pretrained(init_from, dtype=torch.float32, device=device)  # sharding frees the rest
     if freeze_vision:
         model.visual.requires_grad_(False)
     if lora_rank > 0:
@@ -525,14 +514,20 @@ def main(argv=None):
     optimizer = make_optimizer(model, lr, weight_decay, (beta1, beta2))
 
     # schedule: the number of steps is known up front (lengths come from video headers)
-    total_steps = max_steps if max_steps > 0 else sum(steps_per_epoch(samples, tok, settings, model.config, world, e) for e in range(epochs))
+    target = cot_target if cot else answer_target
+    per_epoch = lambda e: len(data_batches(samples, tok, settings, token_budget, seed, 0, world, 0, target, e, model.config)) // grad_accum
+    total_steps = max_steps if max_steps > 0 else sum(per_epoch(e) for e in range(epochs))
     warmup = int(warmup_frac * total_steps)
     step, epoch, start = 0, 0, 0
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+    torch.manual_seed(seed + rank)  # LoRA dropout: a stream per rank (a resumed run restores its own)
     if resume:
         state = load_training_state(out_dir, model, optimizer)
         step, epoch, start = state['step'], state['epoch'], state['step_in_epoch']
-        print0(f'resumed from {out_dir} at step {step} (epoch {epoch}, step {start} of it)')
+        with open(os.path.join(out_dir, 'run_config.json')) as f:
+            changed = sorted(k for k, v in json.load(f).items() if k != 'resume' and config.get(k) != v)
+        print0(f'resumed from {out_dir} at step {step} (epoch {epoch}, step {start} of it)' +
+               (f'; settings changed since: {changed}' if changed else ''))
         if master and os.path.exists(metrics_path):  # drop lines a killed run logged after its last checkpoint
             with open(metrics_path) as f:
                 kept = [l for l in f if json.loads(l)['step'] < step]
@@ -543,7 +538,6 @@ def main(argv=None):
         os.makedirs(out_dir, exist_ok=True)
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
-    torch.manual_seed(seed + rank + 1000 * step) if not resume else None  # dropout streams differ by rank
     peak = peak_flops or guess_peak_flops(device)
     params = [p for p in model.parameters() if p.requires_grad]
     print0(f'{total_steps} steps of {grad_accum} x {world} packed batches (<= {token_budget} tokens), '
@@ -575,7 +569,7 @@ def main(argv=None):
             torch.cuda.synchronize()
         dt = time.time() - t0
         step += 1
-        if master and (step % log_interval == 0 or step == total_steps):
+        if master:
             m = dict(step=step - 1, loss=loss, lr=lr_now, grad_norm=norm, target_tokens=n_targets, tokens=int(tokens),
                      tokens_per_s=tokens / dt, mfu=flops / dt / (peak * world) if peak else None,
                      peak_mem_gb=peak_memory(device) / 2**30, dt=dt)
