@@ -8,8 +8,9 @@ Design
   layout: its sequences are the temporal slices of every image/video (grid_t of them, h*w patches
   each), which is exactly how the official tower confines its attention.
 - One `attention` function serves both towers: flash-attn's varlen kernel on CUDA when installed,
-  torch's varlen_attn on CUDA otherwise, and on CPU SDPA once per segment (the same result as one
-  block-diagonal mask, without computing the off-diagonal blocks).
+  torch's varlen_attn on CUDA otherwise, and on CPU one batched SDPA call over the segments padded
+  to the longest (the result of a block-diagonal mask without its off-diagonal blocks; ~10x faster
+  than a call per segment), falling back to a call per segment when padding would double the work.
 - Positions are not the model's business: `rope_positions` turns one sequence (ids + grids) into
   its (3, T) M-RoPE ids; data.py calls it per sample and packs. The rule is the released one
   (transformers 4.4x, vLLM): text after a visual block continues at max(block positions) + 1.
@@ -238,14 +239,22 @@ def attention(q, k, v, cu_seqlens, max_seqlen, causal):
             return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                window_size=(-1, 0) if causal else (-1, -1))
     gqa = k.shape[1] != q.shape[1]
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    if len(set(lens)) == 1:  # equal segments (frames of one video, one sequence): one batched call
-        q, k, v = (x.view(len(lens), lens[0], *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+    lens = cu_seqlens.diff().cpu()
+    B, L, T = len(lens), int(lens.max()), q.shape[0]
+    if B == 1 or bool((lens == L).all()):  # equal segments (frames of one video, one sequence): a view
+        q, k, v = (x.view(B, L, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         return y.transpose(1, 2).flatten(0, 1)
+    if B * L <= 2 * T:  # pad to (B, L) and make one batched call: ~10x faster on CPU than a loop
+        valid = (torch.arange(B)[:, None] * L + torch.arange(L)).masked_select(torch.arange(L) < lens[:, None]).to(q.device)
+        pad = lambda x: x.new_zeros(B * L, *x.shape[1:]).index_copy(0, valid, x).view(B, L, *x.shape[1:]).transpose(1, 2)
+        # causal: a real row never sees the padding after it; bidirectional: mask the padded keys
+        mask = None if causal else (torch.arange(L) < lens[:, None])[:, None, None, :].to(q.device)
+        y = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        return y.transpose(1, 2).reshape(B * L, *q.shape[1:]).index_select(0, valid)
     ys = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
                                          is_causal=causal, enable_gqa=gqa).transpose(0, 1)
-          for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens))]
+          for qi, ki, vi in zip(q.split(lens.tolist()), k.split(lens.tolist()), v.split(lens.tolist()))]
     return torch.cat(ys)
 
 class KVCache:

@@ -372,13 +372,16 @@ def test_gradient_checkpointing_and_autocast(pair):
     assert tokens.shape == (2, 3) and lengths.tolist() == [3, 3]
 
 
-@pytest.mark.parametrize('lens,causal', [([5, 9, 2], True), ([4, 4, 4], False), ([7], True)])
+# equal segments (one view), unequal (padded batch, causal and with a key mask), very unequal (per-segment loop)
+@pytest.mark.parametrize('lens,causal', [([5, 9, 2], True), ([4, 4, 4], False), ([7], True), ([5, 9, 6], False),
+                                         ([1, 1, 20], True), ([1, 1, 20], False)])
 def test_attention_is_block_diagonal(lens, causal):
-    """The CPU path (SDPA per segment / batched when equal) equals one SDPA with the dense mask."""
+    """Every CPU path equals one SDPA with the dense block-diagonal mask, values and gradients."""
     from model import attention
     g = torch.Generator().manual_seed(0)
     T = sum(lens)
     q, k, v = torch.randn(T, 4, 8, generator=g), torch.randn(T, 2, 8, generator=g), torch.randn(T, 2, 8, generator=g)
+    q.requires_grad_(); k.requires_grad_(); v.requires_grad_()
     seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
     mask = seg[:, None] == seg[None, :]
     if causal:
@@ -386,4 +389,9 @@ def test_attention_is_block_diagonal(lens, causal):
     ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
                                                            v.repeat_interleave(2, 1).transpose(0, 1), attn_mask=mask)
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
-    assert (attention(q, k, v, cu, max(lens), causal) - ref.transpose(0, 1)).abs().max() < 1e-5
+    out = attention(q, k, v, cu, max(lens), causal)
+    assert (out - ref.transpose(0, 1)).abs().max() < 1e-5
+    w = torch.randn(out.shape, generator=g)
+    g_ours = torch.autograd.grad((out * w).sum(), (q, k, v))
+    g_ref = torch.autograd.grad((ref.transpose(0, 1) * w).sum(), (q, k, v))
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(g_ours, g_ref))
