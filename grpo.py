@@ -47,7 +47,7 @@ One step (= one rollout batch):
    the first update (TRL's choice) rather than taken from the sampler: the sampler's KV-cache
    decode and the packed training forward round differently (bf16 on GPU: ~1e-2 per token), and
    that difference would show up as ratios != 1 and spurious clipping. The sampler's log-probs are
-   kept for the metric sampler_logp_diff, which measures exactly that mismatch (~1e-6 in fp32 on
+   kept for the metric sampler_logp_diff, which measures exactly that mismatch (~2e-7 in fp32 on
    CPU; a large value means a bug in positions or packing). ref_logp: a no-grad forward of the
    frozen reference (ref_from, default init_from), only when beta > 0; with beta == 0 no
    reference model is loaded at all.
@@ -282,19 +282,21 @@ def sample_rows(logits, u, top_k=0, top_p=1.0):
 
 
 @torch.no_grad()
-def rollout(model, batch, num_generations, uniforms, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+def rollout(model, batch, num_generations, seeds, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
             stop_ids=(), banned=None, pad_id=0):
     """Sample num_generations completions of every prompt of a packed batch (data.pack of prompts):
     one prefill, each prompt's cache copied into its rows (prompt b -> rows b*G .. b*G+G-1), all rows
-    decoded together. uniforms (R, >= max_new_tokens) drive the sampling, row by row (sample_rows).
-    A row ends after emitting a stop id (kept) or at max_new_tokens.
+    decoded together. seeds: one int per row (row_seed); row r samples with row_uniforms(seeds)[r]
+    (sample_rows). Seeds, not uniforms, are the argument: FSDP's mixed precision casts the float
+    tensors passed to a forward to bf16. A row ends after emitting a stop id (kept) or at max_new_tokens.
     Returns tokens (R, N) long (pad_id after the end), logps (R, N) fp32 (log-probs of the sampled
     tokens under policy_logits; 0 after the end), lengths (R,) long, stopped (R,) bool; N = longest row."""
     G = int(num_generations)
     B = len(batch['cu_seqlens']) - 1
-    if tuple(uniforms.shape[:1]) != (B * G,) or uniforms.shape[1] < max_new_tokens:
-        raise ValueError(f'rollout: uniforms must be ({B * G}, >= {max_new_tokens}), got {tuple(uniforms.shape)}')
-    dev = uniforms.device
+    if len(seeds) != B * G:
+        raise ValueError(f'rollout: {B} prompts x {G} generations need {B * G} seeds, got {len(seeds)}')
+    dev = model.embed_tokens.weight.device
+    uniforms = row_uniforms(seeds, max_new_tokens, dev)
     pv = batch['pixel_values'].to(dev) if batch.get('pixel_values') is not None else None
     cache, logits, pos = model.prefill(batch['input_ids'].to(dev), batch['position_ids'].to(dev),
                                        batch['cu_seqlens'].to(dev), pv, batch.get('grid_thw'), max_new_tokens)
@@ -585,6 +587,8 @@ def main(argv=None):
     settings = VisionSettings(nframes=nframes, min_pixels=min_pixels, max_pixels=max_pixels)
     tok = Tokenizer(init_from)
     samples = read_samples(data, **({'video_root': video_root} if video_root and not os.path.isdir(data) else {}))
+    for smp in samples:  # a ground truth the reward cannot use fails now, naming its file:line, not hours in
+        reward.score_completion('', smp, reward_weights)
     steps_per_epoch = len(samples) // prompts_per_step
     if steps_per_epoch == 0:
         raise ValueError(f'{data}: {len(samples)} samples, fewer than prompts_per_step={prompts_per_step}')
@@ -592,14 +596,14 @@ def main(argv=None):
     print0(f'{data}: {len(samples)} samples, {steps_per_epoch} steps an epoch of {prompts_per_step} prompts x {G} generations')
 
     # policy (trained, fp32 master weights) and, only when beta > 0, the frozen reference
-    model = Qwen2VL.from_pretrained(init_from, dtype=torch.float32)
+    model = Qwen2VL.from_pretrained(init_from, dtype=torch.float32, device=device)  # sharding frees the rest
     if freeze_vision:
         model.visual.requires_grad_(False)
     model.gradient_checkpointing = activation_checkpointing
     model.train()
     ref = None
     if beta > 0:
-        ref = Qwen2VL.from_pretrained(ref_from or init_from, dtype=torch.float32 if not on_gpu else compute_dtype)
+        ref = Qwen2VL.from_pretrained(ref_from or init_from, dtype=compute_dtype, device=device)  # frozen: no fp32 master copy
         ref.requires_grad_(False)
         ref.eval()
     run_rollout = lambda *a, **k: rollout(model, *a, **k)
@@ -612,10 +616,6 @@ def main(argv=None):
         run_rollout = model.grpo_rollout
         if ref is not None:
             shard_model(ref, device, compute_dtype if compute_dtype != torch.float32 else None)
-    else:
-        model.to(device)
-        if ref is not None:
-            ref.to(device)
     cfg = model.config
     optimizer = make_optimizer(model, lr, weight_decay, (beta1, beta2))
     banned = torch.tensor([getattr(tok, name) for name in VISUAL_TOKENS], device=device)
@@ -648,11 +648,11 @@ def main(argv=None):
         # 1-2. this rank's prompts, rolled out G times each with per-row seeds
         idx = step_prompts(len(samples), epoch, s, rank, world)
         prompts = [encode(samples[i], tok, settings, None, cfg) for i in idx]
-        uniforms = row_uniforms([row_seed(seed, epoch, i, g) for i in idx for g in range(G)], max_completion_length, device)
+        seeds = [row_seed(seed, epoch, i, g) for i in idx for g in range(G)]
         t_roll = time.time()
         with gathered_for_rollout(model), autocast():
             tokens, sampler_logp, lengths, stopped = run_rollout(
-                pack(prompts), G, uniforms, max_completion_length, temperature, top_k, top_p, stop_ids, banned, tok.pad_id)
+                pack(prompts), G, seeds, max_completion_length, temperature, top_k, top_p, stop_ids, banned, tok.pad_id)
         if on_gpu:
             torch.cuda.synchronize()
         t_roll = float(reduced(time.time() - t_roll, device, 'max'))

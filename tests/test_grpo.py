@@ -9,9 +9,10 @@
   raise that reward on fixed-seed rollouts of the same prompts;
 - `torchrun --nproc_per_node 2` (gloo, FSDP2) follows the one-process run with the same global batch;
 - kill + --resume replays the uninterrupted run exactly.
-Tolerances: log-probs 1e-5 (fp32, different batch shapes); 2 ranks vs 1 process 1e-4 relative and
-1e-5 absolute (the loss is a sum that cancels to ~0.05) after 16 AdamW updates: the same tokens,
-packed and summed in another order (weights: 1% of what training moved them); resume: bitwise.
+Tolerances: log-probs 1e-5 (fp32, different batch shapes); 2 ranks vs 1 process: the same tokens,
+packed and summed in another order, so 1e-5 relative on the first step, then 1e-3 (AdamW at lr 1e-2
+amplifies rounding where gradients are ~0; weights within 1% of what training moved them); a
+normaliser or data-split bug is off by tens of percent. Resume: bitwise.
 """
 import copy
 import json
@@ -102,16 +103,15 @@ def test_shared_prefix_rollout_equals_independent_decoding(world):
     G, L = 3, 24
     stops = list(range(100, 120))
     seeds = [grpo.row_seed(7, 0, i, g) for i in (0, 13) for g in range(G)]
-    u = grpo.row_uniforms(seeds, L)
     kw = dict(max_new_tokens=L, temperature=0.9, top_k=200, top_p=0.95, stop_ids=stops, banned=banned(tok),
               pad_id=tok.pad_id)
-    tokens, logps, lengths, stopped = grpo.rollout(model, data.pack(prompts), G, u, **kw)
+    tokens, logps, lengths, stopped = grpo.rollout(model, data.pack(prompts), G, seeds, **kw)
     assert len(set(lengths.tolist())) > 1 and stopped.any() and not stopped.all()  # the test exercises both endings
     assert len({tuple(t.tolist()) for t in tokens}) == 2 * G  # rows differ: every row has its own stream
     for b in range(2):
         for g in range(G):
             r = b * G + g
-            t1, lp1, n1, s1 = grpo.rollout(model, data.pack([prompts[b]]), 1, u[r:r + 1], **kw)
+            t1, lp1, n1, s1 = grpo.rollout(model, data.pack([prompts[b]]), 1, seeds[r:r + 1], **kw)
             n = int(n1)
             assert n == int(lengths[r]) and bool(s1) == bool(stopped[r])
             assert torch.equal(t1[0, :n], tokens[r, :n]) and (tokens[r, n:] == tok.pad_id).all()
@@ -143,8 +143,8 @@ def test_training_forward_reproduces_sampler_logps(world):
     tok, model, samples = load(world)
     prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in samples[:2]]
     G, L = 4, 20
-    u = grpo.row_uniforms([grpo.row_seed(3, 0, i, g) for i in range(2) for g in range(G)], L)
-    tokens, logps, lengths, _ = grpo.rollout(model, data.pack(prompts), G, u, L, stop_ids=list(range(60, 70)),
+    seeds = [grpo.row_seed(3, 0, i, g) for i in range(2) for g in range(G)]
+    tokens, logps, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, L, stop_ids=list(range(60, 70)),
                                              banned=banned(tok), pad_id=tok.pad_id)
     items = [grpo.completion_item(prompts[j // G], tokens[j, :int(lengths[j])], model.config) for j in range(2 * G)]
     flat, ent = grpo.completion_logps(model, data.pack(items), 1.0, 'cpu', banned(tok), entropy=True)
@@ -183,8 +183,8 @@ def test_normalisers_are_global_across_micro_batches(world, monkeypatch, loss_ty
                      epsilon=0.2, epsilon_high=0.28, max_completion_length=12, temperature=1.0, grad_clip=0.0).items():
         monkeypatch.setattr(grpo, k, v)
     prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in samples[:3]]
-    u = grpo.row_uniforms([grpo.row_seed(5, 0, i, g) for i in range(3) for g in range(G)], 12)
-    tokens, logps, lengths, _ = grpo.rollout(model, data.pack(prompts), G, u, 12, stop_ids=list(range(60, 90)),
+    seeds = [grpo.row_seed(5, 0, i, g) for i in range(3) for g in range(G)]
+    tokens, logps, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, 12, stop_ids=list(range(60, 90)),
                                              banned=banned(tok), pad_id=tok.pad_id)
     assert len(set(lengths.tolist())) > 1
     items = [grpo.completion_item(prompts[j // G], tokens[j, :int(lengths[j])], model.config) for j in range(3 * G)]
@@ -269,8 +269,8 @@ def mean_reward(world, model_dir, n_prompts=4, G=8, L=16):
     """The vowel reward of fixed-seed rollouts (the same uniforms for both models) on fixed prompts."""
     tok, model, samples = load(world, model_dir)
     prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in samples[:n_prompts]]
-    u = grpo.row_uniforms([grpo.row_seed(12345, 0, i, g) for i in range(n_prompts) for g in range(G)], L)
-    tokens, _, lengths, stopped = grpo.rollout(model, data.pack(prompts), G, u, L, stop_ids=[tok.im_end_id],
+    seeds = [grpo.row_seed(12345, 0, i, g) for i in range(n_prompts) for g in range(G)]
+    tokens, _, lengths, stopped = grpo.rollout(model, data.pack(prompts), G, seeds, L, stop_ids=[tok.im_end_id],
                                                banned=banned(tok), pad_id=tok.pad_id)
     return sum(map(vowel_fraction, grpo.completion_texts(tok, tokens, lengths, stopped))) / len(tokens)
 
@@ -313,8 +313,10 @@ def test_torchrun_two_ranks_follow_one_process(world, baseline):
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert x['rollout_tokens'] == y['rollout_tokens'] and x['reward'] == pytest.approx(y['reward'], abs=1e-12)
+        # step 0 starts from the same weights; later steps inherit AdamW-amplified rounding
+        tol = dict(rel=1e-5, abs=1e-6) if x['step'] == 0 else dict(rel=1e-3, abs=1e-4)
         for k in ('loss', 'grad_norm', 'kl', 'clip_region', 'entropy'):
-            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-5), (k, x[k], y[k])
+            assert y[k] == pytest.approx(x[k], **tol), (k, x[k], y[k])
     assert a[-1]['kl'] > 0 and a[-1]['clip_region'] > 0 and abs(a[-1]['loss']) > 0
     # weights: AdamW amplifies rounding where gradients are ~0, so compare with what training moved (~0.1)
     w0 = load_file(str(world / 'tiny' / 'model.safetensors'))
