@@ -176,7 +176,9 @@ def test_score_rollouts_lays_out_reward_components(world):
 def test_normalisers_are_global_across_micro_batches(world, monkeypatch, loss_type):
     """train_on_rollouts with every sequence in its own micro-batch takes the same gradient (and
     reports the same loss) as with one micro-batch a minibatch; a dropped group and two minibatches
-    on two iterations included. SGD with lr 1 and no clipping makes the update the gradient."""
+    on two iterations included. SGD with lr 1 and no clipping makes the update the gradient. Within
+    1e-4 (4 large SGD steps of fp32 rounding from other kernel shapes); a wrong normaliser is off by
+    a factor of the micro-batch count."""
     tok, model, samples = load(world)
     G = 4
     for k, v in dict(num_generations=G, num_iterations=2, num_minibatches=2, loss_type=loss_type, beta=0.1,
@@ -204,7 +206,7 @@ def test_normalisers_are_global_across_micro_batches(world, monkeypatch, loss_ty
         results.append((sums, m))
     (a, ma), (b, mb) = results
     assert a['updates'] == b['updates'] == 4 and a['tokens'] == b['tokens'] == 2 * float(lengths[keep].sum())
-    assert a['loss'] == pytest.approx(b['loss'], rel=1e-5, abs=1e-7) and a['norm'] == pytest.approx(b['norm'], rel=1e-5)
+    assert a['loss'] == pytest.approx(b['loss'], rel=1e-4, abs=1e-6) and a['norm'] == pytest.approx(b['norm'], rel=1e-4)
     assert a['norm'] > 0 and a['clip_region'] > 0  # clipping happened on the second pass
     da = torch.cat([(p - p0).flatten() for p, p0 in zip(ma.parameters(), model.parameters())]).detach()
     db = torch.cat([(p - p0).flatten() for p, p0 in zip(mb.parameters(), model.parameters())]).detach()
