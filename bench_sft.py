@@ -2,15 +2,16 @@
 Training throughput of sft.py's step against the same loop over transformers' Qwen2-VL, on CPU.
 
     python bench_sft.py                   # tiny (egoworld's ~2M) and ~50M configs, 2 threads
-    python bench_sft.py --threads=1 --steps=4 --rounds=3
+    python bench_sft.py --threads=1 --steps=4
 
 Both sides train the same EgoWorld samples (CoT targets, 16 frames of 56x56 -> 32 visual tokens)
 from the same weights with fused AdamW: ours on a packed varlen batch through sft.forward_backward
 (logits at target tokens only), transformers on the padded (B, L_max) batch with an attention mask
 and `labels` (its standard loss: full logits). tokens/s counts real tokens (no padding) for both.
-Each (model, size) runs in a fresh subprocess so its peak RSS is its own; "train MB" is the peak
-RSS minus the RSS before the first step (weights, optimizer state, activations, allocator slack).
-No activation checkpointing on either side.
+The machine is shared with other jobs, so the two sides alternate step by step in one process and
+see the same load; best (least disturbed) and median step times are reported. Memory is measured
+with each side alone in a fresh process: peak RSS, and "train MB" = its growth over 3 steps
+(gradients, AdamW state, activations, allocator slack). No activation checkpointing on either side.
 """
 import json
 import os
@@ -24,8 +25,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 
 threads = 2
-steps = 6            # timed steps per run (after 2 warm-up steps)
-rounds = 2           # runs per side, alternating ours/hf: the machine is shared, load comes and goes
+steps = 8            # timed steps per side (after 2 warm-up steps)
 batch = 8            # samples per step
 case = ''            # internal: run one case in this process ('ours:tiny', 'hf:50m', ...)
 work = ''            # internal: folder holding the data and checkpoints
@@ -80,76 +80,86 @@ def padded(items, pad_id):
                 video_grid_thw=torch.cat([it['grid_thw'] for it in items]))
 
 
-def run_case(root, impl, size):
-    """Time `steps` optimizer steps after 2 warm-up steps; returns a dict of numbers."""
+def build(root, impl, size):
+    """(step function, model) for one side; the step is forward, backward, AdamW step, zero_grad."""
     import data
     import sft
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     tok, items = encoded(root, size)
-    n_tokens = sum(len(it['input_ids']) for it in items)
     path = os.path.join(root, size)
     if impl == 'ours':
         from model import Qwen2VL
         model = Qwen2VL.from_pretrained(path).train()
         b = data.pack(items)
-        step_fn = lambda: sft.forward_backward(model, [b], 'cpu')
+        fwd_bwd = lambda: sft.forward_backward(model, [b], 'cpu')
     else:
         from transformers import Qwen2VLForConditionalGeneration
         from transformers.utils import logging
         logging.set_verbosity_error()
         model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).train()
         b = padded(items, tok.pad_id)
-        step_fn = lambda: model(**b).loss.backward()
+        fwd_bwd = lambda: model(**b).loss.backward()
     opt = sft.make_optimizer(model, 1e-4)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times, losses = [], []
-    for i in range(steps + 2):
-        t0 = time.perf_counter()
-        out = step_fn()
+
+    def step():
+        fwd_bwd()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+    return step, model, sum(len(it['input_ids']) for it in items), b['input_ids'].numel()
+
+
+def memory_case(root, impl, size):
+    """Run alone in a fresh process: peak RSS, and its growth over the steps (the training's own)."""
+    torch.set_num_threads(threads)
+    step, model, _, _ = build(root, impl, size)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        step()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return dict(impl=impl, size=size, params=sum(p.numel() for p in model.parameters()), tokens=n_tokens,
-                padded_tokens=b['input_ids'].numel(), times=times, peak_rss_mb=rss / 1024, train_mb=(rss - rss0) / 1024)
+    return dict(peak_rss_mb=rss / 1024, train_mb=(rss - rss0) / 1024)
 
 
 def main():
     from configurator import configure
     configure(globals())
     if case:
-        impl, size = case.split(':')
-        print(json.dumps(run_case(work, impl, size)))
+        print(json.dumps(memory_case(work, *case.split(':'))))
         return
+    torch.set_num_threads(threads)
     root = work or tempfile.mkdtemp(prefix='bench_sft_')
     prepare(root)
-    print(f'CPU, torch {torch.__version__}, {threads} threads, batch of {batch} EgoWorld CoT samples, fp32, fused AdamW, '
-          f'no activation checkpointing; {rounds} alternating runs x {steps} steps per side; '
-          f'best step (least disturbed by other load) and median')
+    print(f'CPU, torch {torch.__version__}, {threads} threads; a step = {batch} EgoWorld CoT samples, fp32, fused AdamW, '
+          f'no activation checkpointing. Speed: the two sides alternate step by step in one process '
+          f'({steps} steps each after 2 warm-up), so both see the same machine load; memory: each side alone in a fresh process.')
     for size in SIZES:
-        runs = {'ours': [], 'hf': []}
-        for _ in range(rounds):
-            for impl in runs:
-                cmd = [sys.executable, __file__, f'--case={impl}:{size}', f'--work={root}', f'--threads={threads}',
-                       f'--steps={steps}', f'--batch={batch}']
-                p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
-                if p.returncode:
-                    raise RuntimeError(f'{impl}:{size} failed:\n{p.stderr[-3000:]}')
-                runs[impl].append(json.loads(p.stdout.strip().splitlines()[-1]))
-        o = runs['ours'][0]
-        print(f"\n{size}: {o['params'] / 1e6:.1f}M parameters, {o['tokens']} tokens ({runs['hf'][0]['padded_tokens']} padded)")
+        sides = {impl: build(root, impl, size) for impl in ('ours', 'hf')}
+        times = {impl: [] for impl in sides}
+        for i in range(steps + 2):
+            for impl, (step, _, _, _) in sides.items():
+                t0 = time.perf_counter()
+                step()
+                if i >= 2:
+                    times[impl].append(time.perf_counter() - t0)
+        _, model, n_tokens, n_padded = sides['ours']
+        del sides
+        mem = {}
+        for impl in times:
+            cmd = [sys.executable, __file__, f'--case={impl}:{size}', f'--work={root}', f'--threads={threads}', f'--batch={batch}']
+            p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+            if p.returncode:
+                raise RuntimeError(f'{impl}:{size} failed:\n{p.stderr[-3000:]}')
+            mem[impl] = json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"\n{size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+              f"{n_tokens} tokens a step ({n_padded} padded)")
         print(f"  {'':14s}{'best s':>8s}{'median s':>10s}{'tokens/s':>10s}{'peak RSS MB':>13s}{'train MB':>10s}")
-        best = {}
+        best, med = {}, {}
         for impl, name in (('ours', 'sft.py'), ('hf', 'transformers')):
-            t = sorted(x for r in runs[impl] for x in r['times'])
-            best[impl] = t[0]
-            mem = min(r['train_mb'] for r in runs[impl])
-            print(f"  {name:14s}{t[0]:8.3f}{t[len(t) // 2]:10.3f}{o['tokens'] / t[0]:10.0f}"
-                  f"{min(r['peak_rss_mb'] for r in runs[impl]):13.0f}{mem:10.0f}")
-        print(f"  speed ratio, ours/transformers tokens/s (best steps): {best['hf'] / best['ours']:.2f}x; train memory "
-              f"ratio ours/transformers: {min(r['train_mb'] for r in runs['ours']) / max(min(r['train_mb'] for r in runs['hf']), 1):.2f}")
+            t = sorted(times[impl])
+            best[impl], med[impl] = t[0], t[len(t) // 2]
+            print(f"  {name:14s}{t[0]:8.3f}{med[impl]:10.3f}{n_tokens / t[0]:10.0f}"
+                  f"{mem[impl]['peak_rss_mb']:13.0f}{mem[impl]['train_mb']:10.0f}")
+        print(f"  ours/transformers: speed {best['hf'] / best['ours']:.2f}x (best steps), {med['hf'] / med['ours']:.2f}x "
+              f"(medians); training memory {mem['ours']['train_mb'] / max(mem['hf']['train_mb'], 1):.2f}x")
 
 
 if __name__ == '__main__':

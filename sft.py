@@ -111,9 +111,13 @@ def init_distributed():
     return rank, world, local, device
 
 
+def _rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def print0(*args, **kwargs):
     """print on rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _rank_world()[0] == 0:
         print(*args, **kwargs, flush=True)
 
 
@@ -248,7 +252,7 @@ def save_model(out_dir, model, tokenizer_src_dir, save_dtype=torch.float32, sd=N
     """The model with LoRA merged, in the HF layout: config.json, model.safetensors (model.py's
     save_pretrained) and the tokenizer/processor/chat-template files copied from tokenizer_src_dir."""
     sd = full_state_dict(model) if sd is None else sd
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if _rank_world()[0] != 0:
         return
     sd = merge_lora_weights(sd, {n: m.scaling for n, m in model.named_modules() if isinstance(m, LoRALinear)})
     with torch.device('meta'):
@@ -285,7 +289,7 @@ def save_checkpoint(out_dir, model, tokenizer_src_dir, optimizer, state, config,
     by atomically replacing train_state.json (= `state` + its folder), so a kill at any moment leaves
     the previous state intact. Collective when sharded: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = _rank_world()[0]
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
     os.makedirs(out_dir, exist_ok=True)
     sd = full_state_dict(model)
@@ -330,8 +334,7 @@ def load_training_state(out_dir, model, optimizer):
         raise FileNotFoundError(f'{pointer}: no training state to resume from')
     with open(pointer) as f:
         state = json.load(f)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world = _rank_world()
     if state.get('world_size', world) != world:
         raise ValueError(f"{pointer}: saved with {state['world_size']} ranks, resuming with {world}: the data "
                          f"shards and RNG streams would differ; resume with the same number of ranks")
@@ -384,7 +387,7 @@ def forward_backward(model, micro_batches, device, autocast=nullcontext):
     """Backward of (sum of CE over every target token of the step, on every rank) / (their global
     count). Returns (the step's loss: global mean CE per target token, global target count)."""
     n = int(all_reduce(torch.tensor(sum(len(target_positions(b['labels'])) for b in micro_batches))))
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = _rank_world()[1]
     total = torch.zeros((), device=device)
     for i, b in enumerate(micro_batches):
         if hasattr(model, 'set_requires_gradient_sync'):  # FSDP: reduce-scatter once, on the last micro-batch
@@ -423,13 +426,13 @@ def step_flops(cfg, counts, batch, n_targets, train_vision):
     return f
 
 
+PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12}
+
+
 def guess_peak_flops(device):
-    """Dense bf16 peak of one device, for MFU; 0 when unknown (CPU)."""
-    if device.type != 'cuda':
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    table = {'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12}
-    return next((v for k, v in table.items() if k in name), 0.0)
+    """Dense bf16 peak FLOP/s of one device, for MFU; 0 when unknown (CPU)."""
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''
+    return next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
 
 
 def peak_memory(device):
@@ -459,12 +462,11 @@ def answer_target(sample):
     return f'<answer>{sample.answer}</answer>'
 
 
-def step_batches(samples, tok, settings, model_cfg, rank, world, epoch, start):
+def step_batches(samples, tok, settings, target, model_cfg, rank, world, epoch, start):
     """Yield (epoch, step in epoch, [grad_accum packed batches]) from step `start` of `epoch` on,
     forever (epochs reshuffle). The tail batches of an epoch that do not fill a step are dropped.
     The loader gets its own RNG so that making one never draws from torch's global RNG (which
     LoRA dropout uses): a resumed run sees the same random numbers as an uninterrupted one."""
-    target = cot_target if cot else answer_target
     while True:
         loader = data_batches(samples, tok, settings, token_budget, seed, rank, world, num_workers, target, epoch, model_cfg)
         n = len(loader) // grad_accum
@@ -509,8 +511,6 @@ def main(argv=None):
     model.train()
     if world > 1:
         shard_model(model, device, compute_dtype if compute_dtype != torch.float32 else None)
-    else:
-        model.to(device)
     optimizer = make_optimizer(model, lr, weight_decay, (beta1, beta2))
 
     # schedule: the number of steps is known up front (lengths come from video headers)
@@ -547,7 +547,7 @@ def main(argv=None):
         state = dict(step=step_done, epoch=epoch_next, step_in_epoch=start_next, world_size=world)
         save_checkpoint(out_dir, model, init_from, optimizer, state, config, settings.asdict(), getattr(torch, save_dtype))
 
-    batches_iter = step_batches(samples, tok, settings, model.config, rank, world, epoch, start)
+    batches_iter = step_batches(samples, tok, settings, target, model.config, rank, world, epoch, start)
     pbar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
     while step < total_steps:
         t0 = time.time()

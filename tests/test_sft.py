@@ -10,6 +10,7 @@ another order); resume: bitwise equal losses.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -57,9 +58,15 @@ def run(argv, nproc=1, kill_after=None):
                os.path.join(ROOT, 'sft.py')]
     else:
         cmd = [sys.executable, '-c', KILLER % (kill_after if kill_after is not None else -1)]
-    p = subprocess.run(cmd + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.Popen(cmd + argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        p.stdout_text, p.stderr_text = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun's workers too, not just the launcher
+        raise
     if kill_after is None and p.returncode != 0:
-        raise AssertionError(f'sft.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}')
+        raise AssertionError(f'sft.py failed ({p.returncode}):\n{p.stdout_text[-3000:]}\n{p.stderr_text[-5000:]}')
     return p
 
 
@@ -129,9 +136,10 @@ def test_training_lowers_loss_and_checkpoint_loads_in_transformers(world, baseli
 
 
 def test_torchrun_two_ranks_follow_one_process(world, baseline):
-    """2 gloo ranks x 1 micro-batch = 1 process x 2 micro-batches: the same global batch each step."""
+    """2 gloo ranks x 1 micro-batch = 1 process x 2 micro-batches: the same global batch each step.
+    FSDP2 with activation checkpointing (recomputation changes no value) against a plain module."""
     out = world / 'ddp'
-    run(args(world, out, grad_accum=1), nproc=2)
+    run(args(world, out, grad_accum=1, activation_checkpointing=True), nproc=2)
     a, b = metrics(baseline), metrics(out)
     assert len(a) == len(b) == STEPS
     for x, y in zip(a, b):
