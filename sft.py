@@ -534,6 +534,9 @@ def main(argv=None):
             with open(metrics_path + '.tmp', 'w') as f:
                 f.writelines(kept)
             os.replace(metrics_path + '.tmp', metrics_path)
+    elif os.path.exists(os.path.join(out_dir, 'train_state.json')):
+        raise FileExistsError(f'{out_dir} holds a run (train_state.json): continue it with --resume=True '
+                              f'or pick another --out_dir')
     elif master:
         os.makedirs(out_dir, exist_ok=True)
         if os.path.exists(metrics_path):

@@ -50,7 +50,7 @@ def args(world, out, **kw):
     return [os.path.join(ROOT, 'config', 'sft_egoworld.py')] + [f'--{k}={v}' for k, v in a.items()]
 
 
-def run(argv, nproc=1, kill_after=None):
+def run(argv, nproc=1, kill_after=None, check=True):
     """sft.py as a user runs it. kill_after=k: the process dies (os._exit) right after logging step k."""
     env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
     if nproc > 1:
@@ -65,7 +65,7 @@ def run(argv, nproc=1, kill_after=None):
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)  # torchrun's workers too, not just the launcher
         raise
-    if kill_after is None and p.returncode != 0:
+    if check and p.returncode != 0:
         raise AssertionError(f'sft.py failed ({p.returncode}):\n{p.stdout_text[-3000:]}\n{p.stderr_text[-5000:]}')
     return p
 
@@ -155,9 +155,11 @@ def test_kill_and_resume_replays_the_run_exactly(world):
     kw = dict(lora_rank=4, lora_alpha=8, lora_dropout=0.1, save_interval=3)
     full, cut = world / 'lora_full', world / 'lora_cut'
     run(args(world, full, **kw))
-    p = run(args(world, cut, **kw), kill_after=4)
+    p = run(args(world, cut, **kw), kill_after=4, check=False)
     assert p.returncode == 9 and len(metrics(cut)) == 5
     assert json.load(open(cut / 'train_state.json'))['step'] == 3
+    p = run(args(world, cut, **kw), check=False)  # a fresh run must not clobber it
+    assert p.returncode != 0 and 'continue it with --resume=True' in p.stderr_text
     run(args(world, cut, resume=True, **kw))
     a, b = metrics(full), metrics(cut)
     assert [x['step'] for x in b] == list(range(STEPS))
