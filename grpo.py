@@ -39,14 +39,15 @@ One step (= one rollout batch):
    are model.rope_positions of the whole sequence (decoding continued at the same positions).
    log-probs are log_softmax(logits / temperature) at the completion tokens: the distribution the
    tokens were sampled from (TRL does the same), before top-k/top-p truncation.
-6. Loss [grpo_loss] and updates: num_iterations passes over the rollout batch, each split into
-   num_minibatches optimizer steps (each minibatch: this rank's share of the completions, packed
-   into micro-batches with gradient accumulation). old_logp: with one update per rollout batch
+6. Loss [grpo_loss] and updates [train_on_rollouts]: num_iterations passes over the rollout batch,
+   each split into num_minibatches optimizer steps. Minibatch k holds generation chunk k of every
+   group (G split into num_minibatches chunks), so it is the same set of completions for any number
+   of ranks; each rank packs its part into micro-batches and accumulates gradients. old_logp: with one update per rollout batch
    (num_iterations == num_minibatches == 1) it is logp.detach(): ratio == 1, the plain policy
    gradient. With more updates, old_logp is recomputed by a no-grad forward of the policy before
    the first update (TRL's choice) rather than taken from the sampler: the sampler's KV-cache
-   decode and the packed training forward round differently (bf16 on GPU: ~1e-2 per token), and
-   that difference would show up as ratios != 1 and spurious clipping. The sampler's log-probs are
+   decode and the packed training forward round differently (much more in bf16 on GPU than the
+   fp32 CPU figure below; not measured here), and that difference would show up as ratios != 1 and spurious clipping. The sampler's log-probs are
    kept for the metric sampler_logp_diff, which measures exactly that mismatch (~2e-7 in fp32 on
    CPU; a large value means a bug in positions or packing). ref_logp: a no-grad forward of the
    frozen reference (ref_from, default init_from), only when beta > 0; with beta == 0 no
