@@ -10,12 +10,12 @@ from the same weights with fused AdamW: ours on a packed varlen batch through sf
 and `labels` (its standard loss: full logits). tokens/s counts real tokens (no padding) for both.
 The machine is shared with other jobs, so the two sides alternate step by step in one process and
 see the same load; best (least disturbed) and median step times are reported. Memory is measured
-with each side alone in a fresh process: peak RSS, and "train MB" = its growth over 3 steps
-(gradients, AdamW state, activations, allocator slack). No activation checkpointing on either side.
+with each side alone in a fresh process: the peak RSS during 3 training steps, and "train MB" = that
+peak minus the RSS before them (gradients, AdamW state, activations). Linux only (/proc).
+No activation checkpointing on either side.
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -108,15 +108,22 @@ def build(root, impl, size):
     return step, model, sum(len(it['input_ids']) for it in items), b['input_ids'].numel()
 
 
+def _status_mb(key):
+    with open('/proc/self/status') as f:
+        return next(int(l.split()[1]) / 1024 for l in f if l.startswith(key))
+
+
 def memory_case(root, impl, size):
-    """Run alone in a fresh process: peak RSS, and its growth over the steps (the training's own)."""
+    """Alone in a fresh process: the peak RSS of 3 training steps (the high-water mark is reset after
+    loading, so import/loading peaks do not count) and its excess over the RSS before them."""
     torch.set_num_threads(threads)
     step, model, _, _ = build(root, impl, size)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _status_mb('VmRSS')
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # Linux: reset VmHWM to the current RSS
     for _ in range(3):
         step()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return dict(peak_rss_mb=rss / 1024, train_mb=(rss - rss0) / 1024)
+    return dict(peak_rss_mb=_status_mb('VmHWM'), train_mb=_status_mb('VmHWM') - before)
 
 
 def main():
@@ -140,7 +147,8 @@ def main():
                 step()
                 if i >= 2:
                     times[impl].append(time.perf_counter() - t0)
-        _, model, n_tokens, n_padded = sides['ours']
+        _, model, n_tokens, _ = sides['ours']
+        n_padded = sides['hf'][3]
         del sides
         mem = {}
         for impl in times:
