@@ -277,3 +277,17 @@ def test_schedule():
     lrs = [sft.lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11) and lrs[10] == 1.0
     assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_flop_count_by_hand():
+    """2 sequences (10, 20 tokens), one video grid (2, 4, 4) = 32 patches in 2 slices of 16."""
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=64, vocab_size=512, spatial_merge_size=2,
+                          vision_depth=1, vision_embed_dim=32)
+    counts = dict(lm=1000, vision=200, merger=50)
+    b = dict(cu_seqlens=torch.tensor([0, 10, 30]), grid_thw=torch.tensor([[2, 4, 4]]))
+    lm = 6 * 1000 * 30 + 6 * 2 * 64 * (10 ** 2 + 20 ** 2) + 6 * 64 * 512 * 5
+    trained = 6 * (200 * 32 + 50 * 32 / 4) + 6 * 2 * 1 * 32 * (2 * 16 ** 2)
+    frozen = 2 * (200 * 32 + 50 * 32 / 4) + 2 * 2 * 1 * 32 * (2 * 16 ** 2)
+    assert sft.step_flops(cfg, counts, b, 5, True) == lm + trained
+    assert sft.step_flops(cfg, counts, b, 5, False) == lm + frozen
