@@ -1,0 +1,23 @@
+"""README command 1, shortened (QUICK=1: a few videos and steps, same code path): data -> tiny
+model -> SFT -> GRPO -> bench must run end to end and print a table with all eight tasks."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_demo_quick_runs_end_to_end(tmp_path):
+    env = dict(os.environ, QUICK='1', SETUP='0', DATA=str(tmp_path / 'data'), OUT=str(tmp_path / 'out'),
+               PYTHON=sys.executable, HF_HUB_OFFLINE='1')
+    p = subprocess.run(['bash', os.path.join(ROOT, 'demo.sh')], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    times = (tmp_path / 'out' / 'demo_times.txt').read_text().split()
+    assert [t for t in times[::2]] == ['data', 'model', 'sft', 'grpo', 'bench', 'total']
+    res = json.loads((tmp_path / 'out' / 'bench' / 'grpo-egoworld_test' / 'results.json').read_text())
+    text = json.dumps(res)
+    for task in ('route', 'direction', 'landmark', 'action'):
+        assert task in text
+    assert 'forward' in text and 'reverse' in text
+    assert (tmp_path / 'out' / 'grpo-egoworld' / 'model.safetensors').exists()
