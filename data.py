@@ -13,7 +13,7 @@ Design
   merger sees neighbours). A still image is a one-frame video: grid_t 1, frame duplicated, which
   is what the image processor does. PIL bicubic is the kernel of transformers' PIL image
   processor (our test oracle); torchvision's bicubic (the video processor, qwen-vl-utils) differs
-  by a few grey levels at edges, see bench_data.py.
+  by a few grey levels at edges, see benchmarks/data_speed.py.
 - Text: tokenizer.json through `tokenizers` (transformers is only the test oracle). The chat is
   Qwen2-VL's template with its default system prompt; the visual block is expanded to
   t*h*w/4 pad tokens. Labels are the assistant's tokens and its closing <|im_end|>; the "\n" the

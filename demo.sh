@@ -27,13 +27,19 @@ stage() {  # stage NAME CMD...: run, time, log
   "$@"
   echo "$name $(( $(date +%s) - t0 ))s" | tee -a "$OUT/demo_times.txt"
 }
+done_or() {  # done_or DIR NAME CMD...: run a training stage once; a finished one is kept (delete DIR to redo)
+  local dir=$1; shift
+  if [ -f "$dir/.demo_done" ]; then echo "[demo] $1: done before, kept ($dir)"; return; fi
+  stage "$@"
+  touch "$dir/.demo_done"
+}
 T0=$(date +%s)
 [ "${SETUP:-1}" = 0 ] || stage setup $PY -m pip install -q -r requirements.txt
 [ -f "$DATA/test/routes.jsonl" ] || stage data $PY egoworld.py --out="$DATA" $GEN
 [ -f "$OUT/egoworld-tiny/config.json" ] || stage model $PY egoworld.py --make_model="$OUT/egoworld-tiny"
-stage sft $PY sft.py config/sft_egoworld.py --init_from="$OUT/egoworld-tiny" \
+done_or "$OUT/sft-egoworld" sft $PY sft.py config/sft_egoworld.py --init_from="$OUT/egoworld-tiny" \
   --data="$DATA/train/st_r1_cot.jsonl" --out_dir="$OUT/sft-egoworld" $SFT
-stage grpo $PY grpo.py config/grpo_egoworld.py --init_from="$OUT/sft-egoworld" \
+done_or "$OUT/grpo-egoworld" grpo $PY grpo.py config/grpo_egoworld.py --init_from="$OUT/sft-egoworld" \
   --data="$DATA/train/st_r1_cot.jsonl" --out_dir="$OUT/grpo-egoworld" $GRPO
 stage bench $PY bench.py "$OUT/grpo-egoworld" config/bench_egoworld.py --data="$DATA/test" \
   --out_dir="$OUT/bench/grpo-egoworld_test" $BENCH

@@ -25,5 +25,8 @@ warmup_frac = 0.05
 weight_decay = 0.05
 grad_clip = 1.0
 epochs = 1
+# the demo's budget: ~400 steps is ~7 minutes on 2 idle cores (~13k of the 16k samples). Longer
+# runs learn more (see README's results): --max_steps=-1 for the full epoch
+max_steps = 400
 # tiny activations: recomputing them would only cost time
 activation_checkpointing = False

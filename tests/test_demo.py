@@ -2,6 +2,7 @@
 model -> SFT -> GRPO -> bench must run end to end and print a table with all eight tasks."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,3 +22,8 @@ def test_demo_quick_runs_end_to_end(tmp_path):
         assert task in text
     assert 'forward' in text and 'reverse' in text
     assert (tmp_path / 'out' / 'grpo-egoworld' / 'model.safetensors').exists()
+    # a second run keeps the finished stages and the bench resumes with nothing left to do
+    p = subprocess.run(['bash', os.path.join(ROOT, 'demo.sh')], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert 'sft: done before' in p.stdout and 'grpo: done before' in p.stdout
+    assert re.search(r'\b0 of \d+ samples to evaluate', p.stdout + p.stderr)

@@ -1,8 +1,8 @@
 """
 Training throughput of sft.py's step against the same loop over transformers' Qwen2-VL, on CPU.
 
-    python bench_sft.py                   # tiny (egoworld's ~2M) and ~50M configs, 2 threads
-    python bench_sft.py --threads=1 --steps=4
+    python benchmarks/sft_speed.py                   # tiny (egoworld's ~2M) and ~50M configs, 2 threads
+    python benchmarks/sft_speed.py --threads=1 --steps=4
 
 Both sides train the same EgoWorld samples (CoT targets, 16 frames of 56x56 -> 32 visual tokens)
 from the same weights with fused AdamW: ours on a packed varlen batch through sft.forward_backward
@@ -23,6 +23,7 @@ import time
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 
 threads = 2
 steps = 8            # timed steps per side (after 2 warm-up steps)

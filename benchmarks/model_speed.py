@@ -15,8 +15,8 @@ same random weights (ours loaded from the checkpoint transformers saved) and the
 Text only: the vision tower is the same work in both and not where the implementations differ.
 Timings alternate ours/theirs and keep the best of `repeats`, because the CPU is shared.
 
-    python bench_model.py                      # small config, 2 threads
-    python bench_model.py --threads=1 --repeats=5
+    python benchmarks/model_speed.py                      # small config, 2 threads
+    python benchmarks/model_speed.py --threads=1 --repeats=5
 """
 import os
 import sys
@@ -27,6 +27,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 from model import ModelConfig, Qwen2VL
 
 # -----------------------------------------------------------------------------

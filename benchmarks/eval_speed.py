@@ -4,8 +4,8 @@ time against batched generation (one KV cache per batch), with and without DataL
 decoding videos while the model runs, and the letter-logits mode. Same samples, same model, one
 process, side by side; ratios against the one-at-a-time baseline.
 
-    python bench_speed_eval.py                      # makes a tiny checkpoint + 8 EgoWorld videos in a temp dir
-    python bench_speed_eval.py --ckpt=out/egoworld-tiny --data=data_egoworld/test --n_samples=128
+    python benchmarks/eval_speed.py                      # makes a tiny checkpoint + 8 EgoWorld videos in a temp dir
+    python benchmarks/eval_speed.py --ckpt=out/egoworld-tiny --data=data_egoworld/test --n_samples=128
 
 Every run goes through bench.evaluate (the real loop: decode, encode, generate, score, write JSONL)
 into a fresh output folder. The untrained model never emits <|im_end|>, so every answer runs to
@@ -14,11 +14,13 @@ Left out: GPU timings (bench.py runs unchanged there), the LLM judge (network-bo
 """
 import functools
 import os
+import sys
 import tempfile
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 import bench
 import data as D
 import egoworld

@@ -11,10 +11,11 @@ Side by side in one run:
 - the PIL-bicubic vs torch-bicubic (torchvision's tensor kernel, used by transformers' video
   processor and qwen-vl-utils) difference on the same frames, the number quoted in data.py.
 
-    python bench_data.py                 # torch/decord use 1 thread per process
-    python bench_data.py --workers=4 --iters=40
+    python benchmarks/data_speed.py                 # torch/decord use 1 thread per process
+    python benchmarks/data_speed.py --workers=4 --iters=40
 """
 import os
+import sys
 import tempfile
 import time
 
@@ -22,6 +23,7 @@ import av
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 import data as D
 from configurator import configure
 

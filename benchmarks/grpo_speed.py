@@ -18,8 +18,8 @@ vocabulary (per-token compute closer to a real LM head); EgoWorld's own clips (1
 of `repeats`, because the CPU is shared. TRL's GRPOTrainer is not compared: its dataset format
 takes images only ("image"/"images" columns, trl 1.16), not videos.
 
-    python bench_grpo.py                        # 2 threads
-    python bench_grpo.py --threads=1 --new_tokens=64 --repeats=3
+    python benchmarks/grpo_speed.py                        # 2 threads
+    python benchmarks/grpo_speed.py --threads=1 --new_tokens=64 --repeats=3
 
 Measured on the 2-core dev machine while other jobs ran (load average 4-7), --new_tokens=64
 --repeats=3, tokens/s (ours / model.generate / transformers, ratio ours/transformers):
@@ -32,12 +32,13 @@ per-step overhead, and on contended cores every kernel's time is inflated alike.
 """
 import json
 import os
+import sys
 import tempfile
 import time
-
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 import data
 import egoworld
 import grpo
