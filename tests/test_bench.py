@@ -16,6 +16,7 @@ import torch
 import bench
 import data
 import egoworld
+from conftest import make_tiny_world
 import reward
 from model import Qwen2VL, rope_positions
 
@@ -91,13 +92,7 @@ def world(tmp_path_factory):
     newlines, which would make equality tests vacuous, so noisy/ is the same model with its
     matrices redrawn at std 0.2: its outputs differ from sample to sample."""
     d = tmp_path_factory.mktemp('bench')
-    small = dict(tiny_corpus=20, tiny_hidden=64, tiny_layers=2, tiny_intermediate=128, tiny_vision_dim=32,
-                 tiny_vision_heads=2, tiny_vision_depth=1, vocab_size=512)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in small.items():
-            mp.setattr(egoworld, k, v)
-        egoworld.make_tiny_model(str(d / 'tiny'))
-        egoworld.generate_split(str(d / 'test'), 1, 3, 'default', egoworld.segments)
+    make_tiny_world(d, 'test', 1, 3)
     shutil.copytree(d / 'tiny', d / 'noisy')
     m = Qwen2VL.from_pretrained(str(d / 'tiny'))
     g = torch.Generator().manual_seed(0)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 import data
 import egoworld
+from conftest import make_tiny_world
 import grpo
 import reward
 from model import Qwen2VL, filter_logits
@@ -70,13 +71,7 @@ grpo.main(sys.argv[1:])
 def world(tmp_path_factory):
     """3 EgoWorld videos (24 samples) and egoworld's tiny tokenizer + model, shrunk for speed."""
     d = tmp_path_factory.mktemp('grpo')
-    small = dict(tiny_corpus=20, tiny_hidden=64, tiny_layers=2, tiny_intermediate=128, tiny_vision_dim=32,
-                 tiny_vision_heads=2, tiny_vision_depth=1, vocab_size=512)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in small.items():
-            mp.setattr(egoworld, k, v)
-        egoworld.make_tiny_model(str(d / 'tiny'))
-        egoworld.generate_split(str(d / 'train'), 0, 3, 'default', egoworld.segments)
+    make_tiny_world(d, 'train', 0, 3)
     (d / 'wrapper.py').write_text(WRAPPER)
     return d
 

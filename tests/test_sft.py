@@ -20,6 +20,7 @@ import torch
 
 import data
 import egoworld
+from conftest import make_tiny_world
 import sft
 from model import Qwen2VL
 
@@ -32,13 +33,7 @@ STEPS = 8
 def world(tmp_path_factory):
     """6 EgoWorld videos (48 samples) and egoworld's tiny tokenizer + model, shrunk for speed."""
     d = tmp_path_factory.mktemp('sft')
-    small = dict(tiny_corpus=20, tiny_hidden=64, tiny_layers=2, tiny_intermediate=128, tiny_vision_dim=32,
-                 tiny_vision_heads=2, tiny_vision_depth=1, vocab_size=512)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in small.items():
-            mp.setattr(egoworld, k, v)
-        egoworld.make_tiny_model(str(d / 'tiny'))
-        egoworld.generate_split(str(d / 'train'), 0, 6, 'default', egoworld.segments)
+    make_tiny_world(d, 'train', 0, 6)
     return d
 
 
