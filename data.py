@@ -595,17 +595,21 @@ def sample_length(sample, tok, settings, target=None):
     ids, _ = chat_tokens(tok, build_user_text(sample), t * gh * gw // MERGE**2, target_text(sample, target), image)
     return len(ids)
 
-def plan_batches(lengths, token_budget, seed):
-    """Seeded shuffle (seed: an int or a tuple such as (seed, epoch)), then greedy packing: a batch
-    closes when the next sample would pass the budget. A longer sample gets a batch of its own."""
+def greedy_pack(order, lengths, token_budget):
+    """The indices in `order` packed greedily: a batch closes when the next index would pass
+    token_budget tokens; a longer one gets a batch of its own."""
     plan, cur, used = [], [], 0
-    for i in np.random.default_rng(seed).permutation(len(lengths)).tolist():
+    for i in order:
         if cur and used + lengths[i] > token_budget:
             plan.append(cur)
             cur, used = [], 0
         cur.append(i)
         used += lengths[i]
     return plan + [cur] if cur else plan
+
+def plan_batches(lengths, token_budget, seed):
+    """Seeded shuffle (seed: an int or a tuple such as (seed, epoch)), then greedy packing."""
+    return greedy_pack(np.random.default_rng(seed).permutation(len(lengths)).tolist(), lengths, token_budget)
 
 class PackedBatches(torch.utils.data.Dataset):
     """Batch i of a plan, decoded and packed (runs in the DataLoader workers)."""

@@ -85,7 +85,7 @@ from tqdm import tqdm
 
 import reward
 from configurator import configure
-from data import Tokenizer, VisionSettings, encode, pack, read_samples
+from data import Tokenizer, VisionSettings, encode, greedy_pack, pack, read_samples
 from model import Qwen2VL, filter_logits, rope_positions
 from sft import (init_distributed, load_training_state, log_metrics, lr_at, make_optimizer, peak_memory,
                  print0, save_checkpoint, shard_model, target_positions)
@@ -376,18 +376,6 @@ def completion_item(prompt, completion, cfg):
                 grid_thw=prompt['grid_thw'], id=prompt['id'], next_position=next_position)
 
 
-def plan_micro_batches(rows, seq_lengths, token_budget):
-    """Consecutive rows packed greedily under token_budget tokens (a longer sequence goes alone)."""
-    plan, cur, used = [], [], 0
-    for r in rows:
-        if cur and used + seq_lengths[r] > token_budget:
-            plan.append(cur)
-            cur, used = [], 0
-        cur.append(r)
-        used += seq_lengths[r]
-    return plan + [cur] if cur else plan
-
-
 def completion_logps(model, batch, temperature, device, banned=None, entropy=False):
     """Log-probs under policy_logits of every completion token of a packed batch of completion_items,
     in order (flat, (n,)); with entropy=True also the policy's entropy at each of them (detached).
@@ -463,7 +451,7 @@ def plan_updates(keep, seq_len, G, device):
     chunks = [set(c.tolist()) for c in np.array_split(np.arange(G), num_minibatches)]
     kept = keep.nonzero().squeeze(1).tolist()
     minibatches = [[j for j in kept if j % G in c] for c in chunks]
-    plans = [plan_micro_batches(mb, seq_len, train_token_budget) for mb in minibatches]
+    plans = [greedy_pack(mb, seq_len, train_token_budget) for mb in minibatches]  # consecutive rows
     n_micro = reduced([len(p) for p in plans], device, 'max').long().tolist()
     return minibatches, [[(rows, 1.0) for rows in p] + [([0], 0.0)] * (n - len(p)) for p, n in zip(plans, n_micro)]
 
