@@ -88,7 +88,7 @@ from configurator import configure
 from data import Tokenizer, VisionSettings, encode, greedy_pack, pack, read_samples
 from model import Qwen2VL, filter_logits, rope_positions
 from sft import (init_distributed, load_training_state, log_metrics, lr_at, make_optimizer, peak_memory,
-                 print0, save_checkpoint, shard_model, target_positions)
+                 print0, save_checkpoint, shard_model, target_positions, trim_metrics)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -549,15 +549,6 @@ def check_config(world):
         if failed:
             raise ValueError(msg)
 
-
-def trim_metrics(path, step):
-    """On resume: drop the lines a killed run logged after its last checkpoint."""
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [l for l in f if json.loads(l)['step'] < step]
-        with open(path + '.tmp', 'w') as f:
-            f.writelines(kept)
-        os.replace(path + '.tmp', path)
 
 # -----------------------------------------------------------------------------
 

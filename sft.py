@@ -238,6 +238,16 @@ def log_metrics(path, metrics):
         f.write(json.dumps(metrics) + '\n')
 
 
+def trim_metrics(path, step):
+    """On resume: drop the lines a killed run logged after its last checkpoint (atomically)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [l for l in f if json.loads(l)['step'] < step]
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(kept)
+        os.replace(path + '.tmp', path)
+
+
 def _write_json(path, obj):
     with open(path + '.tmp', 'w') as f:
         json.dump(obj, f, indent=2)
@@ -528,12 +538,8 @@ def main(argv=None):
             changed = sorted(k for k, v in json.load(f).items() if k != 'resume' and config.get(k) != v)
         print0(f'resumed from {out_dir} at step {step} (epoch {epoch}, step {start} of it)' +
                (f'; settings changed since: {changed}' if changed else ''))
-        if master and os.path.exists(metrics_path):  # drop lines a killed run logged after its last checkpoint
-            with open(metrics_path) as f:
-                kept = [l for l in f if json.loads(l)['step'] < step]
-            with open(metrics_path + '.tmp', 'w') as f:
-                f.writelines(kept)
-            os.replace(metrics_path + '.tmp', metrics_path)
+        if master:
+            trim_metrics(metrics_path, step)
     elif os.path.exists(os.path.join(out_dir, 'train_state.json')):
         raise FileExistsError(f'{out_dir} holds a run (train_state.json): continue it with --resume=True '
                               f'or pick another --out_dir')
