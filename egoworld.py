@@ -42,14 +42,17 @@ Output (each split dir in the released benchmark layout, data.read_benchmark rea
     out/{split}/part1/<id>.mp4, out/{split}/routes.jsonl (the ground-truth route per video),
     out/{split}/st_r1_cot.jsonl and st_r1_nocot.jsonl (ST-R1 training format, 8 items a video).
 CoT: the paper's reverse-thinking template, cleaned of Python list reprs. A forward MCQ:
-    <think>Headings: north, east, north. Let's start by thinking reverse {reverse stem} {reverse
-    ground truth} And then think about {forward stem} Hence, reversing it gives {forward ground
-    truth}, so the correct answer is B</think> <answer>B</answer>
-A reverse question starts "thinking forward" with the forward ground truth. Without our two
+    <think>Headings: north, east, north. Turns: north to east clockwise, east to north
+    anticlockwise. Let's start by thinking reverse {reverse stem} {reverse ground truth} And then
+    think about {forward stem} Hence, reversing it gives: {forward ground truth}, so the correct
+    answer is B</think> <answer>B</answer>
+A reverse question starts "thinking forward" with the forward ground truth. Without our three
 additions it is the paper's template verbatim: "Headings: ..." (cot_perception: the compass
 heading of each segment; the probe found a tiny model learns routes only through such a
-perception step) and "reversing it gives {...}, so" (cot_answer_text: matching options needs the
-derived text stated). Route items end "Hence, reversing it gives the route.</think> <answer>{route
+perception step), "Turns: ..." (cot_turns: each turn beside the two headings it comes from, so
+left/right is a local lookup; worded without "left"/"right" so reward.py does not read it as part
+of the stated route) and "reversing it gives: {...}, so" (cot_answer_text: matching options needs
+the derived text stated). Route items end "Hence, reversing it gives the route.</think> <answer>{route
 text}</answer>". data.py's CoT pattern recovers the opposite ground truth exactly. No-CoT: the
 solution is "<answer>X</answer>" (route items: the route text inside the tags).
 
@@ -86,17 +89,29 @@ seg_len = (2, 4)        # cells per segment
 n_options = 4
 # chain of thought
 cot_perception = True   # prefix "Headings: ..." (the probe: routes are learnable through headings)
+cot_turns = True        # then "Turns: east to south clockwise, ...": each turn beside the two headings
+                        # it comes from, so deriving left/right is a local lookup (see README's diagnosis)
 cot_answer_text = True  # state the question's own answer text before the letter
 # extras
 contact_sheet = ''      # a PNG path: frames of a few train samples with their route text
 make_model = ''         # a directory: tokenizer.json + tiny random Qwen2-VL checkpoint
 # the tiny model (--make_model): PROBE.md's size, ~2M parameters, learns EgoWorld on 2 cores
 vocab_size = 1024       # BPE vocabulary, Qwen2-VL's 14 special tokens included
+tiny_phrases = True     # phrase tokens (data.PHRASE_SPLIT): samples ~2.5x shorter, ~2x faster training on a CPU
 tiny_hidden = 128
 tiny_layers = 4
 tiny_heads = 4          # head_dim 32 -> mrope_section [4, 6, 6], Qwen2-VL's 16:24:24 scaled down
 tiny_kv_heads = 2
 tiny_intermediate = 512
+# Initialisation. GPT-2's std 0.02 is for width 768; at width 128 it leaves attention logits near zero,
+# and a tiny model trained on the CoT never learned to copy a token it had written (the option letter
+# into <answer>, its own turns into the route): those stayed at chance for 1,000 steps while perception
+# reached 96% (README: diagnosis). With weights at ~0.7/sqrt(width) the same copy is learned in ~200
+# steps. Input embeddings are untied (as Qwen2-VL-7B) at std 1: tied, tokens predicted in the same
+# contexts ("A".."D") are pulled together (cosine 0.95) and cannot be told apart as inputs.
+tiny_init_std = 0.06
+tiny_tied = False
+tiny_embed_std = 1.0
 tiny_vision_depth = 2
 tiny_vision_dim = 128
 tiny_vision_heads = 4
@@ -516,13 +531,17 @@ def cot_solution(route, qs, task, d, cot=True):
     if not cot:
         return f'<answer>{answer}</answer>'
     o = 'reverse' if d == 'forward' else 'forward'
-    head = f"Headings: {', '.join(HEADINGS[h] for h in route['headings'])}. " if cot_perception else ''
+    hs = [HEADINGS[h] for h in route['headings']]
+    head = f"Headings: {', '.join(hs)}. " if cot_perception else ''
+    if cot_turns:  # no left/right words: reward.py would read them as part of the stated route
+        head += 'Turns: ' + ', '.join(f"{a} to {b} {'clockwise' if t == 'right' else 'anticlockwise'}"
+                                      for a, b, t in zip(hs, hs[1:], route['turns'])) + '. '
     think = (f"{head}Let's start by thinking {o} {STEMS[task, o]} {q['opposite']} "
              f"And then think about {STEMS[task, d]} Hence, ")
     if task == 'route':
         return f'<think>{think}reversing it gives the route.</think> <answer>{answer}</answer>'
     if cot_answer_text:
-        think += f"reversing it gives {q['answer_text']}, so "
+        think += f"reversing it gives: {q['answer_text']}, so "
     return f'<think>{think}the correct answer is {answer}</think> <answer>{answer}</answer>'
 
 
@@ -661,16 +680,19 @@ def make_tiny_model(path):
     import data
     import model
     settings = data.VisionSettings(nframes=key_frames, min_pixels=size * size, max_pixels=size * size)
-    tok = data.build_tokenizer(corpus_texts(tiny_corpus), vocab_size, path, settings)
+    tok = data.build_tokenizer(corpus_texts(tiny_corpus), vocab_size, path, settings, phrases=tiny_phrases)
     head_dim = tiny_hidden // tiny_heads
     mrope = [head_dim // 8, head_dim * 3 // 16, head_dim // 2 - head_dim // 8 - head_dim * 3 // 16]
     cfg = model.ModelConfig(vocab_size=tok.vocab_size, hidden_size=tiny_hidden, intermediate_size=tiny_intermediate,
                             num_hidden_layers=tiny_layers, num_attention_heads=tiny_heads,
-                            num_key_value_heads=tiny_kv_heads, mrope_section=mrope, tie_word_embeddings=True,
+                            num_key_value_heads=tiny_kv_heads, mrope_section=mrope, tie_word_embeddings=tiny_tied,
                             max_position_embeddings=4096, vision_depth=tiny_vision_depth,
                             vision_embed_dim=tiny_vision_dim, vision_num_heads=tiny_vision_heads, **tok.model_ids())
     torch.manual_seed(seed)
-    m = model.Qwen2VL(cfg)   # init std 0.02 (PROBE: tied embeddings with default init start at loss ~12)
+    m = model.Qwen2VL(cfg)
+    for name, p in m.named_parameters():   # see tiny_init_std
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=tiny_embed_std if name == 'embed_tokens.weight' and not tiny_tied else tiny_init_std)
     m.save_pretrained(path)
     n = sum(p.numel() for p in m.parameters())
     print(f'tiny model: {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, frames {size}x{size} x {key_frames} -> {path}')

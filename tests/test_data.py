@@ -54,6 +54,15 @@ def tok(tmp_path_factory):
     return D.build_tokenizer(texts, 400, str(tmp_path_factory.mktemp('tok')))
 
 
+@pytest.fixture(scope='module')
+def phrase_tok(tmp_path_factory):
+    """The phrase tokenizer (EgoWorld's tiny model uses it) on text of the same shape."""
+    texts = [D.build_user_text(D.Sample('x', 'v', 'direction', 'forward', 'which way did you go?', o, 'A'))
+             for o in (['turn left, turn right', 'turn right'], ['turn right, turn left', 'turn left, turn left'])]
+    texts += ["<think>Headings: east, south. Turns: east to south clockwise. Hence, the correct answer is A</think> <answer>A</answer>"]
+    return D.build_tokenizer(texts * 20, 600, str(tmp_path_factory.mktemp('ptok')), phrases=True)
+
+
 def mcq(video, sol="<think>go left</think><answer>B</answer>"):
     return D.Sample(id='s1', video=video, task='direction', direction='forward', question='Which way, A or B?',
                     options=['left', 'right, then left'], answer='B', answer_text='right, then left', solution=sol, source='t:1')
@@ -147,10 +156,27 @@ def test_tokenizer_dir_loads_in_transformers(tok):
 
 # ----------------------------------------------------------------------------- ids against the processor
 
-@pytest.fixture
-def processor(tok, monkeypatch):
+def test_phrase_tokenizer_merges_phrases_and_loads_in_transformers(phrase_tok, tok):
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(phrase_tok.path))
+    text = D.build_user_text(D.Sample('x', 'v', 'direction', 'forward', 'which way did you go?', ['turn right', 'turn left, turn right'], 'B'))
+    text += "<think>Headings: east, south. Hence, the correct answer is B</think> <answer>B</answer><|im_end|>\n"
+    assert hf(text, add_special_tokens=False)['input_ids'] == phrase_tok.encode(text)
+    assert phrase_tok.decode(phrase_tok.encode(text)) == text
+    pieces = [phrase_tok.decode([i]) for i in phrase_tok.encode(text)]
+    assert ' turn right' in pieces and ' east' in pieces and '<think>' in pieces   # whole phrases, tags alone
+    assert all(p == ',' or ',' not in p for p in pieces)   # never across a comma
+    split = [w for w, _ in phrase_tok.tk.pre_tokenizer.pre_tokenize_str('turn left And then, go<think>x')]
+    assert split == ['turnĠleft', 'ĠAndĠthen', ',', 'Ġgo', '<think>', 'x']   # a capitalised word starts a piece
+    assert len(pieces) < len(tok.encode(text)) / 2
+
+
+@pytest.fixture(params=['words', 'phrases'])
+def processor(request, tok, phrase_tok, monkeypatch):
     """transformers' Qwen2VLProcessor; its video processor needs torchvision, so a stand-in runs the
-    oracle pipeline above (the processor's own code expands the placeholders and tokenises)."""
+    oracle pipeline above (the processor's own code expands the placeholders and tokenises).
+    Parametrised over both of data.build_tokenizer's splits; the tests take our tokenizer from `processor.ours`."""
+    tok = phrase_tok if request.param == 'phrases' else tok
     from transformers import AutoTokenizer, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.processing_utils import ProcessorMixin
@@ -164,13 +190,15 @@ def processor(tok, monkeypatch):
             pv, grid = hf_video(np.asarray(videos[0]), s)
             return {'pixel_values_videos': pv, 'video_grid_thw': grid}
     d = os.path.dirname(tok.path)
-    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(d), tokenizer=AutoTokenizer.from_pretrained(d),
-                            video_processor=Video(), chat_template=D.CHAT_TEMPLATE)
+    p = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(d), tokenizer=AutoTokenizer.from_pretrained(d),
+                         video_processor=Video(), chat_template=D.CHAT_TEMPLATE)
+    p.ours = tok
+    return p
 
 
 @pytest.mark.parametrize('target', ["<think>Turn back, then go\nstraight.</think> <answer>B</answer>", None])
-def test_ids_match_transformers_processor(tok, vids, processor, target):
-    s = mcq(vids['a'])
+def test_ids_match_transformers_processor(vids, processor, target):
+    s, tok = mcq(vids['a']), processor.ours
     conv = [{'role': 'user', 'content': [{'type': 'video'}, {'type': 'text', 'text': D.build_user_text(s)}]}]
     if target is not None:
         conv.append({'role': 'assistant', 'content': [{'type': 'text', 'text': target}]})
@@ -184,7 +212,8 @@ def test_ids_match_transformers_processor(tok, vids, processor, target):
     assert int((out['input_ids'] == tok.video_pad_id).sum()) == 4 * 24 * 24 // 4
 
 
-def test_image_sample_ids_match_processor(tok, processor, tmp_path):
+def test_image_sample_ids_match_processor(processor, tmp_path):
+    tok = processor.ours
     from PIL import Image
     img = np.random.default_rng(1).integers(0, 256, (60, 100, 3), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / 'x.png')

@@ -146,7 +146,11 @@ def test_cot_states_the_opposite_route():
     for (task, d), q in qs.items():
         sol = ew.cot_solution(route, qs, task, d)
         o = 'reverse' if d == 'forward' else 'forward'
-        assert sol.startswith('<think>Headings: ' + ', '.join(ew.HEADINGS[h] for h in route['headings']) + '. ')
+        hs = [ew.HEADINGS[h] for h in route['headings']]
+        turns = [{'clockwise': 'right', 'anticlockwise': 'left'}[t.split()[-1]]
+                 for t in sol.split('Turns: ')[1].split('. ')[0].split(', ')]
+        assert sol.startswith('<think>Headings: ' + ', '.join(hs) + '. Turns: ' + hs[0] + ' to ' + hs[1] + ' ')
+        assert turns == route['turns'] == [t for k, t in ew.route_steps(route) if k == 'turn']
         assert f"Let's start by thinking {o} {ew.STEMS[task, o]} {qs[task, o]['answer_text']} And then think about {ew.STEMS[task, d]} Hence, " in sol
         assert '[' not in sol and sol.endswith(f"</think> <answer>{q['answer']}</answer>")
         assert ew.cot_solution(route, qs, task, d, cot=False) == f"<answer>{q['answer']}</answer>"
@@ -275,4 +279,9 @@ def test_tiny_model_runs_on_egoworld(tmp_path, monkeypatch):
         logits = loaded(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'])
     assert logits.shape == (len(enc['input_ids']), tok.vocab_size) and torch.isfinite(logits).all()
     loss = torch.nn.functional.cross_entropy(logits[:-1], b['labels'][1:], ignore_index=-100)
-    assert abs(loss.item() - np.log(tok.vocab_size)) < 1.0           # std 0.02 init: near-uniform start
+    assert abs(loss.item() - np.log(tok.vocab_size)) < 1.0           # near-uniform start
+    # the tiny model's init (egoworld.tiny_init_std): untied input embeddings at std 1, weights at 0.06
+    assert not loaded.config.tie_word_embeddings and loaded.lm_head is not None
+    assert abs(loaded.embed_tokens.weight.std().item() - ew.tiny_embed_std) < 0.05 * ew.tiny_embed_std
+    for name in ('layers.0.self_attn.q_proj.weight', 'layers.3.mlp.down_proj.weight', 'lm_head.weight'):
+        assert abs(dict(loaded.named_parameters())[name].std().item() - ew.tiny_init_std) < 0.1 * ew.tiny_init_std
