@@ -17,7 +17,7 @@ import sys
 
 from PIL import Image, ImageDraw
 
-SFT_KEYS = ['loss', 'grad_norm']
+SFT_KEYS = ['log10 loss', 'grad_norm']   # the loss spans 7 -> 0.2: a log scale shows the late part
 GRPO_KEYS = ['reward/total', 'reward/accuracy', 'reward/format', 'reward/reverse', 'kl', 'completion_len']
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 W, H, PAD = 420, 260, 44   # one panel, px
@@ -43,7 +43,10 @@ def read_metrics(run):
 
 
 def series(rows, key):
-    return [(r['step'], float(r[key])) for r in rows if r.get(key) is not None and math.isfinite(float(r[key]))]
+    log = key.startswith('log10 ')
+    key = key[len('log10 '):] if log else key
+    pts = [(r['step'], float(r[key])) for r in rows if r.get(key) is not None and math.isfinite(float(r[key]))]
+    return [(s, math.log10(v)) for s, v in pts if v > 0] if log else pts
 
 
 def ema(values, alpha):
@@ -88,7 +91,7 @@ def draw_panel(img, x0, y0, title, curves):
     for i, (name, colour, s) in enumerate(curves):
         steps, vals = [p[0] for p in s], [p[1] for p in s]
         faint = tuple(int(c + (255 - c) * 0.7) for c in colour)
-        smooth = ema(vals, alpha=min(1.0, 60 / max(len(vals), 1) / 2))  # ~30-point window
+        smooth = ema(vals, alpha=2 / (max(3, len(vals) / 30) + 1))   # a window of 1/30 of the run
         for v, col, width in ((vals, faint, 1), (smooth, colour, 2)):
             line = [(X(a), Y(b)) for a, b in zip(steps, v)]
             if len(line) == 1:
