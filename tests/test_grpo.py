@@ -274,11 +274,12 @@ def mean_reward(world, model_dir, n_prompts=4, G=8, L=16):
 
 def test_grpo_raises_the_reward(world):
     out = world / 'learn'
-    run(world, out, max_steps=15, num_generations=8, max_completion_length=16, beta=0.0)
+    steps = 25   # 15 sufficed at the tiny model's former std-0.02 init; its matrices now start at 0.06
+    run(world, out, max_steps=steps, num_generations=8, max_completion_length=16, beta=0.0)
     before, after = mean_reward(world, world / 'tiny'), mean_reward(world, out)
     assert after > before + 0.1, (before, after)
     m = metrics(out)
-    assert [x['step'] for x in m] == list(range(15))
+    assert [x['step'] for x in m] == list(range(steps))
     r = [x['reward'] for x in m]
     assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.05, r
     # the log is complete and sane: the sampler and the training forward agree (fp32), rates are rates
