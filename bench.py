@@ -239,24 +239,15 @@ def read_predictions(out_dir, settings):
     for path in _pred_files(out_dir):
         if not os.path.exists(path):
             continue
-        with open(path) as f:
-            lines = f.read().split('\n')
-        last = max((i for i, l in enumerate(lines) if l.strip()), default=-1)
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                if i == last:
-                    print(f"bench: {path}:{i + 1}: incomplete last line (interrupted write), re-evaluating it", file=sys.stderr)
-                    continue
-                raise D.DataError(f"{path}:{i + 1}: not a JSON record ({e}); fix or delete the file") from None
+        rows, torn = D.read_jsonl_log(path)
+        if torn:
+            print(f"bench: {path}:{torn}: incomplete last line (interrupted write), re-evaluating it", file=sys.stderr)
+        for n, rec in rows:
             old = rec.get('settings') or {}
             if old != settings:
                 diff = ', '.join(f"{k}: file {old.get(k)!r} vs now {settings.get(k)!r}"
                                  for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
-                raise D.DataError(f"{path}:{i + 1}: predictions were made with other settings ({diff}); "
+                raise D.DataError(f"{path}:{n}: predictions were made with other settings ({diff}); "
                                  f"use another --out_dir or delete the file")
             if rec.get('bad'):
                 bad.append(rec)  # bad samples are retried by the next run

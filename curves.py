@@ -10,12 +10,13 @@ values are drawn faint and an exponential moving average on top. Drawn with Pill
 the project already needs for frames: no plotting library for six line charts.
 Left out: log axes, interactive plots, anything a notebook does better.
 """
-import json
 import math
 import os
 import sys
 
 from PIL import Image, ImageDraw
+
+import data
 
 SFT_KEYS = ['log10 loss', 'grad_norm']   # the loss spans 7 -> 0.2: a log scale shows the late part
 GRPO_KEYS = ['reward/total', 'reward/accuracy', 'reward/format', 'reward/reverse', 'kl', 'completion_len']
@@ -28,18 +29,10 @@ def read_metrics(run):
     path = os.path.join(run, 'metrics.jsonl') if os.path.isdir(run) else run
     if not os.path.isfile(path):
         raise SystemExit(f'curves.py: {path} not found (run sft.py / grpo.py with that out_dir first)')
-    rows = []
-    with open(path) as f:
-        lines = f.read().split('\n')
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:   # only the last line may be cut by an interrupted write
-                raise SystemExit(f'curves.py: {path}:{i}: not JSON')
-    return rows
+    try:
+        return [r for _, r in data.read_jsonl_log(path)[0]]
+    except data.DataError as e:
+        raise SystemExit(f'curves.py: {e}') from None
 
 
 def series(rows, key):

@@ -45,8 +45,8 @@ stage bench $PY bench.py "$OUT/grpo-egoworld" config/bench_egoworld.py --data="$
   --out_dir="$OUT/bench/grpo-egoworld_test" $BENCH
 stage bench_ood $PY bench.py "$OUT/grpo-egoworld" config/bench_egoworld.py --data="$DATA/ood" \
   --out_dir="$OUT/bench/grpo-egoworld_ood" $BENCH
-stage curves sh -c "$PY curves.py '$OUT/sft-egoworld' --out='$OUT/curves_sft.png' && \
-  $PY curves.py '$OUT/grpo-egoworld' --out='$OUT/curves_grpo.png'"
+curves() { $PY curves.py "$OUT/sft-egoworld" --out="$OUT/curves_sft.png" && $PY curves.py "$OUT/grpo-egoworld" --out="$OUT/curves_grpo.png"; }
+stage curves curves
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$OUT/demo_times.txt"
 echo; echo "== SFT(CoT) + GRPO on EgoWorld: test split (chance on MCQ = 25%) =="; cat "$OUT/bench/grpo-egoworld_test/results.md"
 echo; echo "== out-of-distribution split (5-segment routes, unseen theme) =="; cat "$OUT/bench/grpo-egoworld_ood/results.md"

@@ -44,7 +44,7 @@ def test_line_drawn_where_the_values_are(tmp_path):
 def test_bad_line_names_file_and_line(tmp_path):
     (tmp_path / 'r').mkdir()
     (tmp_path / 'r' / 'metrics.jsonl').write_text('{"step": 0, "loss": 1}\nnot json\n{"step": 2, "loss": 1}\n')
-    with pytest.raises(SystemExit, match=r'metrics.jsonl:2: not JSON'):
+    with pytest.raises(SystemExit, match=r'metrics.jsonl:2: not a JSON record'):
         curves.read_metrics(str(tmp_path / 'r'))
     with pytest.raises(SystemExit, match='not found'):
         curves.read_metrics(str(tmp_path / 'missing'))
