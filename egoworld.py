@@ -97,7 +97,7 @@ contact_sheet = ''      # a PNG path: frames of a few train samples with their r
 make_model = ''         # a directory: tokenizer.json + tiny random Qwen2-VL checkpoint
 # the tiny model (--make_model): PROBE.md's size, ~2M parameters, learns EgoWorld on 2 cores
 vocab_size = 1024       # BPE vocabulary, Qwen2-VL's 14 special tokens included
-tiny_phrases = True     # phrase tokens (data.PHRASE_SPLIT): samples ~2.5x shorter, ~2x faster training on a CPU
+tiny_phrases = True     # phrase tokens (data.PHRASE_SPLIT): samples ~2.2x shorter, ~2x faster training on a CPU
 tiny_hidden = 128
 tiny_layers = 4
 tiny_heads = 4          # head_dim 32 -> mrope_section [4, 6, 6], Qwen2-VL's 16:24:24 scaled down
