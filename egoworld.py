@@ -55,6 +55,9 @@ of the stated route) and "reversing it gives: {...}, so" (cot_answer_text: match
 the derived text stated). Route items end "Hence, reversing it gives the route.</think> <answer>{route
 text}</answer>". data.py's CoT pattern recovers the opposite ground truth exactly. No-CoT: the
 solution is "<answer>X</answer>" (route items: the route text inside the tags).
+cot_check (off by default; an experiment, see README): after the derived answer, "Check A: turn right =
+turn right, nothing = turn left (no); B: ... (yes). So the correct answer is B", every option beside
+the derived answer item by item, so that picking the option is a row of local comparisons.
 
 Left out on purpose: textures beyond flat colours, lighting, rooms wider than a corridor,
 moving people, audio; and a second camera height for stairs (the steps' shading carries up/down).
@@ -92,6 +95,8 @@ cot_perception = True   # prefix "Headings: ..." (the probe: routes are learnabl
 cot_turns = True        # then "Turns: east to south clockwise, ...": each turn beside the two headings
                         # it comes from, so deriving left/right is a local lookup (see README's diagnosis)
 cot_answer_text = True  # state the question's own answer text before the letter
+cot_check = False       # then compare it with every option item by item: "Check A: turn left = turn right,
+                        # nothing = turn left (no); B: ... (yes). So" (needs cot_answer_text)
 # extras
 contact_sheet = ''      # a PNG path: frames of a few train samples with their route text
 make_model = ''         # a directory: tokenizer.json + tiny random Qwen2-VL checkpoint
@@ -540,9 +545,24 @@ def cot_solution(route, qs, task, d, cot=True):
              f"And then think about {STEMS[task, d]} Hence, ")
     if task == 'route':
         return f'<think>{think}reversing it gives the route.</think> <answer>{answer}</answer>'
-    if cot_answer_text:
+    if cot_answer_text and cot_check:
+        think += f"reversing it gives: {q['answer_text']}. Check {check_text(q['answer_text'], q['options'])}. So "
+    elif cot_answer_text:
         think += f"reversing it gives: {q['answer_text']}, so "
     return f'<think>{think}the correct answer is {answer}</think> <answer>{answer}</answer>'
+
+
+def check_text(answer_text, options):
+    """'A: o1 = x1, o2 = x2 (no); B: ... (yes)': each option beside the derived answer item by item
+    ('nothing' pads the shorter list), so that telling the matching option is a local comparison."""
+    xs = [x.strip() for x in answer_text.split(',')]
+    lines = []
+    for letter, o in zip(LETTERS, options):
+        os_ = [x.strip() for x in o.split(',')]
+        n = max(len(os_), len(xs))
+        pairs = zip(os_ + ['nothing'] * (n - len(os_)), xs + ['nothing'] * (n - len(xs)))
+        lines.append(f"{letter}: {', '.join(f'{a} = {b}' for a, b in pairs)} ({'yes' if os_ == xs else 'no'})")
+    return '; '.join(lines)
 
 
 def problem_text(q):
@@ -622,7 +642,8 @@ def check_config():
            (min(segments[0], ood_segments[0]) < 2, 'segments/ood_segments: a route needs at least 2 segments (a turn)'),
            (seg_len[0] < 2, f'seg_len={seg_len}: segments need an inner cell for actions and landmarks'),
            (ood_theme not in THEMES, f'ood_theme={ood_theme!r}: one of {sorted(THEMES)}'),
-           (not 2 <= n_options <= 4, f'n_options={n_options}: 2 to 4 (the prompt names letters A-D)')]
+           (not 2 <= n_options <= 4, f'n_options={n_options}: 2 to 4 (the prompt names letters A-D)'),
+           (cot_check and not cot_answer_text, 'cot_check=True needs cot_answer_text=True (it compares the options with that text)')]
     for failed, msg in bad:
         if failed:
             raise ValueError(msg)

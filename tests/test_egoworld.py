@@ -156,6 +156,28 @@ def test_cot_states_the_opposite_route():
         assert ew.cot_solution(route, qs, task, d, cot=False) == f"<answer>{q['answer']}</answer>"
 
 
+def test_check_compares_every_option_item_by_item(monkeypatch):
+    # hand-written: B is the answer; A is shorter, C longer and different
+    assert ew.check_text('turn right, turn left', ['turn right', 'turn right, turn left', 'turn left, turn left, turn right']) == (
+        'A: turn right = turn right, nothing = turn left (no); '
+        'B: turn right = turn right, turn left = turn left (yes); '
+        'C: turn left = turn right, turn left = turn left, turn right = nothing (no)')
+    monkeypatch.setattr(ew, 'cot_check', True)
+    (route, qs), = questions(1, seed=3)
+    for (task, d), q in qs.items():
+        sol = ew.cot_solution(route, qs, task, d)
+        if task == 'route':
+            assert 'Check' not in sol
+            continue
+        check = sol.split(f"reversing it gives: {q['answer_text']}. Check ")[1].split('. So the correct answer is ')[0]
+        verdicts = [line.rsplit('(', 1)[1].rstrip(')') for line in check.split('; ')]
+        assert verdicts == ['yes' if L == q['answer'] else 'no' for L in ew.LETTERS[:len(q['options'])]]
+        assert sol.endswith(f"So the correct answer is {q['answer']}</think> <answer>{q['answer']}</answer>")
+    monkeypatch.setattr(ew, 'cot_answer_text', False)
+    with pytest.raises(ValueError, match='cot_check=True needs cot_answer_text'):
+        ew.check_config()
+
+
 def _hand_route():
     """North 3 cells (white clock on the left at cell 1, box at cell 2), turn right, east 3 cells."""
     return dict(headings=[0, 1], lengths=[3, 3], turns=['right'], cells=ew.carve([0, 1], [3, 3]),
