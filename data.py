@@ -192,7 +192,9 @@ QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 # The phrase split: pieces end only at punctuation, newlines and tags, so BPE may merge whole phrases
 # ("turn left", " pink window", the fixed instructions) into one token. For tiny models trained from
 # scratch on a closed world, where sequence length is the compute budget (see build_tokenizer).
-PHRASE_SPLIT = r"""</?[a-z]+>|[\r\n]+|[,.?:!()]"""
+# "=" splits too: egoworld's cot_check pairs "turn left = turn right" must stay two items, not one
+# merged token (measured: MCQ 48.5% avg with the split vs 37.8% merged, 1,400 SFT steps; README).
+PHRASE_SPLIT = r"""</?[a-z]+>|[\r\n]+|[,.?:!()=]"""
 SENTENCE_START = r""" (?=[A-Z])"""  # and a capitalised word starts a new piece ("... turn left| And then ...")
 
 class Tokenizer:

@@ -55,9 +55,10 @@ of the stated route) and "reversing it gives: {...}, so" (cot_answer_text: match
 the derived text stated). Route items end "Hence, reversing it gives the route.</think> <answer>{route
 text}</answer>". data.py's CoT pattern recovers the opposite ground truth exactly. No-CoT: the
 solution is "<answer>X</answer>" (route items: the route text inside the tags).
-cot_check (off by default; an experiment, see README): after the derived answer, "Check A: turn right =
-turn right, nothing = turn left (no); B: ... (yes). So the correct answer is B", every option beside
-the derived answer item by item, so that picking the option is a row of local comparisons.
+cot_check (off by default): after the derived answer, "Check A: turn right = turn right, nothing =
+turn left (no); B: ... (yes). So the correct answer is B", every option beside the derived answer
+item by item, so that picking the option is a row of local comparisons. With it SFT is clearly
+above chance on MCQ after 1,400 steps (README, results row 5); not yet within the demo's budget.
 
 Left out on purpose: textures beyond flat colours, lighting, rooms wider than a corridor,
 moving people, audio; and a second camera height for stairs (the steps' shading carries up/down).

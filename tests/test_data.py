@@ -168,6 +168,8 @@ def test_phrase_tokenizer_merges_phrases_and_loads_in_transformers(phrase_tok, t
     assert all(p == ',' or ',' not in p for p in pieces)   # never across a comma
     split = [w for w, _ in phrase_tok.tk.pre_tokenizer.pre_tokenize_str('turn left And then, go<think>x')]
     assert split == ['turnĠleft', 'ĠAndĠthen', ',', 'Ġgo', '<think>', 'x']   # a capitalised word starts a piece
+    split = [w for w, _ in phrase_tok.tk.pre_tokenizer.pre_tokenize_str('A: turn left = turn right (no)')]
+    assert split == ['A', ':', 'ĠturnĠleftĠ', '=', 'ĠturnĠrightĠ', '(', 'no', ')']   # cot_check's pairs stay two items
     assert len(pieces) < len(tok.encode(text)) / 2
 
 
