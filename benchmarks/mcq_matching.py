@@ -55,26 +55,25 @@ assert cot in ('answer', 'check'), f'cot must be answer or check, got {cot!r}'
 TASKS = tasks.split(',')
 for t in TASKS:
     assert t in ('direction', 'landmark', 'action'), f'unknown MCQ task {t!r}'
+egoworld.cot_check = cot == 'check'   # the tail is cut from egoworld's own CoT
 
 
 def encode(tok, rng, task, d):
     """(ids, labels, letter position, verdict positions) of one text-only matching sample."""
-    _, qs = egoworld.make_questions(rng, egoworld.segments, egoworld.seg_len, egoworld.n_options)
+    route, qs = egoworld.make_questions(rng, egoworld.segments, egoworld.seg_len, egoworld.n_options)
     q = qs[task, d]
     s = data.Sample(id='0', video='', task=task, direction=d, question=q['question'], options=q['options'],
                     answer=q['answer'], answer_text=q['answer_text'])
-    if cot == 'check':
-        tail = (f"<think>Hence, reversing it gives: {q['answer_text']}. Check "
-                f"{egoworld.check_text(q['answer_text'], q['options'])}. So the correct answer is {q['answer']}")
-    else:
-        tail = f"<think>Hence, reversing it gives: {q['answer_text']}, so the correct answer is {q['answer']}"
+    sol = egoworld.cot_solution(route, qs, task, d)   # "<think>... Hence, reversing it gives: X ... is B</think> ..."
+    tail = '<think>' + sol[sol.index('Hence, '):sol.index('</think>')]
     ids, labels = data.chat_tokens(tok, data.build_user_text(s), 0, tail)
     end = len(ids) - 2                  # chat_tokens appends <|im_end|>\n: the letter is just before
     ids, labels = ids[:end], labels[:end]
     labels = labels[1:] + [-100]        # label at t = token t+1
     if loss == 'letter':
         labels = [-100] * (end - 2) + [labels[end - 2], -100]
-    verdicts = [i for i, t in enumerate(ids) if t == tok.encode('(')[0] and labels[i] != -100] if cot == 'check' else []
+    paren = tok.encode('(')[0]
+    verdicts = [i for i, t in enumerate(ids) if t == paren and labels[i] != -100] if cot == 'check' else []
     return ids, labels, end - 2, verdicts
 
 
@@ -110,8 +109,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix='mcq_matching_') as tmp:
         path = init_from or tmp
         if not init_from:
-            egoworld.cot_check = cot == 'check'   # its tokenizer learns the words the tail uses
-            egoworld.make_tiny_model(path)
+            egoworld.make_tiny_model(path)   # with cot_check set above, its tokenizer learns the tail's words
         tok = data.Tokenizer(path)
         m = M.Qwen2VL.from_pretrained(path)
     m.train()
