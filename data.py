@@ -30,12 +30,14 @@ Design
 - Loader: lengths are known before decoding (video header + tokenizer), so batches are planned
   up front under a token budget (seeded shuffle, greedy packing), dealt to ranks disjointly with an
   equal count per rank (the < world_size leftover batches of an epoch are dropped), and decoded in
-  DataLoader worker processes.
+  DataLoader worker processes, optionally through a FrameCache (a training epoch reads each video
+  once per question about it, 8 times in Ego-ST).
 
 Left out on purpose: fps-based sampling and per-video pixel budgets (the paper uses 8 frames
 per clip), multi-turn chats, several videos per sample, padding/attention masks (packed only).
 """
 import ast
+import collections
 import json
 import math
 import os
@@ -159,7 +161,9 @@ def preprocess_frames(frames, settings):
         raise DataError(f'frames must be uint8 (N, H, W, 3), got {frames.dtype} {frames.shape}')
     n, height, width, _ = frames.shape
     H, W = smart_resize(height, width, settings.min_pixels, settings.max_pixels)
-    x = np.stack([np.asarray(Image.fromarray(f).resize((W, H), Image.BICUBIC)) for f in frames])
+    if (H, W) != (height, width):  # PIL returns an unchanged copy at the same size: skip the round trip
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((W, H), Image.BICUBIC)) for f in frames])
+    x = frames
     x = (x.astype(np.float32) / 255 - CLIP_MEAN) / CLIP_STD
     if n % TEMPORAL_PATCH:  # an odd count repeats its last frame (a still image becomes 2 equal frames)
         x = np.concatenate([x, np.repeat(x[-1:], TEMPORAL_PATCH - n % TEMPORAL_PATCH, 0)])
@@ -582,12 +586,34 @@ def read_samples(path, **kwargs):
 def _config(tok, cfg):
     return cfg if cfg is not None else model_lib.ModelConfig(**tok.model_ids(), spatial_merge_size=MERGE)
 
-def encode(sample, tok, settings, target=None, cfg=None):
+class FrameCache:
+    """Decoded frames by (path, nframes); past max_bytes the least recently used go. Frames come
+    back read-only (preprocessing copies them). Lives in the process that decodes (a DataLoader
+    worker holds its own)."""
+    def __init__(self, max_bytes):
+        self.max_bytes, self.used, self.items = max_bytes, 0, collections.OrderedDict()
+
+    def get(self, key, load):
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        x = load()
+        x.flags.writeable = False
+        if x.nbytes <= self.max_bytes:
+            self.items[key] = x
+            self.used += x.nbytes
+            while self.used > self.max_bytes:
+                self.used -= self.items.popitem(last=False)[1].nbytes
+        return x
+
+def encode(sample, tok, settings, target=None, cfg=None, cache=None):
     """Sample -> dict(input_ids (T,), labels (T,), position_ids (3, T), pixel_values, grid_thw, id,
-    next_position). target None: prompt only, ending with "<|im_start|>assistant\\n"."""
+    next_position). target None: prompt only, ending with "<|im_start|>assistant\\n". cache: a
+    FrameCache to decode through."""
+    image = is_image(sample.video)
+    load = (lambda: load_image(sample.video)) if image else (lambda: load_frames(sample.video, settings.nframes))
     try:
-        image = is_image(sample.video)
-        frames = load_image(sample.video) if image else load_frames(sample.video, settings.nframes)
+        frames = load() if cache is None else cache.get((sample.video, 1 if image else settings.nframes), load)
     except DataError as e:
         raise DataError(f'{sample.source} ({sample.id}): {e}') from e
     pixel_values, grid_thw = preprocess_frames(frames, settings)
@@ -643,23 +669,25 @@ def plan_batches(lengths, token_budget, seed):
     return greedy_pack(np.random.default_rng(seed).permutation(len(lengths)).tolist(), lengths, token_budget)
 
 class PackedBatches(torch.utils.data.Dataset):
-    """Batch i of a plan, decoded and packed (runs in the DataLoader workers)."""
-    def __init__(self, samples, plan, tok, settings, target, cfg=None):
+    """Batch i of a plan, decoded and packed (runs in the DataLoader workers; each worker decodes
+    through its own copy of the cache)."""
+    def __init__(self, samples, plan, tok, settings, target, cfg=None, cache=None):
         self.samples, self.plan, self.tok, self.settings, self.target = samples, plan, tok, settings, target
-        self.cfg = _config(tok, cfg)
+        self.cfg, self.cache = _config(tok, cfg), cache
 
     def __len__(self):
         return len(self.plan)
 
     def __getitem__(self, i):
-        return pack([encode(s, self.tok, self.settings, target_text(s, self.target), self.cfg)
+        return pack([encode(s, self.tok, self.settings, target_text(s, self.target), self.cfg, self.cache)
                      for s in (self.samples[j] for j in self.plan[i])])
 
 def batches(samples, tok, settings, token_budget, seed=0, rank=None, world_size=None, num_workers=2,
-            target='solution', epoch=0, cfg=None):
+            target='solution', epoch=0, cfg=None, cache=None):
     """DataLoader over this rank's packed batches (len() = steps this epoch). Deterministic for
     (seed, epoch); ranks get disjoint batches, the same number each. rank/world_size default to
-    torch.distributed's when it is initialised, else 0/1."""
+    torch.distributed's when it is initialised, else 0/1. cache: a FrameCache to decode through;
+    with num_workers=0 it is this process's and outlives the epoch, else each worker gets a copy."""
     if rank is None and world_size is None:
         dist = torch.distributed
         on = dist.is_available() and dist.is_initialized()
@@ -673,5 +701,5 @@ def batches(samples, tok, settings, token_budget, seed=0, rank=None, world_size=
         raise ValueError(f'batches: {len(samples)} samples make {len(plan)} batches, fewer than {world_size} ranks')
     mine = plan[rank::world_size][:per_rank]
     # own generator: iterating must not draw from torch's global RNG (dropout, sampling use it)
-    return torch.utils.data.DataLoader(PackedBatches(samples, mine, tok, settings, target, cfg), batch_size=None,
+    return torch.utils.data.DataLoader(PackedBatches(samples, mine, tok, settings, target, cfg, cache), batch_size=None,
                                        shuffle=False, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))

@@ -44,21 +44,21 @@ Output (each split dir in the released benchmark layout, data.read_benchmark rea
 CoT: the paper's reverse-thinking template, cleaned of Python list reprs. A forward MCQ:
     <think>Headings: north, east, north. Turns: north to east clockwise, east to north
     anticlockwise. Let's start by thinking reverse {reverse stem} {reverse ground truth} And then
-    think about {forward stem} Hence, reversing it gives: {forward ground truth}, so the correct
-    answer is B</think> <answer>B</answer>
-A reverse question starts "thinking forward" with the forward ground truth. Without our three
+    think about {forward stem} Hence, reversing it gives: {forward ground truth}. Check A: turn
+    left = turn right, nothing = turn left (no); B: turn right = turn right, turn left = turn left
+    (yes); C: ... (no); D: ... (no). So the correct answer is B</think> <answer>B</answer>
+A reverse question starts "thinking forward" with the forward ground truth. Without our four
 additions it is the paper's template verbatim: "Headings: ..." (cot_perception: the compass
 heading of each segment; the probe found a tiny model learns routes only through such a
 perception step), "Turns: ..." (cot_turns: each turn beside the two headings it comes from, so
 left/right is a local lookup; worded without "left"/"right" so reward.py does not read it as part
-of the stated route) and "reversing it gives: {...}, so" (cot_answer_text: matching options needs
-the derived text stated). Route items end "Hence, reversing it gives the route.</think> <answer>{route
-text}</answer>". data.py's CoT pattern recovers the opposite ground truth exactly. No-CoT: the
-solution is "<answer>X</answer>" (route items: the route text inside the tags).
-cot_check (off by default): after the derived answer, "Check A: turn right = turn right, nothing =
-turn left (no); B: ... (yes). So the correct answer is B", every option beside the derived answer
-item by item, so that picking the option is a row of local comparisons. With it SFT is clearly
-above chance on MCQ after 1,400 steps (README, results row 5); not yet within the demo's budget.
+of the stated route), "reversing it gives: {...}" (cot_answer_text: the derived text stated) and
+"Check ..." (cot_check: every option beside the derived answer item by item, "nothing" padding
+the shorter list, so picking the option is a row of local comparisons; without it the tiny model's
+letter stays at chance even when its stated answer is right, README "what was measured"). Route
+items end "Hence, reversing it gives the route.</think> <answer>{route text}</answer>". data.py's
+CoT pattern recovers the opposite ground truth exactly. No-CoT: the solution is
+"<answer>X</answer>" (route items: the route text inside the tags).
 
 Left out on purpose: textures beyond flat colours, lighting, rooms wider than a corridor,
 moving people, audio; and a second camera height for stairs (the steps' shading carries up/down).
@@ -96,8 +96,9 @@ cot_perception = True   # prefix "Headings: ..." (the probe: routes are learnabl
 cot_turns = True        # then "Turns: east to south clockwise, ...": each turn beside the two headings
                         # it comes from, so deriving left/right is a local lookup (see README's diagnosis)
 cot_answer_text = True  # state the question's own answer text before the letter
-cot_check = False       # then compare it with every option item by item: "Check A: turn left = turn right,
-                        # nothing = turn left (no); B: ... (yes). So" (needs cot_answer_text)
+cot_check = True        # then compare it with every option item by item: "Check A: turn left = turn right,
+                        # nothing = turn left (no); B: ... (yes). So" (needs cot_answer_text). Without it the
+                        # letter stays at chance even after 3,000 SFT steps (README, "what was measured")
 # extras
 contact_sheet = ''      # a PNG path: frames of a few train samples with their route text
 make_model = ''         # a directory: tokenizer.json + tiny random Qwen2-VL checkpoint

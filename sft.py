@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from configurator import configure
-from data import DataError, Tokenizer, VisionSettings, read_samples
+from data import DataError, FrameCache, Tokenizer, VisionSettings, read_samples
 from data import batches as data_batches
 from model import Qwen2VL
 
@@ -69,6 +69,9 @@ max_pixels = 360 * 420
 token_budget = 4096      # tokens of one packed micro-batch (vision + text); memory scales with it
 grad_accum = 1
 num_workers = 2          # DataLoader processes decoding video ahead of the GPU
+frame_cache_mb = 0       # decoded frames kept (data.FrameCache): an epoch reads each video once per
+                         # question (8 in Ego-ST). Per worker; with num_workers=0 it outlives the epoch.
+                         # 0: off (7B-sized clips would need GBs)
 # LoRA (the paper's cold start: r=8, alpha=8, dropout 0.1 on q,k,v,o of the LLM); 0 = full fine-tune
 lora_rank = 0
 lora_alpha = 8.0
@@ -472,13 +475,13 @@ def answer_target(sample):
     return f'<answer>{sample.answer}</answer>'
 
 
-def step_batches(samples, tok, settings, target, model_cfg, rank, world, epoch, start):
+def step_batches(samples, tok, settings, target, model_cfg, rank, world, epoch, start, cache=None):
     """Yield (epoch, step in epoch, [grad_accum packed batches]) from step `start` of `epoch` on,
     forever (epochs reshuffle). The tail batches of an epoch that do not fill a step are dropped.
     The loader gets its own RNG so that making one never draws from torch's global RNG (which
     LoRA dropout uses): a resumed run sees the same random numbers as an uninterrupted one."""
     while True:
-        loader = data_batches(samples, tok, settings, token_budget, seed, rank, world, num_workers, target, epoch, model_cfg)
+        loader = data_batches(samples, tok, settings, token_budget, seed, rank, world, num_workers, target, epoch, model_cfg, cache)
         n = len(loader) // grad_accum
         if n == 0:
             raise ValueError(f'{data}: {len(loader)} batches per rank, fewer than grad_accum={grad_accum}')
@@ -556,7 +559,8 @@ def main(argv=None):
         state = dict(step=step_done, epoch=epoch_next, step_in_epoch=start_next, world_size=world)
         save_checkpoint(out_dir, model, init_from, optimizer, state, config, settings.asdict(), getattr(torch, save_dtype))
 
-    batches_iter = step_batches(samples, tok, settings, target, model.config, rank, world, epoch, start)
+    cache = FrameCache(frame_cache_mb * 2**20) if frame_cache_mb > 0 else None
+    batches_iter = step_batches(samples, tok, settings, target, model.config, rank, world, epoch, start, cache)
     pbar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
     while step < total_steps:
         t0 = time.time()

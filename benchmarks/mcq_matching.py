@@ -1,5 +1,5 @@
 """
-How fast does the tiny EgoWorld LM learn option matching, the step where every SFT run so far fails?
+How fast does the tiny EgoWorld LM learn option matching, the step SFT fails at without egoworld's Check block?
 
     python benchmarks/mcq_matching.py                       # full CoT tail in the loss, all three MCQ tasks
     python benchmarks/mcq_matching.py --loss=letter          # loss on the answer letter only
@@ -42,7 +42,7 @@ from configurator import configure
 init_from = ''       # a checkpoint dir; '' makes egoworld's tiny model in a temp dir
 tasks = 'direction,landmark,action'
 loss = 'tail'        # 'tail' (every CoT token, as SFT) or 'letter'
-cot = 'answer'       # 'answer' (egoworld's default CoT tail) or 'check' (egoworld.cot_check's)
+cot = 'answer'       # 'answer' (the tail without egoworld's Check block) or 'check' (egoworld's default, cot_check)
 steps = 600
 eval_every = 100
 batch = 32           # samples a step (the probe's batch)

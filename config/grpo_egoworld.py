@@ -11,8 +11,8 @@ save_interval = 50
 nframes = 16
 min_pixels = 56 * 56
 max_pixels = 56 * 56
-# 8 prompts x 8 generations = 64 rollouts a step; with phrase tokens the CoT is ~40-60 tokens, so 128
-# only cuts runaway samples. ~2.4 s a step on 2 idle cores (measured in the demo)
+# 8 prompts x 8 generations = 64 rollouts a step; with phrase tokens the CoT is ~80-110 tokens (the
+# Check block lists every option), so 128 only cuts runaway samples. ~3.4 s a step on 2 idle cores
 prompts_per_step = 8
 num_generations = 8
 max_completion_length = 128

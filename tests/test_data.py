@@ -93,8 +93,11 @@ def hf_video(frames, settings):
     return patches[0], torch.tensor([[t, h, w]])
 
 
+EXACT = D.VisionSettings(nframes=2, min_pixels=56 * 56, max_pixels=56 * 84)  # 56x84 frames are kept as they are
+
+
 @pytest.mark.parametrize('n,h,w,settings', [(5, 64, 64, D.VisionSettings()), (4, 480, 854, D.VisionSettings()),
-                                            (3, 50, 90, SMALL)])
+                                            (3, 50, 90, SMALL), (2, 56, 84, EXACT)])
 def test_pixels_match_transformers(n, h, w, settings):
     frames = np.random.default_rng(n).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
     pv, grid = D.preprocess_frames(frames, settings)
@@ -102,7 +105,8 @@ def test_pixels_match_transformers(n, h, w, settings):
     assert grid.tolist() == ref_grid.tolist() and grid[0, 0] == (n + 1) // 2
     assert pv.shape == ref_pv.shape == (int(grid.prod()), 1176) and pv.dtype == torch.float32
     assert (pv - ref_pv).abs().max() <= 1e-5
-    assert 100352 <= grid[0, 1] * grid[0, 2] * 196 <= 151200 or settings is SMALL
+    assert 100352 <= grid[0, 1] * grid[0, 2] * 196 <= 151200 or settings in (SMALL, EXACT)
+    assert settings is not EXACT or grid[0, 1:].tolist() == [h // 14, w // 14]  # the no-resize path ran
 
 
 def test_still_image_matches_image_processor(tmp_path):
@@ -391,6 +395,48 @@ def test_bad_benchmark_items(tmp_path, vids):
         D.read_benchmark(str(tmp_path))
 
 
+def test_frame_cache_keeps_least_recently_used_within_bytes():
+    loads = []
+
+    def loader(key, nbytes):
+        return lambda: loads.append(key) or np.zeros(nbytes, np.uint8)
+    c = D.FrameCache(max_bytes=200)
+    a = c.get('a', loader('a', 100))
+    assert not a.flags.writeable  # shared between samples: nobody may write into it
+    c.get('b', loader('b', 100))
+    assert c.get('a', loader('a', 100)) is a  # a hit: no load, and 'a' is now the most recent
+    c.get('c', loader('c', 100))  # over 200 bytes: 'b', the least recently used, goes
+    c.get('a', loader('a', 100))
+    c.get('b', loader('b', 100))
+    assert loads == ['a', 'b', 'c', 'b'] and c.used == 200 and list(c.items) == ['a', 'b']
+    c.get('big', loader('big', 300))  # larger than the whole cache: returned, not kept
+    assert list(c.items) == ['a', 'b'] and c.used == 200
+    c.get('big', loader('big', 300))
+    assert loads[-2:] == ['big', 'big']
+
+
+def test_encode_through_cache_is_the_same_and_decodes_once(tok, vids, monkeypatch):
+    calls = []
+    real = D.load_frames
+    monkeypatch.setattr(D, 'load_frames', lambda path, n: calls.append((path, n)) or real(path, n))
+    plain = D.encode(mcq(vids['a']), tok, SMALL, '<answer>B</answer>')
+    cache = D.FrameCache(max_bytes=SMALL.nframes * 64 * 64 * 3)  # room for one 64x64 clip
+    first = D.encode(mcq(vids['a']), tok, SMALL, '<answer>B</answer>', cache=cache)
+    again = D.encode(mcq(vids['a']), tok, SMALL, '<answer>A</answer>', cache=cache)
+    for k in ('input_ids', 'labels', 'position_ids', 'pixel_values', 'grid_thw'):
+        assert torch.equal(first[k], plain[k])
+    assert torch.equal(again['pixel_values'], plain['pixel_values'])
+    assert calls == [(vids['a'], 4)] * 2  # the plain encode and the first cached one; the second was a hit
+    D.encode(mcq(vids['b']), tok, SMALL, cache=cache)  # pushes clip a out
+    D.encode(mcq(vids['a']), tok, SMALL, cache=cache)
+    assert calls[2:] == [(vids['b'], 4), (vids['a'], 4)]
+    more = D.VisionSettings(nframes=8, min_pixels=SMALL.min_pixels, max_pixels=SMALL.max_pixels)
+    big = D.FrameCache(2**20)
+    D.encode(mcq(vids['a']), tok, SMALL, cache=big)
+    e8 = D.encode(mcq(vids['a']), tok, more, cache=big)  # frames are cached per (video, nframes)
+    assert calls[-2:] == [(vids['a'], 4), (vids['a'], 8)] and e8['grid_thw'][0, 0] == 4
+
+
 def test_undecodable_video_at_encode_names_sample(tmp_path, tok, vids):
     d = open(vids['a'], 'rb').read()
     (tmp_path / 't.mp4').write_bytes(d[:len(d) // 2])  # moov atom at the end: the container cannot be opened
@@ -452,6 +498,9 @@ def test_batches_deterministic_disjoint_budgeted(tok, vids):
     assert torch.rand(1).item() == torch.rand(1, generator=torch.Generator().manual_seed(0)).item()  # global RNG untouched
     assert sorted(sum(one, [])) == sorted(s.id for s in samples) and len(one) >= 4
     assert ids(seed=1, rank=0, world_size=1, num_workers=2) == one  # workers: same batches, same order
+    cache = D.FrameCache(2**20)
+    assert ids(seed=1, rank=0, world_size=1, num_workers=0, cache=cache) == one
+    assert sorted(k[0] for k in cache.items) == sorted([vids['a'], vids['b']])  # decoded here, kept for the next epoch
     assert ids(seed=2, rank=0, world_size=1, num_workers=0) != one
     assert ids(seed=1, epoch=1, rank=0, world_size=1, num_workers=0) != one
     r0, r1 = ids(seed=1, rank=0, world_size=2, num_workers=0), ids(seed=1, rank=1, world_size=2, num_workers=0)

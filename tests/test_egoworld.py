@@ -173,6 +173,11 @@ def test_check_compares_every_option_item_by_item(monkeypatch):
         verdicts = [line.rsplit('(', 1)[1].rstrip(')') for line in check.split('; ')]
         assert verdicts == ['yes' if L == q['answer'] else 'no' for L in ew.LETTERS[:len(q['options'])]]
         assert sol.endswith(f"So the correct answer is {q['answer']}</think> <answer>{q['answer']}</answer>")
+    monkeypatch.setattr(ew, 'cot_check', False)  # the earlier recipe (README's results): no Check block
+    q = qs['direction', 'forward']
+    assert ew.cot_solution(route, qs, 'direction', 'forward').endswith(
+        f"reversing it gives: {q['answer_text']}, so the correct answer is {q['answer']}</think> <answer>{q['answer']}</answer>")
+    monkeypatch.setattr(ew, 'cot_check', True)
     monkeypatch.setattr(ew, 'cot_answer_text', False)
     with pytest.raises(ValueError, match='cot_check=True needs cot_answer_text'):
         ew.check_config()
