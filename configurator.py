@@ -9,6 +9,8 @@ then calls `configure(globals())`. Arguments are applied left to right:
   otherwise taken as a string, and must have the type of the default (int promotes to float;
   a None default accepts anything).
 Unknown keys and type mismatches are errors: a typo must not silently train the wrong thing.
+UPPER_CASE globals are the script's constants (tables, prompts), not settings: they cannot be
+overridden and are not written into the resolved config.
 """
 import ast
 import sys
@@ -26,7 +28,8 @@ def configure(g, argv=None):
     """Apply config files and --key=value overrides to the dict `g` (a script's globals).
     Returns the resolved config: every overridable global (int/float/bool/str/None/tuple/list/dict)."""
     argv = sys.argv[1:] if argv is None else argv
-    keys = {k for k, v in g.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))}
+    keys = {k for k, v in g.items() if not k.startswith('_') and not k.isupper()
+            and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))}
     for arg in argv:
         if not arg.startswith('--'):
             scope = {}

@@ -3,7 +3,7 @@ from configurator import configure
 
 
 def _globals():
-    return {'lr': 1e-3, 'steps': 10, 'name': 'x', 'flag': False, 'opt': None, '_private': 1}
+    return {'lr': 1e-3, 'steps': 10, 'name': 'x', 'flag': False, 'opt': None, '_private': 1, 'TABLE': {'a': 1}}
 
 
 def test_overrides_and_types(tmp_path):
@@ -13,7 +13,7 @@ def test_overrides_and_types(tmp_path):
     out = configure(g, [str(cfg), '--lr=2', '--flag=True', '--name=123', '--opt=[1,2]'])
     assert g['steps'] == 20 and g['lr'] == 2.0 and isinstance(g['lr'], float)
     assert g['flag'] is True and g['name'] == '123' and g['opt'] == [1, 2]
-    assert '_private' not in out and out['steps'] == 20
+    assert '_private' not in out and 'TABLE' not in out and out['steps'] == 20
 
 
 def test_unknown_key_rejected(tmp_path):
@@ -23,6 +23,8 @@ def test_unknown_key_rejected(tmp_path):
     cfg.write_text("typo = 1\n")
     with pytest.raises(KeyError, match='typo'):
         configure(_globals(), [str(cfg)])
+    with pytest.raises(KeyError, match='TABLE'):  # a constant, not a setting
+        configure(_globals(), ['--TABLE={}'])
 
 
 def test_type_mismatch_rejected():
