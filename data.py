@@ -163,8 +163,7 @@ def preprocess_frames(frames, settings):
     H, W = smart_resize(height, width, settings.min_pixels, settings.max_pixels)
     if (H, W) != (height, width):  # PIL returns an unchanged copy at the same size: skip the round trip
         frames = np.stack([np.asarray(Image.fromarray(f).resize((W, H), Image.BICUBIC)) for f in frames])
-    x = frames
-    x = (x.astype(np.float32) / 255 - CLIP_MEAN) / CLIP_STD
+    x = (frames.astype(np.float32) / 255 - CLIP_MEAN) / CLIP_STD
     if n % TEMPORAL_PATCH:  # an odd count repeats its last frame (a still image becomes 2 equal frames)
         x = np.concatenate([x, np.repeat(x[-1:], TEMPORAL_PATCH - n % TEMPORAL_PATCH, 0)])
     t, gh, gw = len(x) // TEMPORAL_PATCH, H // PATCH, W // PATCH

@@ -145,6 +145,17 @@ def test_torchrun_two_ranks_follow_one_process(world, baseline):
     assert wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max() < 1e-5 for k in wa)
 
 
+def test_frame_cache_changes_no_value(world, baseline):
+    """The preset decodes through a FrameCache (each of the 6 clips is read once per question, 8
+    times an epoch, so most reads here are hits); without the cache the run is bit-identical."""
+    out = world / 'nocache'
+    run(args(world, out, frame_cache_mb=0))
+    a, b = metrics(baseline), metrics(out)
+    assert [(x['loss'], x['grad_norm']) for x in a] == [(x['loss'], x['grad_norm']) for x in b]
+    wa, wb = sft.load_file(str(baseline / 'model.safetensors')), sft.load_file(str(out / 'model.safetensors'))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_kill_and_resume_replays_the_run_exactly(world):
     """LoRA with dropout, so the RNG restore matters too. Killed after step 4 (last checkpoint: 3)."""
     kw = dict(lora_rank=4, lora_alpha=8, lora_dropout=0.1, save_interval=3)
