@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The embedded default, end to end on a CPU: install, generate EgoWorld, make the tiny Qwen2-VL,
-# SFT with reverse-thinking CoT -> GRPO -> Ego-ST bench on the test split, and print the table.
+# SFT with reverse-thinking CoT -> GRPO -> Ego-ST bench of both on the test split (GRPO also on OOD), tables.
 #     bash demo.sh                  # ~13 minutes on 2 cores (measured: 788 s from a clean clone)
 #     QUICK=1 bash demo.sh          # the same code path in ~1 minute (what CI runs as a test)
 # DATA / OUT choose where data and checkpoints go; SETUP=0 skips the pip install.
@@ -41,6 +41,8 @@ done_or "$OUT/sft-egoworld" sft $PY sft.py config/sft_egoworld.py --init_from="$
   --data="$DATA/train/st_r1_cot.jsonl" --out_dir="$OUT/sft-egoworld" $SFT
 done_or "$OUT/grpo-egoworld" grpo $PY grpo.py config/grpo_egoworld.py --init_from="$OUT/sft-egoworld" \
   --data="$DATA/train/st_r1_cot.jsonl" --out_dir="$OUT/grpo-egoworld" $GRPO
+stage bench_sft $PY bench.py "$OUT/sft-egoworld" config/bench_egoworld.py --data="$DATA/test" \
+  --out_dir="$OUT/bench/sft-egoworld_test" $BENCH
 stage bench $PY bench.py "$OUT/grpo-egoworld" config/bench_egoworld.py --data="$DATA/test" \
   --out_dir="$OUT/bench/grpo-egoworld_test" $BENCH
 stage bench_ood $PY bench.py "$OUT/grpo-egoworld" config/bench_egoworld.py --data="$DATA/ood" \
@@ -48,6 +50,7 @@ stage bench_ood $PY bench.py "$OUT/grpo-egoworld" config/bench_egoworld.py --dat
 curves() { $PY curves.py "$OUT/sft-egoworld" --out="$OUT/curves_sft.png" && $PY curves.py "$OUT/grpo-egoworld" --out="$OUT/curves_grpo.png"; }
 stage curves curves
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$OUT/demo_times.txt"
-echo; echo "== SFT(CoT) + GRPO on EgoWorld: test split (chance on MCQ = 25%) =="; cat "$OUT/bench/grpo-egoworld_test/results.md"
+echo; echo "== SFT(CoT) on EgoWorld: test split (chance on MCQ = 25%) =="; cat "$OUT/bench/sft-egoworld_test/results.md"
+echo; echo "== SFT(CoT) + GRPO: test split =="; cat "$OUT/bench/grpo-egoworld_test/results.md"
 echo; echo "== out-of-distribution split (5-segment routes, unseen theme) =="; cat "$OUT/bench/grpo-egoworld_ood/results.md"
 echo; echo "training curves: $OUT/curves_sft.png $OUT/curves_grpo.png; stage times: $OUT/demo_times.txt"
