@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default, end to end on a CPU: install, generate EgoWorld, make the tiny Qwen2-VL,
 # SFT with reverse-thinking CoT -> GRPO -> Ego-ST bench of both on the test split (GRPO also on OOD), tables.
-#     bash demo.sh                  # ~13 minutes on 2 cores (measured: 788 s from a clean clone)
+#     bash demo.sh                  # ~14 minutes on 2 cores (measured: 819 s from a clean clone)
 #     QUICK=1 bash demo.sh          # the same code path in ~1 minute (what CI runs as a test)
 # DATA / OUT choose where data and checkpoints go; SETUP=0 skips the pip install.
 # Every stage is a plain command (printed before it runs), so any of them can be re-run alone.

@@ -31,6 +31,6 @@ min_lr = 1e-5
 warmup_frac = 0.0
 weight_decay = 0.0
 grad_clip = 1.0
-max_steps = 30           # the demo's budget: 91 s (measured in the demo, after the checked-CoT SFT)
+max_steps = 30           # the demo's budget: 91-102 s (measured in two demo runs)
 # tiny activations: recomputing them would only cost time
 activation_checkpointing = False

@@ -31,7 +31,7 @@ warmup_frac = 0.05
 weight_decay = 0.05
 grad_clip = 1.0
 epochs = 1
-# the demo's budget: 1,200 steps took 584 s on 2 idle cores (~1.5 epochs). Option matching
+# the demo's budget: 1,200 steps took 552-584 s on 2 idle cores (~1.5 epochs). Option matching
 # (the Check block) is learned last: MCQ avg 37.7 at 1,000 steps, 48.5 at 1,400 (README's results)
 max_steps = 1200
 # tiny activations: recomputing them would only cost time
