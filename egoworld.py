@@ -63,6 +63,7 @@ CoT pattern recovers the opposite ground truth exactly. No-CoT: the solution is
 Left out on purpose: textures beyond flat colours, lighting, rooms wider than a corridor,
 moving people, audio; and a second camera height for stairs (the steps' shading carries up/down).
 """
+import itertools
 import json
 import math
 import os
@@ -547,23 +548,21 @@ def cot_solution(route, qs, task, d, cot=True):
              f"And then think about {STEMS[task, d]} Hence, ")
     if task == 'route':
         return f'<think>{think}reversing it gives the route.</think> <answer>{answer}</answer>'
-    if cot_answer_text and cot_check:
-        think += f"reversing it gives: {q['answer_text']}. Check {check_text(q['answer_text'], q['options'])}. So "
-    elif cot_answer_text:
-        think += f"reversing it gives: {q['answer_text']}, so "
+    if cot_answer_text:
+        think += f"reversing it gives: {q['answer_text']}" + (
+            f". Check {check_text(q['answer_text'], q['options'])}. So " if cot_check else ', so ')
     return f'<think>{think}the correct answer is {answer}</think> <answer>{answer}</answer>'
 
 
 def check_text(answer_text, options):
     """'A: o1 = x1, o2 = x2 (no); B: ... (yes)': each option beside the derived answer item by item
     ('nothing' pads the shorter list), so that telling the matching option is a local comparison."""
-    xs = [x.strip() for x in answer_text.split(',')]
-    lines = []
+    items = lambda text: [x.strip() for x in text.split(',')]
+    xs, lines = items(answer_text), []
     for letter, o in zip(LETTERS, options):
-        os_ = [x.strip() for x in o.split(',')]
-        n = max(len(os_), len(xs))
-        pairs = zip(os_ + ['nothing'] * (n - len(os_)), xs + ['nothing'] * (n - len(xs)))
-        lines.append(f"{letter}: {', '.join(f'{a} = {b}' for a, b in pairs)} ({'yes' if os_ == xs else 'no'})")
+        ys = items(o)
+        pairs = ', '.join(f'{a} = {b}' for a, b in itertools.zip_longest(ys, xs, fillvalue='nothing'))
+        lines.append(f"{letter}: {pairs} ({'yes' if ys == xs else 'no'})")
     return '; '.join(lines)
 
 
