@@ -1,46 +1,21 @@
 """
-Ego-ST Bench evaluation of any checkpoint directory (ours or an official Qwen2-VL one).
+Ego-ST Bench evaluation of any checkpoint directory (ours or an official Qwen2-VL one): the eight tasks
+(route, direction, landmark, action x forward, reverse), a results table, resumable predictions.
 
     python bench.py CKPT                                  # the EgoWorld test split (the default)
     python bench.py CKPT --data /path/to/Ego-ST-Bench --judge_url=http://host:8000/v1
     python bench.py CKPT --mode=logits --tasks=direction,landmark,action
     torchrun --nproc_per_node 8 bench.py CKPT --data=...  # data parallel, rank 0 merges
 
-Arguments: the first one that is a directory is the checkpoint (or --ckpt=), *.py files are
-config presets (config/bench_egoworld.py), then --key=value or --key value overrides the globals below.
+Arguments: the first directory is the checkpoint (or --ckpt=), *.py files are config presets
+(config/bench_egoworld.py), then --key=value or --key value overrides of the settings below.
+Inputs go through data.encode (the one preprocessing function) in DataLoader workers; answers are
+scored by reward.py, so bench and GRPO agree. A bad sample (missing video, unscorable ground truth,
+rejected by the reader) is counted and listed in results.json, and the run goes on. Every prediction
+is a JSONL record carrying the run's settings; a re-run evaluates only what is missing.
 
-Design
-- One loop, `evaluate(samples, answer_fn, out_dir, settings, ...)`. answer_fn(samples, inputs)
-  maps a batch to raw output strings; the CLI passes our model's batched greedy generate (or the
-  letter-logits scorer), tests pass oracles. Nothing else in the loop knows about the model.
-- Inputs (video decode + prompt tokens: data.encode, the one preprocessing function) are made in
-  DataLoader workers, so decoding overlaps model work. A sample whose video is missing or corrupt,
-  whose ground truth cannot be scored, or that the reader rejected, is counted and listed in
-  results.json; the run goes on. If a whole batch fails, its samples are retried one at a time so
-  only the culprit is lost (but a model that fails on its first sample alone is broken: the run
-  stops with that error rather than marking every sample bad).
-- Scoring is reward.py's, so bench and GRPO agree: MCQ letter = parse_answer (strict; no "first
-  A-D character anywhere" fallback), an unparsable output is wrong and counts in the parse-failure
-  rate; route = route_rubric on the final <answer> block (direction, landmark, logic, 0-5 each).
-- Route descriptions can also go to an LLM judge: an OpenAI-compatible /chat/completions endpoint
-  (stdlib urllib), the paper's three-part rubric, temperature 0, JSON output, retries. Fixed
-  denominator: a judge failure or an empty prediction scores 0 and is counted, never skipped (the
-  released evaluation skipped empty predictions and ran the judge at its default temperature).
-- Predictions: a JSONL record per sample, carrying the run's settings (frames, pixels, prompt
-  version, mode, ...). A re-run skips finished ids and refuses a file written with other settings.
-  Under torchrun each rank takes a disjoint shard and appends to its own file; rank 0 merges them
-  in sample order after a barrier, so the merged file does not depend on the number of ranks.
-- mode='logits': an MCQ letter from ONE forward pass. The prompt is followed by the assistant text
-  `logits_prefix` (default "<think></think><answer>": an empty thought, so the next token is where
-  the letter goes) and the valid option letter with the highest log-prob is the answer. The letters'
-  tokens come from the joint tokenisations of prefix+"A", prefix+"B", ... because byte-level BPE
-  may merge a letter with the prefix's last character. Route samples still generate. Much faster
-  and never unparsable: compare it with generate-mode numbers only knowingly.
-- Scores in the table are percent: MCQ accuracy; route = mean 0-5 score / 5 * 100 (the judge's
-  when a judge ran, else the rubric's). Category = mean of its forward and reverse rows; forward /
-  reverse / overall = mean over the rows present (a row with no evaluated sample has no score and
-  is left out of the averages; its bad count shows).
-Left out: sampling-based self-consistency, parallel judge calls, caching decoded videos between runs.
+Left out on purpose: sampling-based self-consistency, parallel judge calls, caching decoded videos
+between runs.
 """
 import functools
 import glob
@@ -56,8 +31,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data as D  # (plain `data` is the --data option)
 import reward
+from common import barrier, init_distributed, write_text
+from data import PROMPT_VERSION, DataError, Tokenizer, VisionSettings, encode, pack, read_jsonl_log, read_samples
 from model import Qwen2VL, rope_positions
 
 # -----------------------------------------------------------------------------
@@ -114,7 +90,7 @@ def load_samples(path, tasks='route,direction,landmark,action', directions='forw
     if not os.path.exists(path):
         raise SystemExit(f"bench: {path} not found." + (f" Make the EgoWorld default with\n    {MAKE_DEFAULT}"
                                                         if path == DEFAULT_DATA else ''))
-    samples, errors = D.read_samples(path, strict=False, check_videos=False)
+    samples, errors = read_samples(path, strict=False, check_videos=False)
     keep_p = {int(p) for p in str(parts).split(',') if p.strip()}
     samples = [s for s in samples if s.task in tasks.split(',') and s.direction in directions.split(',')
                and (not keep_p or part_of(s) in keep_p)]
@@ -137,20 +113,22 @@ def vision_settings(model_dir, data_path, overrides):
         with open(path) as f:
             trained = json.load(f)
         base.update({k: v for k, v in trained.items() if k in base})
-        if trained.get('prompt_version', D.PROMPT_VERSION) != D.PROMPT_VERSION:
+        if trained.get('prompt_version', PROMPT_VERSION) != PROMPT_VERSION:
             print(f"bench: warning: {path} was trained with prompt {trained['prompt_version']!r}, "
-                  f"data.py now builds {D.PROMPT_VERSION!r}", file=sys.stderr)
+                  f"data.py now builds {PROMPT_VERSION!r}", file=sys.stderr)
     elif data_path == DEFAULT_DATA:
         import egoworld  # its clips are key_frames frames of size x size, planned for that sampling
         base.update(nframes=egoworld.key_frames, min_pixels=egoworld.size ** 2, max_pixels=egoworld.size ** 2)
     base.update({k: v for k, v in overrides.items() if v})
-    return D.VisionSettings(**base)
+    return VisionSettings(**base)
 
 
 # ----------------------------------------------------------------------------- scoring
 
 def score(sample, raw):
-    """One prediction record (settings are added by the loop). ValueError: unscorable ground truth."""
+    """One prediction record (settings are added by the loop). MCQ: the letter reward.parse_answer reads
+    (strict: no "first A-D character anywhere" fallback; an unparsable output is wrong and counts in the
+    parse-failure rate). Route: route_rubric on the final <answer> block. ValueError: unscorable ground truth."""
     rec = dict(id=sample.id, task=sample.task, direction=sample.direction, source=sample.source,
                answer=sample.answer, raw=raw)
     if sample.task in MCQ_TASKS:
@@ -201,15 +179,18 @@ def parse_judge_reply(content):
 
 
 def judge_route(prediction, reference, url, model, retries=3, timeout=60.0, backoff=1.0, api_key=None):
-    """The paper's rubric from an OpenAI-compatible endpoint -> dict(direction, landmark, logic,
-    score, attempts, error). Never raises: after the last retry the sample scores 0, error recorded."""
+    """The paper's three-part rubric from an OpenAI-compatible /chat/completions endpoint (stdlib urllib),
+    temperature 0, JSON output, retries -> dict(direction, landmark, logic, score, attempts, error). Fixed
+    denominator: an empty prediction or a judge that fails every retry scores 0 and is counted, never
+    skipped (the released evaluation skipped empty predictions and ran the judge at its default temperature)."""
     if not (prediction or '').strip():  # fixed denominator: no answer is a 0, not a skip
         return dict(direction=0, landmark=0, logic=0, score=0.0, attempts=0, error='empty prediction')
     endpoint = url.rstrip('/')
     endpoint += '' if endpoint.endswith('/chat/completions') else '/chat/completions'
     body = json.dumps(dict(model=model, temperature=0, response_format={'type': 'json_object'},
                            messages=[dict(role='system', content=JUDGE_SYSTEM),
-                                     dict(role='user', content=JUDGE_PROMPT.format(reference=reference, prediction=prediction))])).encode()
+                                     dict(role='user', content=JUDGE_PROMPT.format(reference=reference,
+                                                                                   prediction=prediction))])).encode()
     headers = {'Content-Type': 'application/json', **({'Authorization': f'Bearer {api_key}'} if api_key else {})}
     error = None
     for attempt in range(retries + 1):
@@ -220,7 +201,7 @@ def judge_route(prediction, reference, url, model, retries=3, timeout=60.0, back
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 s = parse_judge_reply(json.loads(r.read().decode())['choices'][0]['message']['content'])
             return dict(s, score=sum(s.values()) / 3, attempts=attempt + 1, error=None)
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # URLError, HTTPError, timeouts are OSErrors
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # URLError, HTTPError, timeouts: OSError
             error = f"{type(e).__name__}: {e}"
     return dict(direction=0, landmark=0, logic=0, score=0.0, attempts=retries + 1, error=error)
 
@@ -228,18 +209,20 @@ def judge_route(prediction, reference, url, model, retries=3, timeout=60.0, back
 # ----------------------------------------------------------------------------- predictions file
 
 def _pred_files(out_dir):
-    return [os.path.join(out_dir, 'predictions.jsonl')] + sorted(glob.glob(os.path.join(out_dir, 'predictions.rank*.jsonl')))
+    ranks = sorted(glob.glob(os.path.join(out_dir, 'predictions.rank*.jsonl')))
+    return [os.path.join(out_dir, 'predictions.jsonl')] + ranks
 
 
 def read_predictions(out_dir, settings):
     """Records of earlier runs (any world size, possibly interrupted) -> ({id: record}, [bad records]).
+    Each rank appends to its own predictions.rank<r>.jsonl; merge_predictions folds them into one file.
     A torn last line (killed mid-write) is dropped and re-evaluated; any other bad line, or a record
     written with other settings, is an error naming the file and line."""
     done, bad = {}, []
     for path in _pred_files(out_dir):
         if not os.path.exists(path):
             continue
-        rows, torn = D.read_jsonl_log(path)
+        rows, torn = read_jsonl_log(path)
         if torn:
             print(f"bench: {path}:{torn}: incomplete last line (interrupted write), re-evaluating it", file=sys.stderr)
         for n, rec in rows:
@@ -247,7 +230,7 @@ def read_predictions(out_dir, settings):
             if old != settings:
                 diff = ', '.join(f"{k}: file {old.get(k)!r} vs now {settings.get(k)!r}"
                                  for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
-                raise D.DataError(f"{path}:{n}: predictions were made with other settings ({diff}); "
+                raise DataError(f"{path}:{n}: predictions were made with other settings ({diff}); "
                                  f"use another --out_dir or delete the file")
             if rec.get('bad'):
                 bad.append(rec)  # bad samples are retried by the next run
@@ -256,20 +239,13 @@ def read_predictions(out_dir, settings):
     return done, bad
 
 
-def _write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def merge_predictions(out_dir, settings, order):
-    """Rank 0: fold the per-rank files into predictions.jsonl, records in `order` (ids), others after.
-    Returns (done, bad) as read_predictions."""
+    """Rank 0: fold the per-rank files into predictions.jsonl, records in `order` (ids), others after, so
+    the merged file does not depend on the number of ranks. Returns (done, bad) as read_predictions."""
     done, bad = read_predictions(out_dir, settings)
     pos = {k: i for i, k in enumerate(order)}
     recs = sorted(done.values(), key=lambda r: (pos.get(r['id'], len(pos)), r['id']))
-    _write_atomic(os.path.join(out_dir, 'predictions.jsonl'), ''.join(json.dumps(r) + '\n' for r in recs))
+    write_text(os.path.join(out_dir, 'predictions.jsonl'), ''.join(json.dumps(r) + '\n' for r in recs))
     for path in _pred_files(out_dir)[1:]:
         os.remove(path)
     return done, bad
@@ -321,11 +297,6 @@ def _record(s, raw, err, judge):
     return dict(id=s.id, task=s.task, direction=s.direction, source=s.source, bad=True, error=err)
 
 
-def _barrier(world_size):
-    if world_size > 1:
-        dist.barrier()
-
-
 def evaluate(samples, answer_fn, out_dir, settings, prepare=None, batch_size=8, num_workers=0,
              judge=None, reader_errors=(), rank=0, world_size=1, progress=True):
     """Answer and score every sample not yet in out_dir/predictions.jsonl; rank 0 merges and writes
@@ -335,10 +306,10 @@ def evaluate(samples, answer_fn, out_dir, settings, prepare=None, batch_size=8, 
     os.makedirs(out_dir, exist_ok=True)
     ids = [s.id for s in samples]
     read_predictions(out_dir, settings)  # every rank validates first, so a mismatch fails on all alike
-    _barrier(world_size)                 # ... and nobody is still reading when rank 0 rewrites
+    barrier()                 # ... and nobody is still reading when rank 0 rewrites
     if rank == 0:
         merge_predictions(out_dir, settings, ids)
-    _barrier(world_size)
+    barrier()
     done, _ = read_predictions(out_dir, settings)
     todo = [s for s in samples if s.id not in done]
     mine = todo[rank::world_size]
@@ -361,15 +332,15 @@ def evaluate(samples, answer_fn, out_dir, settings, prepare=None, batch_size=8, 
                 f.flush()  # an interruption loses at most the line being written
             bar.update(len(batch))
     bar.close()
-    _barrier(world_size)
+    barrier()
     if rank != 0:
         return None
     done, bad = merge_predictions(out_dir, settings, ids)
     bad = [b for b in bad if b['id'] not in done]
     summary = summarize([done[k] for k in ids if k in done], bad, reader_errors, judged=judge is not None)
     summary['settings'] = settings
-    _write_atomic(os.path.join(out_dir, 'results.json'), json.dumps(summary, indent=1) + '\n')
-    _write_atomic(os.path.join(out_dir, 'results.md'), markdown(summary))
+    write_text(os.path.join(out_dir, 'results.json'), json.dumps(summary, indent=1) + '\n')
+    write_text(os.path.join(out_dir, 'results.md'), markdown(summary))
     return summary
 
 
@@ -381,7 +352,10 @@ def _mean(xs):
 
 
 def summarize(records, bad=(), reader_errors=(), judged=False):
-    """Rows per task x direction, per category, forward/reverse averages; score in percent."""
+    """Rows per task x direction, per category, forward/reverse averages. Scores are percent: MCQ accuracy;
+    route = mean 0-5 score / 5 * 100 (the judge's when a judge ran, else the rubric's). A category is the
+    mean of its forward and reverse rows; forward / reverse / overall the mean over the rows present (a row
+    with no evaluated sample has no score and is left out; its bad count shows)."""
     rows = {}
     for t in TASK_ORDER:
         for d in ('forward', 'reverse'):
@@ -389,7 +363,8 @@ def summarize(records, bad=(), reader_errors=(), judged=False):
             nbad = sum(b['task'] == t and b['direction'] == d for b in bad)
             if not rs and not nbad:
                 continue
-            row = dict(task=t, direction=d, n=len(rs), bad=nbad, parse_fail=100 * _mean(r['parsed'] is None for r in rs))
+            row = dict(task=t, direction=d, n=len(rs), bad=nbad,
+                       parse_fail=100 * _mean(r['parsed'] is None for r in rs))
             if t in MCQ_TASKS:
                 row['accuracy'] = row['score'] = 100 * _mean(r['correct'] for r in rs)
             else:
@@ -425,7 +400,8 @@ def markdown(s):
         rub = (f"{_f(r['rubric_score'], '.2f')} ({_f(r['rubric_direction'], '.2f')}/{_f(r['rubric_landmark'], '.2f')}/"
                f"{_f(r['rubric_logic'], '.2f')})" if 'rubric_score' in r else '-')
         jud = f"{_f(r['judge'], '.2f')} ({r['judge_fail']}/{r['judge_empty']})" if 'judge' in r else '-'
-        out.append(f"| {r['task']} | {r['direction']} | {r['n']} | {r['bad']} | {_f(r['score'])} | {_f(r['parse_fail'])} | {rub} | {jud} |")
+        out.append(f"| {r['task']} | {r['direction']} | {r['n']} | {r['bad']} | {_f(r['score'])} | "
+                   f"{_f(r['parse_fail'])} | {rub} | {jud} |")
     heads = list(s['categories']) + ['forward', 'reverse', 'overall']
     vals = list(s['categories'].values()) + [s['forward'], s['reverse'], s['overall']]
     out += ['', '| ' + ' | '.join(heads) + ' |', '|' + '---|' * len(heads), '| ' + ' | '.join(map(_f, vals)) + ' |',
@@ -437,7 +413,7 @@ def markdown(s):
 
 def prepare_sample(tok, settings, cfg, sample):
     """Video decode + prompt tokens of one sample (in a DataLoader worker): data.py's one pipeline."""
-    return D.encode(sample, tok, settings, None, cfg)
+    return encode(sample, tok, settings, None, cfg)
 
 
 def _to(batch, device):
@@ -449,7 +425,7 @@ def make_generate_fn(model, tok, max_new_tokens, temperature=0.0, device='cpu'):
     stop = [tok.im_end_id, tok.pad_id]  # Qwen2-VL's generation_config eos ids: <|im_end|>, <|endoftext|>
 
     def answer(samples, inputs):
-        b = _to(D.pack(inputs), device)
+        b = _to(pack(inputs), device)
         toks, _, lens = model.generate(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'],
                                        b['grid_thw'], max_new_tokens=max_new_tokens, temperature=temperature,
                                        stop_tokens=stop)
@@ -485,9 +461,10 @@ def letter_logprobs(model, tok, prefix, samples, inputs, device='cpu'):
                 x = torch.cat([inp['input_ids'], torch.tensor(shared + tail[:-1], dtype=torch.long)])
                 pos, nxt = rope_positions(x, inp['grid_thw'], model.config)
                 ctx[tuple(tail[:-1])] = (len(seqs), len(x))
-                seqs.append(dict(inp, input_ids=x, labels=torch.full_like(x, -100), position_ids=pos, next_position=nxt))
+                seqs.append(dict(inp, input_ids=x, labels=torch.full_like(x, -100), position_ids=pos,
+                                 next_position=nxt))
         reads.append([(*ctx[tuple(t[:-1])], t) for t in tails])
-    b = _to(D.pack(seqs), device)
+    b = _to(pack(seqs), device)
     cu = b['cu_seqlens'].tolist()
     # token j of a letter's tail is predicted at position len(x) - len(tail) + j of its sequence
     rows = [cu[q] + n - len(t) + j for r in reads for q, n, t in r for j in range(len(t))]
@@ -498,9 +475,11 @@ def letter_logprobs(model, tok, prefix, samples, inputs, device='cpu'):
 
 
 def make_logits_fn(model, tok, prefix, generate_fn, device='cpu'):
-    """answer_fn for mode='logits': MCQ letter = the valid letter of highest letter_logprobs, written
-    as prefix + letter + '</answer>' (parse_answer reads it like any output); route samples go to
-    generate_fn."""
+    """answer_fn for mode='logits': an MCQ letter from ONE forward pass, the valid letter of highest
+    letter_logprobs after the assistant text `prefix` (default "<think></think><answer>": an empty thought,
+    so the next token is where the letter goes), written as prefix + letter + '</answer>' so parse_answer
+    reads it like any output. Much faster and never unparsable: compare it with generate-mode numbers only
+    knowingly. Route samples go to generate_fn."""
     def answer(samples, inputs):
         outs = [None] * len(samples)
         route = [i for i, s in enumerate(samples) if s.task not in MCQ_TASKS]
@@ -546,20 +525,13 @@ def main(argv=None):
                          f"python egoworld.py --make_model=out/egoworld-tiny)")
     if mode not in ('generate', 'logits'):
         raise SystemExit(f"bench: mode must be 'generate' or 'logits', got {mode!r}")
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, world, dev = 0, 1, device
-    if ddp:
-        dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if dev.startswith('cuda'):
-            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(dev)
+    rank, world, _, dev = init_distributed(torch.device(device).type)
     samples, errors = load_samples(data, tasks, directions, parts, limit)
     vs = vision_settings(model_dir, data, dict(nframes=nframes, min_pixels=min_pixels, max_pixels=max_pixels))
     settings = dict(vs.asdict(), checkpoint=os.path.abspath(model_dir), mode=mode, max_new_tokens=max_new_tokens,
                     temperature=temperature, logits_prefix=logits_prefix if mode == 'logits' else None,
                     judge_model=judge_model if judge_url else None)
-    tok = D.Tokenizer(model_dir)
+    tok = Tokenizer(model_dir)
     model = Qwen2VL.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=dev).eval()
     answer_fn = make_generate_fn(model, tok, max_new_tokens, temperature, dev)
     if mode == 'logits':
@@ -575,15 +547,16 @@ def main(argv=None):
               f"{vs.nframes} frames, {vs.min_pixels}-{vs.max_pixels} px, {mode} -> {out}")
     try:
         with torch.inference_mode():
-            summary = evaluate(samples, answer_fn, out, settings, prepare=functools.partial(prepare_sample, tok, vs, model.config),
+            prepare = functools.partial(prepare_sample, tok, vs, model.config)
+            summary = evaluate(samples, answer_fn, out, settings, prepare=prepare,
                                batch_size=batch_size, num_workers=num_workers, judge=judge, reader_errors=errors,
                                rank=rank, world_size=world)
-    except D.DataError as e:  # an unusable predictions file: say which line and why, no traceback
+    except DataError as e:  # an unusable predictions file: say which line and why, no traceback
         raise SystemExit(f"bench: {e}")
     if rank == 0:
         print(markdown(summary), end='')
         print(f"bench: {out}/predictions.jsonl, results.json, results.md")
-    if ddp:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return summary
 

@@ -103,7 +103,8 @@ def plot(runs, out, names=None):
     cols = 2 if len(keys) > 1 else 1
     nrows = math.ceil(len(keys) / cols)
     img = Image.new('RGB', (cols * W, nrows * H + 24), 'white')
-    ImageDraw.Draw(img).text((8, 6), ' | '.join(names) + '   (x: step; faint: each step; bold: moving average)', fill=(0, 0, 0))
+    title = ' | '.join(names) + '   (x: step; faint: each step; bold: moving average)'
+    ImageDraw.Draw(img).text((8, 6), title, fill=(0, 0, 0))
     for k, key in enumerate(keys):
         curves = [(n, COLOURS[i % len(COLOURS)], series(rows, key)) for i, (n, rows) in enumerate(zip(names, logs))]
         draw_panel(img, (k % cols) * W, 24 + (k // cols) * H, key, curves)

@@ -1,40 +1,21 @@
 """
-Everything between files on disk and a packed training/inference batch: Ego-ST samples, the video
-and prompt pipeline of Qwen2-VL, and the loader. SFT, GRPO and bench all go through these same
-functions, so frames, pixel budget and prompt are decided once (VisionSettings, PROMPT_VERSION)
-and written into every output with `settings.asdict()`.
+Everything between files on disk and a packed batch: Ego-ST samples, Qwen2-VL's video and prompt
+pipeline, the reverse-thinking CoT, and the loader. SFT, GRPO and bench all go through `encode`, so
+frames, pixel budget and prompt are decided once (VisionSettings, PROMPT_VERSION) and written into every
+output with `settings.asdict()`.
 
-Design
-- Video: decord decodes only the N frames it needs (get_batch at round(linspace(0, n-1, N)); the
-  release truncated instead of rounding). Frames are resized with PIL bicubic to smart_resize's
-  multiples of 28 within [min_pixels, max_pixels], scaled to [0, 1], CLIP-normalised, padded to an
-  even count by repeating the last frame, and flattened into (P, 3*2*14*14) patches in the order
-  of transformers' Qwen2-VL processors (merge windows contiguous, so the vision tower's 2x2
-  merger sees neighbours). A still image is a one-frame video: grid_t 1, frame duplicated, which
-  is what the image processor does. PIL bicubic is the kernel of transformers' PIL image
-  processor (our test oracle); torchvision's bicubic (the video processor, qwen-vl-utils) differs
-  by a few grey levels at edges, see benchmarks/data_speed.py.
-- Text: tokenizer.json through `tokenizers` (transformers is only the test oracle). The chat is
-  Qwen2-VL's template with its default system prompt; the visual block is expanded to
-  t*h*w/4 pad tokens. Labels are the assistant's tokens and its closing <|im_end|>; the "\n" the
-  template writes after it stays out (generation stops at <|im_end|>, the "\n" is glue). Labels are
-  NOT shifted (HF convention): loss = CE(logits[:-1], labels[1:]) over a packed batch is safe across
-  sequence boundaries, because every sequence starts with an unlabelled <|im_start|>.
-- One prompt: `build_user_text` (question, "Options:", one "A. ..." per line, the release's
-  instruction sentence, the <think>/<answer> instruction). Changing it means bumping PROMPT_VERSION.
-- Samples: one dataclass for every source. Readers for the benchmark layout (PartN_*.json) and the
-  ST-R1 JSONL, quirks included; forward and reverse items of one video and task are paired so each
-  sample knows the opposite direction's ground truth (the reverse-thinking CoT's first half).
-- Bad input raises DataError naming file:line or file#id and what is wrong; readers with
-  strict=False return (samples, errors) instead, so bench.py can report what it skipped.
-- Loader: lengths are known before decoding (video header + tokenizer), so batches are planned
-  up front under a token budget (seeded shuffle, greedy packing), dealt to ranks disjointly with an
-  equal count per rank (the < world_size leftover batches of an epoch are dropped), and decoded in
-  DataLoader worker processes, optionally through a FrameCache (a training epoch reads each video
-  once per question about it, 8 times in Ego-ST).
+    samples = read_samples('data_egoworld/train/st_r1_cot.jsonl')     # or a benchmark-layout folder
+    item = encode(samples[0], Tokenizer(ckpt), VisionSettings(), target=samples[0].solution)
+    batch = pack([item, ...])                      # input_ids (T,), cu_seqlens (B+1,), pixel_values, ...
+    loader = batches(samples, tok, settings, token_budget=4096)       # packed, seeded, a share per rank
 
-Left out on purpose: fps-based sampling and per-video pixel budgets (the paper uses 8 frames
-per clip), multi-turn chats, several videos per sample, padding/attention masks (packed only).
+Video: decord decodes only the sampled frames; pixel_values and grid_thw equal transformers' Qwen2-VL
+processors (the tests' oracle). Text: tokenizer.json through `tokenizers`, Qwen2-VL's chat template
+with its default system prompt, the loss on the assistant's tokens only. Bad input raises DataError
+naming file:line or file#id and what is wrong; readers with strict=False return (samples, errors).
+
+Left out on purpose: fps-based sampling and per-video pixel budgets (the paper uses 8 frames a clip),
+multi-turn chats, several videos a sample, padding and attention masks (packed only).
 """
 import ast
 import collections
@@ -51,7 +32,9 @@ import tokenizers
 import torch
 from PIL import Image
 
-import model as model_lib
+from common import write_json
+from model import ModelConfig, rope_positions
+from reward import COT, LETTERS, cot_text
 
 # -----------------------------------------------------------------------------
 # settings (written into every checkpoint and prediction file)
@@ -82,7 +65,8 @@ class DataError(ValueError):
 # video -> pixel_values, grid_thw
 
 def frame_indices(num_frames, nframes):
-    """N indices spread uniformly over the whole clip, first and last frame included."""
+    """N indices spread uniformly over the whole clip, first and last frame included (rounded: the
+    release truncated, which drifts towards the start)."""
     return np.round(np.linspace(0, num_frames - 1, nframes)).astype(np.int64)
 
 def _open_video(path):
@@ -141,7 +125,8 @@ def smart_resize(height, width, min_pixels, max_pixels, factor=FACTOR):
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
-        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
@@ -153,7 +138,11 @@ def visual_grid(num_frames, height, width, settings):
     return -(-num_frames // TEMPORAL_PATCH), h // PATCH, w // PATCH
 
 def preprocess_frames(frames, settings):
-    """uint8 (N, H, W, 3) -> pixel_values float32 (t*h*w, 3*2*14*14), grid_thw long (1, 3)."""
+    """uint8 (N, H, W, 3) -> pixel_values float32 (t*h*w, 3*2*14*14), grid_thw long (1, 3): resized to
+    smart_resize's sides, scaled to [0, 1], CLIP-normalised, padded to an even frame count, and cut into
+    patches in the order of transformers' Qwen2-VL processors. PIL bicubic is the kernel of transformers'
+    PIL image processor (the tests' oracle); torchvision's (its video processor, qwen-vl-utils) differs
+    by a few grey levels at edges (benchmarks/data_speed.py)."""
     frames = np.asarray(frames)
     if frames.ndim == 3:
         frames = frames[None]
@@ -168,7 +157,8 @@ def preprocess_frames(frames, settings):
         x = np.concatenate([x, np.repeat(x[-1:], TEMPORAL_PATCH - n % TEMPORAL_PATCH, 0)])
     t, gh, gw = len(x) // TEMPORAL_PATCH, H // PATCH, W // PATCH
     x = x.reshape(t, TEMPORAL_PATCH, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH, 3)
-    # -> (t, gh/2, gw/2, 2, 2 | channel, temporal, row, col): rows are patches, 2x2 merge windows contiguous
+    # -> (t, gh/2, gw/2, 2, 2 | channel, temporal, row, col): rows are patches, and each 2x2 merge window's
+    # four are adjacent, so the vision tower's merger concatenates neighbours
     x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7).reshape(t * gh * gw, 3 * TEMPORAL_PATCH * PATCH * PATCH)
     return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor([[t, gh, gw]])
 
@@ -181,17 +171,23 @@ SPECIAL_TOKENS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>', '<|object_ref_s
 SYSTEM_PROMPT = 'You are a helpful assistant.'
 # Qwen2-VL-Instruct's chat template, written into the tokenizer dirs we build (transformers needs it).
 CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
-    "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
+    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # Qwen2's pre-tokenizer split (tokenizer.json of the released models)
-QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+              r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # The phrase split: pieces end only at punctuation, newlines and tags, so BPE may merge whole phrases
 # ("turn left", " pink window", the fixed instructions) into one token. For tiny models trained from
 # scratch on a closed world, where sequence length is the compute budget (see build_tokenizer).
@@ -238,8 +234,7 @@ def write_preprocessor_config(out_dir, settings):
                temporal_patch_size=TEMPORAL_PATCH, merge_size=MERGE, image_mean=CLIP_MEAN.tolist(),
                image_std=CLIP_STD.tolist(), do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255,
                do_normalize=True, do_convert_rgb=True)
-    with open(os.path.join(out_dir, 'preprocessor_config.json'), 'w') as f:
-        json.dump(cfg, f, indent=2)
+    write_json(os.path.join(out_dir, 'preprocessor_config.json'), cfg)
 
 def build_tokenizer(texts, vocab_size, out_dir, settings=None, phrases=False):
     """Train a small byte-level BPE laid out like Qwen2's (the 14 special tokens after the learned
@@ -254,7 +249,8 @@ def build_tokenizer(texts, vocab_size, out_dir, settings=None, phrases=False):
     split = [pre_tokenizers.Split(tokenizers.Regex(QWEN_SPLIT), behavior='isolated')] if not phrases else [
         pre_tokenizers.Split(tokenizers.Regex(PHRASE_SPLIT), behavior='isolated'),
         pre_tokenizers.Split(tokenizers.Regex(SENTENCE_START), behavior='merged_with_next')]
-    tk.pre_tokenizer = pre_tokenizers.Sequence(split + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.pre_tokenizer = pre_tokenizers.Sequence(split + [byte_level])
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
@@ -264,18 +260,21 @@ def build_tokenizer(texts, vocab_size, out_dir, settings=None, phrases=False):
     os.makedirs(out_dir, exist_ok=True)
     tk.save(os.path.join(out_dir, 'tokenizer.json'))
     # transformers' Qwen2Tokenizer rebuilds Qwen2's own split; the generic class keeps the file's
-    config = dict(tokenizer_class='PreTrainedTokenizerFast' if phrases else 'Qwen2Tokenizer', eos_token='<|im_end|>', pad_token='<|endoftext|>', bos_token=None,
+    config = dict(tokenizer_class='PreTrainedTokenizerFast' if phrases else 'Qwen2Tokenizer', eos_token='<|im_end|>',
+                  pad_token='<|endoftext|>', bos_token=None,
                   unk_token=None, errors='replace', model_max_length=32768, split_special_tokens=False,
                   clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE)
     for name, obj in (('tokenizer_config.json', config), ('chat_template.json', {'chat_template': CHAT_TEMPLATE})):
-        with open(os.path.join(out_dir, name), 'w') as f:
-            json.dump(obj, f, indent=2)
+        write_json(os.path.join(out_dir, name), obj)
     write_preprocessor_config(out_dir, settings or VisionSettings())
     return Tokenizer(out_dir)
 
 def chat_tokens(tok, user_text, n_visual, target=None, image=False):
     """One system/user(/assistant) chat with its visual block first, as Qwen2-VL's template writes it.
-    Returns (input_ids, labels) lists; target None ends the prompt at "<|im_start|>assistant\\n"."""
+    Returns (input_ids, labels) lists; target None ends the prompt at "<|im_start|>assistant\\n".
+    Labels are the assistant's tokens and its closing <|im_end|> (generation stops there; the "\\n"
+    after it is glue and stays out), -100 elsewhere, NOT shifted (HF's convention): CE(logits[:-1],
+    labels[1:]) over a packed batch never crosses a sequence, as each starts with an unlabelled token."""
     pad = '<|image_pad|>' if image else '<|video_pad|>'
     prompt = (f'<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n'
               f'<|vision_start|>{pad}<|vision_end|>{user_text}<|im_end|>\n<|im_start|>assistant\n')
@@ -290,7 +289,6 @@ def chat_tokens(tok, user_text, n_visual, target=None, image=False):
 # -----------------------------------------------------------------------------
 # samples and the one prompt
 
-LETTERS = 'ABCDEFGHIJ'
 MCQ_INSTRUCTION = ('Instructions: Please select the most appropriate answer from the options above and return only '
                    'the option number (e.g. A, B, C or D).')  # the release's sentence, kept verbatim
 THINK_INSTRUCTION = ('Output the thinking process in <think> </think> and final answer in <answer> </answer> tags, '
@@ -307,6 +305,7 @@ class Sample:
     answer: str = ''     # letter for MCQ, text for route
     answer_text: str = ''
     opposite: str = None  # ground truth of the opposite-direction question on the same video
+    opposite_question: str = None  # that question (benchmark layout; the CoT names it)
     solution: str = None  # reference CoT target <think>...</think><answer>...</answer>
     source: str = ''     # "file:line" or "file#id"
 
@@ -359,7 +358,8 @@ def split_inline_options(text):
     return [clean_option(o) for o in opts + [text[pos:]]]
 
 def clean_listish(v):
-    """A list, or its Python repr as in the release's CoT ("['Turn back', 'go straight']"), -> 'Turn back, go straight'."""
+    """A list, or its Python repr as in the release's CoT ("['Turn back', 'go straight']"),
+    -> 'Turn back, go straight'."""
     if isinstance(v, str) and v.strip().startswith('['):
         try:
             v = ast.literal_eval(v.strip())
@@ -373,7 +373,17 @@ def check_mcq(where, options, answer):
     if answer not in LETTERS[:len(options)]:
         raise DataError(f'{where}: answer {answer!r} is not among the options {LETTERS[:len(options)]}')
 
-COT = re.compile(r"Let's start by thinking (forward|reverse) (.*?\?)\s*(.*?)\s*And then think about (.*?\?)\s*Hence", re.S)
+def cot_target(sample):
+    """The reverse-thinking CoT SFT trains on: the sample's own solution (ST-R1 JSONL), else written from
+    the opposite direction's question and ground truth (benchmark layout)."""
+    if sample.solution:
+        return sample.solution
+    if not sample.opposite or not sample.opposite_question:
+        raise DataError(f'{sample.source} ({sample.id}): no solution and no opposite-direction question to '
+                        f'write the reverse-thinking CoT from; train it with --cot=False')
+    conclusion = f'the correct answer is {sample.answer}' if sample.options else 'reversing it gives the route.'
+    return cot_text(sample.direction, sample.opposite_question, sample.opposite, sample.question, conclusion,
+                    sample.answer)
 
 def parse_st_r1_item(d, where, base_dir, video_root=None):
     """One ST-R1 JSONL object -> Sample. Optional 'task'/'direction' fields override the stem."""
@@ -409,7 +419,8 @@ def parse_st_r1_item(d, where, base_dir, video_root=None):
         answer_text = options[LETTERS.index(answer)]
         got = re.search(r'<answer>\s*(.*?)\s*</answer>', sol or '')
         if sol is not None and (not got or got.group(1) != answer):
-            raise DataError(f'{where}: solution answers {got.group(1) if got else None!r}, original_answer is {answer!r}')
+            raise DataError(f'{where}: solution answers {got.group(1) if got else None!r}, '
+                            f'original_answer is {answer!r}')
     opposite = None
     if cot:  # the CoT states the opposite direction's ground truth first; clean the list repr
         opposite = clean_listish(cot.group(3))
@@ -429,8 +440,9 @@ def resolve_answer(where, value, options, key):
             return LETTERS[value]
     elif isinstance(value, str):
         s = value.strip()
-        m = re.fullmatch(r'\(?([A-J])[.):]?\)?(?:\s+(.*))?', s)
-        if m and m.group(1) in LETTERS[:len(options)] and (not m.group(2) or clean_option(m.group(2)).lower() == options[LETTERS.index(m.group(1))].lower()):
+        m = re.fullmatch(rf'\(?([{LETTERS}])[.):]?\)?(?:\s+(.*))?', s)
+        if m and m.group(1) in LETTERS[:len(options)] and (
+                not m.group(2) or clean_option(m.group(2)).lower() == options[LETTERS.index(m.group(1))].lower()):
             return m.group(1)
         hits = [i for i, o in enumerate(options) if o.lower() == clean_option(s).lower()]
         if len(hits) == 1:
@@ -459,7 +471,8 @@ def parse_bench_item(item, where, task, direction, video_dir):
                         + (f', in {direction}_mcq: {sorted(mcq)}' if isinstance(mcq, dict) else ''))
     if not isinstance(mcq['options'], list) or len(mcq['options']) > len(LETTERS):
         raise DataError(f"{where}: options must be a list of at most {len(LETTERS)}, got {mcq['options']!r}")
-    options = [clean_option(re.sub(rf'^\(?{L}[.):]\)?\s+', '', str(o).strip())) for L, o in zip(LETTERS, mcq['options'])]
+    options = [clean_option(re.sub(rf'^\(?{L}[.):]\)?\s+', '', str(o).strip()))
+               for L, o in zip(LETTERS, mcq['options'])]
     key = next((k for src in (mcq, item) for k in ANSWER_KEYS if k in src), None)
     if key is None:
         raise DataError(f'{where}: no correct-option field (looked for {list(ANSWER_KEYS)}); keys found: '
@@ -471,8 +484,9 @@ def parse_bench_item(item, where, task, direction, video_dir):
                   answer_text=options[LETTERS.index(answer)], source=where)
 
 def pair_opposites(samples):
-    """Fill `opposite` from the other direction's item of the same video and task (i-th forward with
-    i-th reverse, in file order); left None where the counts differ."""
+    """Fill `opposite` (and `opposite_question`) from the other direction's item of the same video and
+    task (i-th forward with i-th reverse, in file order); left None where the counts differ. The
+    reverse-thinking CoT starts from them."""
     groups = {}
     for s in samples:
         groups.setdefault((s.video, s.task), {'forward': [], 'reverse': []})[s.direction].append(s)
@@ -481,6 +495,7 @@ def pair_opposites(samples):
             for f, r in zip(g['forward'], g['reverse']):
                 f.opposite = f.opposite or r.answer_text
                 r.opposite = r.opposite or f.answer_text
+                f.opposite_question, r.opposite_question = r.question, f.question
     return samples
 
 def _check_video(s, check_videos):
@@ -543,7 +558,8 @@ def read_st_r1_jsonl(path, video_root=None, strict=True, check_videos=True):
 
 def _part_video_dir(root, part):
     """part{N}/ or part{N}_<anything>/ (part3_clip/, part4_clip/ in the release)."""
-    names = sorted(n for n in os.listdir(root) if re.fullmatch(rf'part{part}(_\w+)?', n) and os.path.isdir(os.path.join(root, n)))
+    names = sorted(n for n in os.listdir(root)
+                   if re.fullmatch(rf'part{part}(_\w+)?', n) and os.path.isdir(os.path.join(root, n)))
     return os.path.join(root, names[0] if names else f'part{part}')
 
 def read_benchmark(root, strict=True, check_videos=True):
@@ -583,7 +599,7 @@ def read_samples(path, **kwargs):
 # encode, pack, batches
 
 def _config(tok, cfg):
-    return cfg if cfg is not None else model_lib.ModelConfig(**tok.model_ids(), spatial_merge_size=MERGE)
+    return cfg if cfg is not None else ModelConfig(**tok.model_ids(), spatial_merge_size=MERGE)
 
 class FrameCache:
     """Decoded frames by (path, nframes); past max_bytes the least recently used go. Frames come
@@ -618,7 +634,7 @@ def encode(sample, tok, settings, target=None, cfg=None, cache=None):
     pixel_values, grid_thw = preprocess_frames(frames, settings)
     ids, labels = chat_tokens(tok, build_user_text(sample), int(grid_thw.prod()) // MERGE**2, target, image)
     input_ids = torch.tensor(ids)
-    position_ids, next_position = model_lib.rope_positions(input_ids, grid_thw, _config(tok, cfg))
+    position_ids, next_position = rope_positions(input_ids, grid_thw, _config(tok, cfg))
     return dict(input_ids=input_ids, labels=torch.tensor(labels), position_ids=position_ids,
                 pixel_values=pixel_values, grid_thw=grid_thw, id=sample.id, next_position=next_position)
 
@@ -629,7 +645,8 @@ def pack(items):
     lens = torch.tensor([len(it['input_ids']) for it in items])
     cu = torch.zeros(len(items) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lens, 0)
-    return dict(input_ids=torch.cat([it['input_ids'] for it in items]), labels=torch.cat([it['labels'] for it in items]),
+    return dict(input_ids=torch.cat([it['input_ids'] for it in items]),
+                labels=torch.cat([it['labels'] for it in items]),
                 position_ids=torch.cat([it['position_ids'] for it in items], 1), cu_seqlens=cu,
                 pixel_values=torch.cat([it['pixel_values'] for it in items]),
                 grid_thw=torch.cat([it['grid_thw'] for it in items]),
@@ -683,8 +700,10 @@ class PackedBatches(torch.utils.data.Dataset):
 
 def batches(samples, tok, settings, token_budget, seed=0, rank=None, world_size=None, num_workers=2,
             target='solution', epoch=0, cfg=None, cache=None):
-    """DataLoader over this rank's packed batches (len() = steps this epoch). Deterministic for
-    (seed, epoch); ranks get disjoint batches, the same number each. rank/world_size default to
+    """DataLoader over this rank's packed batches (len() = steps this epoch). Lengths are known before
+    decoding (video header + tokenizer), so the epoch is planned up front: a (seed, epoch) shuffle, greedy
+    packing under token_budget, the batches dealt to ranks disjointly, the same number each (the fewer
+    than world_size left over are dropped). rank/world_size default to
     torch.distributed's when it is initialised, else 0/1. cache: a FrameCache to decode through;
     with num_workers=0 it is this process's and outlives the epoch, else each worker gets a copy."""
     if rank is None and world_size is None:
@@ -701,4 +720,5 @@ def batches(samples, tok, settings, token_budget, seed=0, rank=None, world_size=
     mine = plan[rank::world_size][:per_rank]
     # own generator: iterating must not draw from torch's global RNG (dropout, sampling use it)
     return torch.utils.data.DataLoader(PackedBatches(samples, mine, tok, settings, target, cfg, cache), batch_size=None,
-                                       shuffle=False, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+                                       shuffle=False, num_workers=num_workers,
+                                       generator=torch.Generator().manual_seed(seed))

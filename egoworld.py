@@ -1,67 +1,20 @@
 """
-EgoWorld: a procedurally rendered first-person world with exact ground truth, written in the
-Ego-ST Bench layout. It is this project's "shakespeare_char": SFT, GRPO and bench run on it
-unchanged, and a ~2M-parameter Qwen2-VL learns it on a CPU in minutes.
+EgoWorld: a procedurally rendered first-person world with exact ground truth, written in the Ego-ST Bench
+layout. It is this project's "shakespeare_char": SFT, GRPO and bench run on it unchanged, and a ~2M-parameter
+Qwen2-VL learns it on a CPU in minutes.
 
     python egoworld.py --out=data_egoworld --seed=0            # train/ test/ ood/ splits
     python egoworld.py --contact_sheet=egoworld.png            # frames of a few samples, for eyes
     python egoworld.py --make_model=out/egoworld-tiny          # tokenizer.json + tiny checkpoint
 
-World (tuned by a feasibility probe, ../shared/egost/PROBE.md). A grid of rock with a one-cell
-corridor carved along the route: 2-4 straight segments (5 in the OOD split) of 2-4 cells joined
-by in-place 90-degree turns; corridors never touch, so every view is unambiguous. Walls carry
-the compass: the north wall of a corridor is red, east green, south blue, west yellow, so the
-heading is the colour straight ahead. Cell edges are darkened and the floor is a checker, so
-forward motion shows. Landmarks are wall faces painted "<colour> <kind>" (e.g. "white clock"),
-passed on the left or right or seen ahead at a segment's end, at most one per segment. Actions
-happen in the corridor: a closed door that opens (its leaf then lies against the wall), stairs
-whose steps brighten uphill, an item on the floor that vanishes into the hand (drawn bottom
-right). Frames are planned, not just sampled: the start of every segment, a mid-turn (45 degree)
-view of every turn, a view before/after every action and beside every landmark, the goal; they
-sit exactly on the indices that data.py samples (round(linspace(0, frames-1, key_frames))), so
-with nframes = key_frames the model sees every segment. A numpy DDA raycaster renders all frames
-of a clip at once; PyAV writes H.264 mp4 that decord reads back.
+A video walks a one-cell corridor: straight segments joined by in-place turns, landmarks painted on the walls,
+actions on the way (a door, stairs, an item picked up). Its eight questions (route, direction, landmark, action,
+each forward and reverse) are answered from the route itself, so the ground truth is exact. Sizes were tuned by
+a feasibility probe (../shared/egost/PROBE.md). The file reads top down: routes and their texts, questions,
+rendering, the data set files, the tiny model. Only main() reads the settings; helpers take arguments.
 
-Route grammar (route_to_text; reward.py parses the same words):
-    route  := step (", " step)* "."
-    step   := "go straight" [" past the " LANDMARK] | "turn left" | "turn right" | "turn around"
-              | ACTION
-    LANDMARK := COLOUR " " KIND      ACTION := "open the door" | "climb up the stairs" | ...
-The route description (open-ended task) has no ACTION steps; the action task lists them alone.
-Reverse rule (reverse_steps): reverse the order, swap left/right, invert actions (INVERSE), and
-prefix "turn around" (a route that starts with "turn around" loses it instead, so reversing
-twice gives the route back). Direction MCQ options are the turn steps ("turn left, turn right"),
-landmark options the ordered landmark names, action options the ordered actions.
-
-MCQ distractors: the options of a video are the texts of n_options routes drawn i.i.d. from the
-same route prior, resampled together until every task's texts are distinct, then shuffled. The
-true route is one of them, so the options are exchangeable and no text-only rule beats chance.
-
-Output (each split dir in the released benchmark layout, data.read_benchmark reads it):
-    out/{train,test,ood}/Part1_{forward,reverse}_{qa,mcq,mcq_landmark,mcq_action}.json
-    out/{split}/part1/<id>.mp4, out/{split}/routes.jsonl (the ground-truth route per video),
-    out/{split}/st_r1_cot.jsonl and st_r1_nocot.jsonl (ST-R1 training format, 8 items a video).
-CoT: the paper's reverse-thinking template, cleaned of Python list reprs. A forward MCQ:
-    <think>Headings: north, east, north. Turns: north to east clockwise, east to north
-    anticlockwise. Let's start by thinking reverse {reverse stem} {reverse ground truth} And then
-    think about {forward stem} Hence, reversing it gives: {forward ground truth}. Check A: turn
-    left = turn right, nothing = turn left (no); B: turn right = turn right, turn left = turn left
-    (yes); C: ... (no); D: ... (no). So the correct answer is B</think> <answer>B</answer>
-A reverse question starts "thinking forward" with the forward ground truth. Without our four
-additions it is the paper's template verbatim: "Headings: ..." (cot_perception: the compass
-heading of each segment; the probe found a tiny model learns routes only through such a
-perception step), "Turns: ..." (cot_turns: each turn beside the two headings it comes from, so
-left/right is a local lookup; worded without "left"/"right" so reward.py does not read it as part
-of the stated route), "reversing it gives: {...}" (cot_answer_text: the derived text stated) and
-"Check ..." (cot_check: every option beside the derived answer item by item, "nothing" padding
-the shorter list, so picking the option is a row of local comparisons; without it the tiny model's
-letter stays at chance even when its stated answer is right, README "what was measured"). Route
-items end "Hence, reversing it gives the route.</think> <answer>{route text}</answer>". data.py's
-CoT pattern recovers the opposite ground truth exactly. No-CoT: the solution is
-"<answer>X</answer>" (route items: the route text inside the tags).
-
-Left out on purpose: textures beyond flat colours, lighting, rooms wider than a corridor,
-moving people, audio; and a second camera height for stairs (the steps' shading carries up/down).
+Left out on purpose: textures beyond flat colours, lighting, rooms wider than a corridor, moving people, audio;
+and a second camera height for stairs (the steps' shading carries up/down).
 """
 import itertools
 import json
@@ -71,6 +24,12 @@ import time
 from multiprocessing import Pool
 
 import numpy as np
+import torch
+
+import model
+from common import atomic_path
+from data import BENCH_TASK, MCQ_INSTRUCTION, SYSTEM_PROMPT, Sample, VisionSettings, build_tokenizer, build_user_text
+from reward import LETTERS, TASKS, cot_text
 
 # -----------------------------------------------------------------------------
 # data set size and layout
@@ -137,34 +96,37 @@ INVERSE = {'open the door': 'close the door', 'climb up the stairs': 'climb down
            **{f'pick up the {i}': f'put down the {i}' for i in ITEMS}}
 INVERSE.update({v: k for k, v in INVERSE.items()})
 ACTIONS = ['open the door', 'climb up the stairs', 'climb down the stairs'] + [f'pick up the {i}' for i in ITEMS]
-THEMES = {  # wall colours by the side of the corridor they are on (N, E, S, W); floor checker; ceiling
+# Walls carry the compass: a corridor's north wall is red, east green, south blue, west yellow, so the heading
+# is the colour straight ahead. Floor checker and ceiling colour set a theme apart (the OOD split's is unseen).
+THEMES = {
     'default': dict(walls=[(200, 40, 40), (40, 170, 60), (50, 80, 210), (220, 200, 40)],
                     floor=[(120, 120, 120), (85, 85, 85)], ceiling=(55, 55, 65), light=1.0),
     'dusk': dict(walls=[(200, 40, 40), (40, 170, 60), (50, 80, 210), (220, 200, 40)],
                  floor=[(130, 100, 70), (95, 70, 45)], ceiling=(35, 35, 80), light=0.8)}
 DOOR, LEAF = 100, 101   # face codes beside 1 + landmark index
-LETTERS = 'ABCDEFGH'
-TASKS = ['route', 'direction', 'landmark', 'action']
-FILES = {'route': 'qa', 'direction': 'mcq', 'landmark': 'mcq_landmark', 'action': 'mcq_action'}
+FILES = {task: name for name, task in BENCH_TASK.items()}   # the benchmark's file name of each task
 STEMS = {
     ('route', 'forward'): 'which route did you take to reach your destination?',
     ('route', 'reverse'): 'which route do you take to return to the starting point?',
     ('direction', 'forward'): 'what directions do you need to go through to get to your destination?',
     ('direction', 'reverse'): 'what directions do you need to go through to get to the starting point?',
     ('landmark', 'forward'): 'which landmarks (objects or scenery changes) did you pass by to reach your destination?',
-    ('landmark', 'reverse'): 'which landmarks (objects or scenery changes) did you pass by to return to the starting point?',
+    ('landmark', 'reverse'): ('which landmarks (objects or scenery changes) did you pass by to return to the '
+                              'starting point?'),
     ('action', 'forward'): 'which actions did you perform to reach your destination?',
     ('action', 'reverse'): 'which actions did you perform to return to the starting point?'}
 PREFIX = 'Please take an egocentric view to understand the following question. '
-INSTRUCTION = ('\n\nInstructions: Please select the most appropriate answer from the options above '
-               'and return only the option number (e.g. A, B, C or D).')
+INSTRUCTION = '\n\n' + MCQ_INSTRUCTION
 
 # -----------------------------------------------------------------------------
 # routes: a route is a JSON-able dict; its meaning is the step list route_steps() derives
 
 def sample_route(rng, segments=(2, 4), seg_len=(2, 4)):
-    """One route from the prior: headings, lengths, landmarks, actions, and the carved cells.
-    Rejection-samples until the corridor never touches itself."""
+    """One route from the prior: a corridor of straight segments (their number drawn from `segments`, their
+    cells from `seg_len`) joined by in-place 90-degree turns, and its carved cells. 1-3 segments carry a
+    landmark, a wall face painted "<colour> <kind>" passed on the left or right or seen ahead at the segment's
+    end; 1-3 segments an action at an inner cell, all actions distinct (at most one door). Rejection-samples
+    until the corridor never touches itself."""
     for _ in range(10000):
         n = int(rng.integers(segments[0], segments[1] + 1))
         turns = [('left', 'right')[int(b)] for b in rng.integers(0, 2, n - 1)]
@@ -231,7 +193,8 @@ def route_steps(route):
 
 
 def reverse_steps(steps):
-    """Retrace: reverse the order, swap left and right, invert actions, turn around first."""
+    """Retrace: reverse the order, swap left and right, invert actions (INVERSE), and prefix "turn around". A
+    route that starts with "turn around" loses it instead, so reversing twice gives the route back."""
     flip = {'left': 'right', 'right': 'left', 'around': 'around'}
     around = [('turn', 'around')]
     body, lead = (steps[1:], []) if steps[:1] == around else (steps, around)
@@ -248,7 +211,12 @@ def step_text(step):
 
 
 def route_to_text(steps, end='.'):
-    """Steps -> text in the grammar of the module docstring."""
+    """Steps -> text in this grammar (reward.py parses the same words):
+
+        route    := step (", " step)* "."
+        step     := "go straight" [" past the " LANDMARK] | "turn left" | "turn right" | "turn around" | ACTION
+        LANDMARK := COLOUR " " KIND          ACTION := "open the door" | "climb up the stairs" | ...
+    """
     return ', '.join(step_text(s) for s in steps) + end
 
 
@@ -272,19 +240,20 @@ def text_to_steps(text):
 
 def moves(steps):
     """Movement only: actions dropped, the walks they split merged again."""
-    out_ = []
+    merged = []
     for k, v in steps:
         if k == 'do':
             continue
-        if k == 'go' and out_ and out_[-1][0] == 'go':
-            out_[-1] = ('go', out_[-1][1] or v)
+        if k == 'go' and merged and merged[-1][0] == 'go':
+            merged[-1] = ('go', merged[-1][1] or v)
         else:
-            out_.append((k, v))
-    return out_
+            merged.append((k, v))
+    return merged
 
 
 def answer_texts(steps):
-    """The ground-truth text of every task for one direction of travel."""
+    """The ground-truth text of every task for one direction of travel: the route without its actions, the
+    turn steps ("turn left, turn right"), the landmark names in order, the actions in order."""
     return {'route': route_to_text(moves(steps)),
             'direction': route_to_text([s for s in steps if s[0] == 'turn'], end=''),
             'landmark': ', '.join(v for k, v in steps if k == 'go' and v),
@@ -293,8 +262,12 @@ def answer_texts(steps):
 
 def make_questions(rng, segments=(2, 4), seg_len=(2, 4), n_options=4):
     """One video's route and its eight questions, without rendering anything.
-    Returns (route, {(task, direction): dict(question, options, answer, answer_text, opposite)})."""
-    for _ in range(1000):  # n_options routes i.i.d. from the prior, kept only if every MCQ's texts differ
+    Returns (route, {(task, direction): dict(question, options, answer, answer_text, opposite)}).
+
+    MCQ distractors: the options are the texts of n_options routes drawn i.i.d. from the same prior, redrawn
+    together until every task's texts are distinct, then shuffled. The video's route is one of them, so the
+    options are exchangeable and no text-only rule beats chance."""
+    for _ in range(1000):
         routes = [sample_route(rng, segments, seg_len) for _ in range(n_options)]
         texts = [answer_texts(route_steps(r)) for r in routes]
         if all(len({t[task] for t in texts}) == n_options for task in TASKS[1:]):
@@ -319,8 +292,9 @@ def make_questions(rng, segments=(2, 4), seg_len=(2, 4), n_options=4):
 # rendering
 
 def build_world(route):
-    """Grid arrays for the raycaster (indexed [y, x]) and the timeline of the walk.
-    Time: segment s is walked during [T_s, T_s + L_s], then the turn takes one unit."""
+    """Grid arrays for the raycaster (indexed [y, x]) and the timeline of the walk: rock everywhere but the
+    corridor, landmark faces, a closed door that opens (its leaf then lies against the left wall), stairs cells,
+    items on the floor. Time: segment s is walked during [T_s, T_s + L_s], then the turn takes one unit."""
     cells = np.array(route['cells'])
     off = 3 - cells.min(0)
     gw, gh = cells.max(0) + off + 4
@@ -359,7 +333,10 @@ def build_world(route):
 
 
 def key_times(route, world, n):
-    """The n moments the model must see, in time order (see the module docstring)."""
+    """The n moments the model must see, in time order: the start of every segment and a mid-turn (45 degree)
+    view of every turn, then while there is room the goal, a view before/after every action and beside every
+    landmark, then walking views in the largest gaps. clip_times puts them exactly on the frame indices data.py
+    samples, so with nframes = key_frames the model sees every segment."""
     T, Ls, last = world['T'], route['lengths'], len(route['lengths']) - 1
     must = [T[s] for s in range(last + 1)] + [T[s] + Ls[s] + 0.5 for s in range(last)]
     extra = [T[last] + Ls[last]]
@@ -407,7 +384,9 @@ def _patterns(u, v):
 
 
 def render(route, times, size=56, theme='default', world=None):
-    """All frames of a clip at once: uint8 (len(times), size, size, 3)."""
+    """All frames of a clip at once, uint8 (len(times), size, size, 3), by a numpy DDA raycaster over every ray
+    of every frame. Cell edges are darkened and the floor is a checker, so forward motion shows; stairs' steps
+    brighten uphill."""
     world = world or build_world(route)
     th = THEMES[theme]
     n, H = len(times), size
@@ -510,30 +489,45 @@ def _draw_items(img, world, times, xy, fwd, right, zbuf, f, eye):
 
 
 def clip_times(route, world, frames, key_frames):
-    """Times of all video frames: the key times on data.py's sampled indices, the rest between."""
+    """Times of all video frames: the key times on the indices data.py samples
+    (round(linspace(0, frames - 1, key_frames))), the rest interpolated between."""
     keys = key_times(route, world, key_frames)
     idx = np.round(np.linspace(0, frames - 1, key_frames)).astype(int)
     return np.interp(np.arange(frames), idx, keys)
 
 
 def write_mp4(path, clip, fps=8):
-    """H.264 (libx264, no B-frames, one thread: byte-identical output for identical frames)."""
+    """An H.264 mp4 that decord (data.py) reads back; libx264, no B-frames, one thread: byte-identical output
+    for identical frames."""
     import av
-    tmp = path + '.tmp.mp4'
-    with av.open(tmp, 'w') as c:
+    with atomic_path(path) as tmp, av.open(tmp, 'w') as c:
         s = c.add_stream('libx264', rate=fps)
         s.width, s.height, s.pix_fmt = clip.shape[2], clip.shape[1], 'yuv420p'
         s.codec_context.options = {'crf': '16', 'preset': 'veryfast', 'bf': '0', 'threads': '1'}
         for frame in clip:
             c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format='rgb24')))
         c.mux(s.encode())
-    os.replace(tmp, path)
 
 # -----------------------------------------------------------------------------
 # data set files
 
-def cot_solution(route, qs, task, d, cot=True):
-    """The reverse-thinking target of one question (see the module docstring)."""
+def cot_solution(route, qs, task, d, cot=True, cot_perception=True, cot_turns=True, cot_answer_text=True,
+                 cot_check=True):
+    """The ST-R1 target of one question. No CoT: "<answer>X</answer>" (X: the letter, or a route question's
+    text). CoT: the paper's reverse-thinking template (reward.cot_text), cleaned of Python list reprs, with up to
+    four additions of ours (the cot_* settings say why). A forward MCQ with all four:
+
+        <think>Headings: north, east, north. Turns: north to east clockwise, east to north anticlockwise.
+        Let's start by thinking reverse {reverse stem} {reverse ground truth} And then think about {forward stem}
+        Hence, reversing it gives: {forward ground truth}. Check A: turn left = turn right, nothing = turn left
+        (no); B: turn right = turn right, turn left = turn left (yes); C: ... (no); D: ... (no). So the correct
+        answer is B</think> <answer>B</answer>
+
+    "Headings" (cot_perception): each segment's compass heading. "Turns" (cot_turns): each turn beside the two
+    headings it comes from. "reversing it gives: ..." (cot_answer_text): the derived answer's text. "Check"
+    (cot_check): every option beside it, item by item (check_text). A reverse question thinks "forward" first;
+    a route question ends "Hence, reversing it gives the route.</think> <answer>{route text}</answer>". data.py's
+    CoT pattern reads the opposite ground truth back exactly."""
     q = qs[task, d]
     answer = q['answer']
     if not cot:
@@ -544,14 +538,13 @@ def cot_solution(route, qs, task, d, cot=True):
     if cot_turns:  # no left/right words: reward.py would read them as part of the stated route
         head += 'Turns: ' + ', '.join(f"{a} to {b} {'clockwise' if t == 'right' else 'anticlockwise'}"
                                       for a, b, t in zip(hs, hs[1:], route['turns'])) + '. '
-    think = (f"{head}Let's start by thinking {o} {STEMS[task, o]} {q['opposite']} "
-             f"And then think about {STEMS[task, d]} Hence, ")
+    conclusion = f'the correct answer is {answer}'
     if task == 'route':
-        return f'<think>{think}reversing it gives the route.</think> <answer>{answer}</answer>'
-    if cot_answer_text:
-        think += f"reversing it gives: {q['answer_text']}" + (
-            f". Check {check_text(q['answer_text'], q['options'])}. So " if cot_check else ', so ')
-    return f'<think>{think}the correct answer is {answer}</think> <answer>{answer}</answer>'
+        conclusion = 'reversing it gives the route.'
+    elif cot_answer_text:
+        check = f". Check {check_text(q['answer_text'], q['options'])}. So " if cot_check else ', so '
+        conclusion = f"reversing it gives: {q['answer_text']}{check}{conclusion}"
+    return cot_text(d, STEMS[task, o], q['opposite'], STEMS[task, d], conclusion, answer, prefix=head)
 
 
 def check_text(answer_text, options):
@@ -567,6 +560,7 @@ def check_text(answer_text, options):
 
 
 def problem_text(q):
+    """The ST-R1 problem: the release's prefix, the question, and for an MCQ its options and instruction."""
     if not q['options']:
         return PREFIX + q['question']
     opts = ', '.join(f'{LETTERS[i]}. {o}' for i, o in enumerate(q['options']))
@@ -579,16 +573,26 @@ def make_sample(job):
     rng = np.random.default_rng([cfg['seed'], split_idx, i])
     route, qs = make_questions(rng, cfg['segments'], cfg['seg_len'], cfg['n_options'])
     world = build_world(route)
-    clip = render(route, clip_times(route, world, cfg['frames'], cfg['key_frames']), cfg['size'], cfg['theme'], world)
+    times = clip_times(route, world, cfg['frames'], cfg['key_frames'])
+    clip = render(route, times, cfg['size'], cfg['theme'], world)
     sid = f"{os.path.basename(split_dir)}_{i:05d}"
     write_mp4(os.path.join(split_dir, 'part1', sid + '.mp4'), clip, cfg['fps'])
     return sid, route, qs
 
 
-def generate_split(split_dir, split_idx, n, theme, segs, pool=None):
-    """Write one split in the benchmark layout plus routes.jsonl and the ST-R1 JSONL files."""
+def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), pool=None, seed=0, seg_len=(2, 4),
+                   n_options=4, frames=16, key_frames=16, size=56, fps=8, cot_opts=None):
+    """Write one split of n videos, video i from the RNG stream [seed, split_idx, i], in the released benchmark
+    layout (data.read_benchmark reads it) plus the ground truth and the ST-R1 training files (their CoT written
+    with cot_opts, cot_solution's cot_* flags):
+
+        split_dir/Part1_{forward,reverse}_{qa,mcq,mcq_landmark,mcq_action}.json
+        split_dir/part1/<id>.mp4
+        split_dir/routes.jsonl                          each video's route, with its steps and theme
+        split_dir/st_r1_cot.jsonl, st_r1_nocot.jsonl    8 items a video
+    """
     os.makedirs(os.path.join(split_dir, 'part1'), exist_ok=True)
-    cfg = dict(seed=seed, segments=segs, seg_len=seg_len, n_options=n_options, frames=frames,
+    cfg = dict(seed=seed, segments=segments, seg_len=seg_len, n_options=n_options, frames=frames,
                key_frames=key_frames, size=size, theme=theme, fps=fps)
     jobs = [(split_dir, split_idx, i, cfg) for i in range(n)]
     results = pool.imap(make_sample, jobs, chunksize=8) if pool else map(make_sample, jobs)
@@ -601,12 +605,13 @@ def generate_split(split_dir, split_idx, n, theme, segs, pool=None):
             if task == 'route':
                 files[task, d][sid] = {'video': video, 'question': q['question'], f'{d}_answer': q['answer']}
             else:
-                files[task, d][sid] = {'video': video, f'{d}_mcq': {k: q[k] for k in ('question', 'options', 'answer')}}
+                mcq = {k: q[k] for k in ('question', 'options', 'answer')}
+                files[task, d][sid] = {'video': video, f'{d}_mcq': mcq}
             for cot in (True, False):
                 p = problem_text(q)
-                lines[cot].append(json.dumps(dict(problem=p, solution=cot_solution(route, qs, task, d, cot),
-                                                  video='part1/' + video, original_question=p,
-                                                  original_answer=q['answer'])))
+                solution = cot_solution(route, qs, task, d, cot, **(cot_opts or {}))
+                lines[cot].append(json.dumps(dict(problem=p, solution=solution, video='part1/' + video,
+                                                  original_question=p, original_answer=q['answer'])))
     for (task, d), obj in files.items():
         with open(os.path.join(split_dir, f'Part1_{d}_{FILES[task]}.json'), 'w') as fh:
             json.dump(obj, fh, indent=1)
@@ -615,11 +620,12 @@ def generate_split(split_dir, split_idx, n, theme, segs, pool=None):
             fh.write('\n'.join(lines[key]) + '\n')
 
 
-def write_contact_sheet(path, n=3):
+def write_contact_sheet(path, n=3, seed=0, segments=(2, 4), ood_segments=(5, 5), ood_theme='dusk',
+                        seg_len=(2, 4), n_options=4, frames=16, key_frames=16, size=56):
     """A PNG: the frames of the first n train videos and the first OOD video, one row each, with the
     segment headings, the forward route and the actions underneath."""
     from PIL import Image, ImageDraw
-    scale, pad, cell = 2, 14, size * 2
+    pad, cell = 14, size * 2
     rows = [(0, i, 'default', segments) for i in range(n)] + [(2, 0, ood_theme, ood_segments)]
     sheet = Image.new('RGB', (frames * (cell + 2), len(rows) * (cell + pad + 2)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
@@ -630,79 +636,39 @@ def write_contact_sheet(path, n=3):
         y = r * (cell + pad + 2)
         for c, im in enumerate(clip):
             sheet.paste(Image.fromarray(im).resize((cell, cell), Image.NEAREST), (c * (cell + 2), y))
-        text = (f"[{('train', 'test', 'ood')[split_idx]} {i}] " + ', '.join(HEADINGS[h] for h in route['headings']) +
-                ' :: ' + qs['route', 'forward']['answer'] + ' :: ' + qs['action', 'forward']['answer_text'])
+        text = (f"[{('train', 'test', 'ood')[split_idx]} {i}] " + ', '.join(HEADINGS[h] for h in route['headings'])
+                + ' :: ' + qs['route', 'forward']['answer'] + ' :: ' + qs['action', 'forward']['answer_text'])
         draw.text((2, y + cell + 1), text, fill=(0, 0, 0))
     sheet.save(path)
 
+# -----------------------------------------------------------------------------
+# the tiny model
 
-def check_config():
-    """Settings that cannot make a valid world fail here, naming the key."""
-    bad = [(size % 2, f'size={size}: H.264 needs an even frame side (a multiple of 28 avoids resizing)'),
-           (frames < key_frames, f'frames={frames} < key_frames={key_frames}'),
-           (min(segments[0], ood_segments[0]) < 2, 'segments/ood_segments: a route needs at least 2 segments (a turn)'),
-           (seg_len[0] < 2, f'seg_len={seg_len}: segments need an inner cell for actions and landmarks'),
-           (ood_theme not in THEMES, f'ood_theme={ood_theme!r}: one of {sorted(THEMES)}'),
-           (not 2 <= n_options <= 4, f'n_options={n_options}: 2 to 4 (the prompt names letters A-D)'),
-           (cot_check and not cot_answer_text, 'cot_check=True needs cot_answer_text=True (it compares the options with that text)')]
-    for failed, msg in bad:
-        if failed:
-            raise ValueError(msg)
-
-
-def main():
-    from configurator import configure
-    configure(globals())
-    check_config()
-    if generate if generate is not None else not (contact_sheet or make_model):
-        splits = [('train', n_train, 'default', segments), ('test', n_test, 'default', segments),
-                  ('ood', n_ood, ood_theme, ood_segments)]
-        for name, *_ in splits:
-            if os.path.exists(os.path.join(out, name, 'routes.jsonl')):
-                raise FileExistsError(f'{os.path.join(out, name)} already holds a split: pick another --out or delete it')
-        t0, total = time.time(), n_train + n_test + n_ood
-        pool = Pool(workers) if workers > 1 else None
-        try:
-            for idx, (name, n, theme, segs) in enumerate(splits):
-                if n == 0:
-                    continue
-                generate_split(os.path.join(out, name), idx, n, theme, segs, pool)
-                print(f'{name}: {n} videos -> {os.path.join(out, name)}')
-        finally:
-            if pool:
-                pool.close()
-        dt = time.time() - t0
-        print(f'{total} videos in {dt:.1f}s ({total / dt:.1f} videos/s, {workers} workers)')
-    if contact_sheet:
-        write_contact_sheet(contact_sheet)
-        print(f'contact sheet -> {contact_sheet}')
-    if make_model:
-        make_tiny_model(make_model)
-
-
-def corpus_texts(n):
-    """Every kind of text the model reads or writes: prompts (data.build_user_text), chat roles,
-    CoT and no-CoT targets. Text only: nothing is rendered."""
-    import data
-    texts = [data.SYSTEM_PROMPT, 'system\n', 'user\n', 'assistant\n']
+def corpus_texts(n, seed=0, segments=(2, 4), seg_len=(2, 4), n_options=4, cot_opts=None):
+    """Every kind of text the model reads or writes over n train videos' questions: prompts
+    (data.build_user_text), chat roles, CoT and no-CoT targets. Text only: nothing is rendered."""
+    texts = [SYSTEM_PROMPT, 'system\n', 'user\n', 'assistant\n']
     for i in range(n):
         rng = np.random.default_rng([seed, 0, i])
         route, qs = make_questions(rng, segments, seg_len, n_options)
         for (task, d), q in qs.items():
-            s = data.Sample(id=str(i), video='', task=task, direction=d, question=q['question'],
-                            options=q['options'], answer=q['answer'], answer_text=q['answer_text'])
-            texts += [data.build_user_text(s), cot_solution(route, qs, task, d), cot_solution(route, qs, task, d, False)]
+            s = Sample(id=str(i), video='', task=task, direction=d, question=q['question'],
+                       options=q['options'], answer=q['answer'], answer_text=q['answer_text'])
+            texts += [build_user_text(s), cot_solution(route, qs, task, d, True, **(cot_opts or {})),
+                      cot_solution(route, qs, task, d, False)]
     return texts
 
 
-def make_tiny_model(path):
-    """tokenizer.json (+ chat template, preprocessor config with this world's pixel budget) trained
-    on EgoWorld text, and a random-initialised Qwen2-VL of PROBE.md's size on it, in the HF layout."""
-    import torch
-    import data
-    import model
-    settings = data.VisionSettings(nframes=key_frames, min_pixels=size * size, max_pixels=size * size)
-    tok = data.build_tokenizer(corpus_texts(tiny_corpus), vocab_size, path, settings, phrases=tiny_phrases)
+def make_tiny_model(path, vocab_size=1024, key_frames=16, size=56, seed=0, segments=(2, 4), seg_len=(2, 4),
+                    n_options=4, cot_opts=None, tiny_corpus=2000, tiny_phrases=True, tiny_hidden=128, tiny_layers=4,
+                    tiny_heads=4, tiny_kv_heads=2, tiny_intermediate=512, tiny_init_std=0.06, tiny_tied=False,
+                    tiny_embed_std=1.0, tiny_vision_depth=2, tiny_vision_dim=128, tiny_vision_heads=4):
+    """tokenizer.json (+ chat template, preprocessor config with this world's pixel budget) trained on the text
+    of tiny_corpus train videos (corpus_texts), and a random-initialised Qwen2-VL of PROBE.md's size on it, in
+    the HF layout. The tiny_* arguments are the settings of the same name."""
+    texts = corpus_texts(tiny_corpus, seed, segments, seg_len, n_options, cot_opts)
+    settings = VisionSettings(nframes=key_frames, min_pixels=size * size, max_pixels=size * size)
+    tok = build_tokenizer(texts, vocab_size, path, settings, phrases=tiny_phrases)
     head_dim = tiny_hidden // tiny_heads
     mrope = [head_dim // 8, head_dim * 3 // 16, head_dim // 2 - head_dim // 8 - head_dim * 3 // 16]
     cfg = model.ModelConfig(vocab_size=tok.vocab_size, hidden_size=tiny_hidden, intermediate_size=tiny_intermediate,
@@ -712,13 +678,73 @@ def make_tiny_model(path):
                             vision_embed_dim=tiny_vision_dim, vision_num_heads=tiny_vision_heads, **tok.model_ids())
     torch.manual_seed(seed)
     m = model.Qwen2VL(cfg)
-    for name, p in m.named_parameters():   # see tiny_init_std
+    for name, p in m.named_parameters():   # the settings' comment above tiny_init_std says why
         if p.dim() >= 2:
-            torch.nn.init.normal_(p, std=tiny_embed_std if name == 'embed_tokens.weight' and not tiny_tied else tiny_init_std)
+            untied_embedding = name == 'embed_tokens.weight' and not tiny_tied
+            torch.nn.init.normal_(p, std=tiny_embed_std if untied_embedding else tiny_init_std)
     m.save_pretrained(path)
     n = sum(p.numel() for p in m.parameters())
-    print(f'tiny model: {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, frames {size}x{size} x {key_frames} -> {path}')
+    print(f'tiny model: {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, '
+          f'frames {size}x{size} x {key_frames} -> {path}')
     return m, tok
+
+# -----------------------------------------------------------------------------
+# main: the one reader of the settings
+
+def check_config(size=56, frames=16, key_frames=16, segments=(2, 4), ood_segments=(5, 5), seg_len=(2, 4),
+                 ood_theme='dusk', n_options=4, cot_answer_text=True, cot_check=True):
+    """Settings that cannot make a valid world fail here, naming the key."""
+    bad = [(size % 2, f'size={size}: H.264 needs an even frame side (a multiple of 28 avoids resizing)'),
+           (frames < key_frames, f'frames={frames} < key_frames={key_frames}'),
+           (min(segments[0], ood_segments[0]) < 2,
+            'segments/ood_segments: a route needs at least 2 segments (a turn)'),
+           (seg_len[0] < 2, f'seg_len={seg_len}: segments need an inner cell for actions and landmarks'),
+           (ood_theme not in THEMES, f'ood_theme={ood_theme!r}: one of {sorted(THEMES)}'),
+           (not 2 <= n_options <= 4, f'n_options={n_options}: 2 to 4 (the prompt names letters A-D)'),
+           (cot_check and not cot_answer_text,
+            'cot_check=True needs cot_answer_text=True (it compares the options with that text)')]
+    for failed, msg in bad:
+        if failed:
+            raise ValueError(msg)
+
+
+def main():
+    from configurator import configure
+    configure(globals())
+    check_config(size, frames, key_frames, segments, ood_segments, seg_len, ood_theme, n_options,
+                 cot_answer_text, cot_check)
+    cot_opts = dict(cot_perception=cot_perception, cot_turns=cot_turns, cot_answer_text=cot_answer_text,
+                    cot_check=cot_check)
+    shared = dict(seed=seed, seg_len=seg_len, n_options=n_options, frames=frames, key_frames=key_frames, size=size)
+    if generate if generate is not None else not (contact_sheet or make_model):
+        splits = [('train', n_train, 'default', segments), ('test', n_test, 'default', segments),
+                  ('ood', n_ood, ood_theme, ood_segments)]
+        for name, *_ in splits:
+            if os.path.exists(os.path.join(out, name, 'routes.jsonl')):
+                raise FileExistsError(f'{os.path.join(out, name)} already holds a split: '
+                                      f'pick another --out or delete it')
+        t0, total = time.time(), n_train + n_test + n_ood
+        pool = Pool(workers) if workers > 1 else None
+        try:
+            for idx, (name, n, theme, segs) in enumerate(splits):
+                if n == 0:
+                    continue
+                generate_split(os.path.join(out, name), idx, n, theme, segs, pool, fps=fps, cot_opts=cot_opts,
+                               **shared)
+                print(f'{name}: {n} videos -> {os.path.join(out, name)}')
+        finally:
+            if pool:
+                pool.close()
+        dt = time.time() - t0
+        print(f'{total} videos in {dt:.1f}s ({total / dt:.1f} videos/s, {workers} workers)')
+    if contact_sheet:
+        write_contact_sheet(contact_sheet, segments=segments, ood_segments=ood_segments, ood_theme=ood_theme,
+                            **shared)
+        print(f'contact sheet -> {contact_sheet}')
+    if make_model:
+        tiny = {k: v for k, v in globals().items() if k.startswith('tiny_')}   # the tiny_* settings by name
+        make_tiny_model(make_model, vocab_size=vocab_size, key_frames=key_frames, size=size, seed=seed,
+                        segments=segments, seg_len=seg_len, n_options=n_options, cot_opts=cot_opts, **tiny)
 
 
 if __name__ == '__main__':

@@ -1,82 +1,27 @@
 """
-GRPO for ST-R1: the policy (an SFT checkpoint of model.Qwen2VL) samples G completions per prompt,
-reward.py scores them, and a clipped policy-gradient loss with group-normalised advantages updates
-it. Knob names follow TRL's GRPOTrainer: num_generations, beta, epsilon, epsilon_high, loss_type,
-scale_rewards, num_iterations.
+GRPO for ST-R1: the policy (an SFT checkpoint) samples G completions per prompt, reward.py scores
+them, and a clipped policy-gradient loss with group-normalised advantages updates it.
 
     python grpo.py config/grpo_egoworld.py                                      # CPU, minutes
     torchrun --nproc_per_node 8 grpo.py config/grpo_qwen2vl_7b.py \\
         --init_from=out/sft-qwen2vl-7b --data=st_r1_mcq_630.jsonl --video_root=/path/videos
 
-One step (= one rollout batch):
-1. Prompts. The epoch's seeded permutation of the data (the same on every rank) is cut into steps
-   of prompts_per_step prompts; rank r takes the r-th slice of each, so the global batch, and
-   every number below, is the same for any number of ranks. Prompts go through data.encode (the
-   same frames, pixel budget and prompt as sft.py and bench.py).
-2. Rollouts with our own engine [rollout]: the rank's prompts are prefilled together (the video
-   is encoded once per prompt), each prompt's KV cache is copied into its G rows (KVCache.repeat),
-   and all rows decode together until <|im_end|> / <|endoftext|> or max_completion_length. The
-   sampling is set explicitly (temperature, top_p, top_k; the release could collapse to greedy
-   through inherited generation defaults) and its randomness is per row: row (prompt i of the
-   data, generation g) draws its uniforms from a generator seeded by (seed, epoch, i, g) and
-   samples by inverse CDF. So a row's tokens depend only on the weights and its own seed: the same
-   with shared-prefix decoding or decoded alone, with 1 rank or 8, and after a resume. The
-   visual placeholder tokens (<|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|>) are
-   never sampled: a completion is text, and a pad token in it would be fed video features in the
-   training forward. That mask is part of the policy: the training log-probs use it too.
-   Under FSDP the rollout runs with every unit's parameters gathered once (reshard after the
-   rollout, not after every decoded token).
-3. Rewards [score_rollouts]: reward.score_completion on the decoded completion (its stop token
-   left out), weighted by reward_weights; every component is logged on its own (mean/std over the
-   completions it applies to). reverse = 0 turns the reverse-thinking reward off.
-4. Advantages [group_advantages] over the rewards gathered from all ranks (scale_rewards 'batch'
-   needs the global std). Groups with equal rewards have advantage 0; drop_zero_std leaves them
-   out of the loss entirely (their KL and their share of the normaliser too) and saves their
-   forward; mask_truncated_completions leaves out completions that hit the length limit (DAPO).
-5. Training forward on packed sequences [completion_logps]: each completion becomes prompt +
-   completion (stop token included: the policy learns to stop), labelled like data.encode's
-   targets (-100 on the prompt) and packed with data.pack under train_token_budget; positions
-   are model.rope_positions of the whole sequence (decoding continued at the same positions).
-   log-probs are log_softmax(logits / temperature) at the completion tokens: the distribution the
-   tokens were sampled from (TRL does the same), before top-k/top-p truncation.
-6. Loss [grpo_loss] and updates [train_on_rollouts]: num_iterations passes over the rollout batch,
-   each split into num_minibatches optimizer steps. Minibatch k holds generation chunk k of every
-   group (G split into num_minibatches chunks), so it is the same set of completions for any number
-   of ranks; each rank packs its part into micro-batches and accumulates gradients. old_logp: with one update per rollout batch
-   (num_iterations == num_minibatches == 1) it is logp.detach(): ratio == 1, the plain policy
-   gradient. With more updates, old_logp is recomputed by a no-grad forward of the policy before
-   the first update (TRL's choice) rather than taken from the sampler: the sampler's KV-cache
-   decode and the packed training forward round differently (much more in bf16 on GPU than the
-   fp32 CPU figure below; not measured here), and that difference would show up as ratios != 1 and spurious clipping. The sampler's log-probs are
-   kept for the metric sampler_logp_diff, which measures exactly that mismatch (~2e-7 in fp32 on
-   CPU; a large value means a bug in positions or packing). ref_logp: a no-grad forward of the
-   frozen reference (ref_from, default init_from), only when beta > 0; with beta == 0 no
-   reference model is loaded at all.
-   Normalisers are global (all-reduced counts), so micro-batching, minibatch ranks and dropped
-   groups change nothing: 'dapo' divides the summed token losses by the minibatch's token count
-   over all ranks / world size (FSDP averages gradients over ranks); 'grpo' and 'dr_grpo' scale
-   each micro-batch's per-sequence mean by (its sequences * world / the minibatch's sequences).
-7. Metrics, reduced over ranks, one JSON line per step in out_dir/metrics.jsonl: reward components
-   (mean, std), accuracy, loss, KL, clip fractions, ratio, entropy, sampler_logp_diff, completion
-   length mean/max, truncation rate, zero-std (zero-advantage) fraction, rollout and train
-   tokens/s, lr, grad norm, peak memory. Checkpoints (HF layout + resumable state) and --resume
-   are sft.py's (save_checkpoint / load_training_state); sampling needs no RNG state (step 2).
+One step: this rank's prompts -> G rollouts each from one prefill (model.generate with a per-row
+seeded sampler) -> rewards, gathered over ranks -> group advantages -> prompt + completion sequences
+packed for the training forward -> num_iterations x num_minibatches optimizer steps -> one metrics line.
+Every number of a step is the same for 1 rank or 8 and after a resume. Knob names are TRL's
+GRPOTrainer's (num_generations, beta, epsilon, epsilon_high, loss_type, scale_rewards, num_iterations);
+checkpoints, FSDP2 and resume are common.py's.
 
-Parallelism: FSDP2 under torchrun (sft.shard_model: every block a unit, fp32 master weights, bf16
-compute on GPU); each rank rolls out and scores its own prompts; rewards are all-gathered for the
-advantages; gradients are reduce-scattered by FSDP. One process on a CPU runs the same code.
-
-Deliberately left out: vLLM / a separate inference server (the rollout engine is model.py's KV
-cache), LoRA (the paper's GRPO trains all weights; sft.py has LoRA for the cold start), sharing one
-vision forward across the G training copies of a prompt (model.forward has no way to take
-precomputed features yet: the tower runs G times per prompt in training), DAPO's over-sampling
-to refill dropped groups, TRL's two-sided clipping `delta`, sequence-level importance sampling
-(GSPO), entropy masking, a clamp on the KL estimator, and evaluation during training (bench.py).
+Left out on purpose: vLLM or a separate inference server (the rollout engine is model.py's KV cache),
+LoRA (the paper's GRPO trains every weight), sharing one vision forward across the G training copies
+of a prompt (the tower runs G times per prompt in training), DAPO's over-sampling to refill dropped
+groups, TRL's two-sided clipping `delta`, sequence-level importance sampling (GSPO), entropy masking,
+a clamp on the KL estimator, and evaluation during training (bench.py).
 """
-import json
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -84,17 +29,17 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import reward
+from common import (all_reduce, clip_and_step, compute_dtype_and_autocast, gather_rows, init_distributed, log_metrics,
+                    lr_at, make_optimizer, peak_memory, print0, save_checkpoint, shard_model, start_run, target_logits)
 from configurator import configure
 from data import Tokenizer, VisionSettings, encode, greedy_pack, pack, read_samples
 from model import Qwen2VL, filter_logits, rope_positions
-from sft import (init_distributed, load_training_state, log_metrics, lr_at, make_optimizer, peak_memory,
-                 print0, save_checkpoint, shard_model, target_positions, trim_metrics)
 
 # -----------------------------------------------------------------------------
 # I/O
 init_from = 'out/sft-egoworld'   # the policy's start: an SFT checkpoint dir (HF layout, tokenizer.json)
 ref_from = ''            # the frozen KL reference (only loaded when beta > 0); '' = init_from
-data = 'data_egoworld/train/st_r1_cot.jsonl'  # ST-R1 JSONL or a benchmark-layout folder (only the questions are used)
+data = 'data_egoworld/train/st_r1_cot.jsonl'  # ST-R1 JSONL or a benchmark folder (only the questions are used)
 video_root = ''          # remaps the JSONL's absolute video paths by basename
 out_dir = 'out/grpo'
 resume = False           # continue from out_dir/train_state.json (same number of ranks)
@@ -110,10 +55,10 @@ max_completion_length = 256
 temperature = 1.0        # set explicitly: sampling never inherits a checkpoint's generation_config
 top_p = 1.0              # 1.0 / 0: off; truncation biases the samples away from the policy being trained
 top_k = 0
-# rewards (reward.score_completion's components). The release used accuracy alone; format and the
-# reverse-thinking reward are shaping terms at half weight (reward.py explains the weights)
+# rewards (reward.score_completion's components). The release used accuracy alone; format and
+# reverse thinking are shaping terms at half weight (reward.DEFAULT_WEIGHTS says why)
 reward_weights = dict(reward.DEFAULT_WEIGHTS)
-# loss (grpo_loss): the paper's beta 0.1 and per-sequence mean; epsilon only matters with > 1 update per rollout
+# loss (grpo_loss): the paper's beta 0.1 and per-sequence mean; epsilon only matters with > 1 update a rollout
 beta = 0.1               # k3 KL to the reference; 0: no reference model at all
 epsilon = 0.2            # clip ratio below 1 - epsilon ...
 epsilon_high = None      # ... and above 1 + epsilon_high (None: = epsilon; DAPO's clip-higher: 0.28)
@@ -122,7 +67,7 @@ scale_rewards = 'group'  # advantage scale: 'group' std | 'batch' std | 'none' (
 num_iterations = 1       # passes over each rollout batch (the release: 1, strictly on-policy)
 num_minibatches = 1      # optimizer steps per pass (each on 1/num_minibatches of the completions)
 drop_zero_std = False    # leave groups whose rewards are all equal out of the loss (no signal, only KL)
-mask_truncated_completions = False  # leave completions cut at max_completion_length out of the loss
+mask_truncated_completions = False  # leave completions cut at max_completion_length out of the loss (DAPO)
 # training forward: prompt + completion sequences packed into micro-batches of <= this many tokens
 train_token_budget = 16384
 # optimizer: AdamW, the paper's lr 1e-5, cosine from the first step
@@ -145,11 +90,18 @@ log_interval = 1
 
 LOSS_TYPES = ('grpo', 'dapo', 'dr_grpo')
 SCALE_REWARDS = ('group', 'batch', 'none')
+REWARD_KEYS = ('total', 'accuracy', 'format', 'reverse', 'route')
+# never sampled: a completion is text, and a pad token in it would be fed video features in the
+# training forward. The mask is part of the policy, so the training log-probs use it too.
+VISUAL_TOKENS = ('vision_start_id', 'vision_end_id', 'image_pad_id', 'video_pad_id')
 
+# -----------------------------------------------------------------------------
+# the loss
 
 def group_advantages(rewards, num_generations, scale_rewards='group', eps=1e-4):
-    """rewards (N,) prompt-major -> (advantages (N,) float32, zero_std (N,) bool: True for every
-    member of a group whose rewards are all equal). See the module docstring."""
+    """rewards (N,) prompt-major -> (advantages (N,) float32, zero_std (N,) bool: True for every member of a
+    group whose rewards are all equal; its advantage is 0). The advantage is the reward minus its group's
+    mean, divided by the group's std ('group'), the batch's std ('batch') or nothing ('none')."""
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
     r = torch.as_tensor(rewards, dtype=torch.float32)
@@ -174,13 +126,14 @@ def group_advantages(rewards, num_generations, scale_rewards='group', eps=1e-4):
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon=0.2, epsilon_high=None,
               loss_type='dapo', max_completion_length=None, num_items=None):
-    """The GRPO surrogate loss (module docstring) on padded completions.
-    logp (B, L): log-probs of the sampled tokens under the policy being trained (requires grad).
-    old_logp (B, L) | None: under the policy that sampled them (None: logp.detach()).
-    ref_logp (B, L) | None: under the frozen reference; required when beta > 0.
-    advantages (B,); mask (B, L) bool or 0/1, True on completion tokens.
-    Defaults are TRL's (beta 0, epsilon 0.2, epsilon_high = epsilon, loss_type 'dapo').
-    Returns (loss: 0-d tensor, stats: dict of detached 0-d tensors)."""
+    """The clipped surrogate -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A) per token,
+    plus beta * k3 KL to the reference, on padded completions (B, L).
+    logp: the trained policy's log-probs of the sampled tokens (requires grad); old_logp: the sampling
+    policy's (None: logp.detach(), ratio 1, the plain policy gradient); ref_logp: the reference's,
+    required when beta > 0; advantages (B,); mask (B, L) True on completion tokens.
+    Normalisers: 'grpo' the mean over sequences of each one's token mean; 'dapo' the token sum over
+    num_items (default: the tokens here); 'dr_grpo' the token sum over B * max_completion_length.
+    Defaults are TRL's. Returns (loss 0-d, stats: dict of detached 0-d tensors)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if logp.dim() != 2:
@@ -215,7 +168,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon=0.2,
     kl = None
     if ref_logp is not None:
         delta = torch.where(m, ref_logp.detach().float(), zero) - logp
-        kl = torch.exp(delta) - delta - 1
+        kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
         if beta > 0:
             per_token = per_token + beta * kl
     per_token = per_token * mf
@@ -248,12 +201,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon=0.2,
 # -----------------------------------------------------------------------------
 # rollouts
 
-VISUAL_TOKENS = ('vision_start_id', 'vision_end_id', 'image_pad_id', 'video_pad_id')  # never sampled (docstring)
-
-
 def row_seed(seed, epoch, index, generation):
-    """The seed of one rollout row, a function of (run seed, epoch, the prompt's index in the data,
-    the generation) only; SeedSequence mixes the tuple so that neighbouring rows are unrelated."""
+    """The seed of one rollout row: a function of (run seed, epoch, the prompt's index in the data,
+    the generation) only, so a row's tokens are the same for any number of ranks, any batching and
+    after a resume. SeedSequence mixes the tuple, so neighbouring rows are unrelated."""
     return int(np.random.SeedSequence([seed, epoch, index, generation]).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -270,11 +221,10 @@ def policy_logits(logits, temperature, banned=None):
 
 
 def sample_rows(logits, u, top_k=0, top_p=1.0):
-    """One token per row by inverse CDF: the first token whose cumulative probability exceeds u.
-    logits (R, V) = policy_logits; u (R,) uniforms in [0, 1). top-k/top-p truncate the distribution
-    sampled from (model.filter_logits); the returned log-prob is the untruncated policy's, as model.sample's.
-    The CDF is in float64, so that 150k-entry sums do not drift, and a token of probability 0 is never
-    the first to exceed u (its CDF equals its predecessor's)."""
+    """One token per row by inverse CDF: the first token whose cumulative probability exceeds u (R,).
+    top-k/top-p truncate what is sampled from; the log-prob returned is the untruncated policy's
+    (TRL's choice too). The CDF is float64, so 150k-entry sums do not drift, and a token of probability
+    0 is never the first to exceed u (its CDF equals its predecessor's)."""
     logp = logits.log_softmax(-1)
     cdf = filter_logits(logp, top_k, top_p).softmax(-1).double().cumsum(-1)
     tok = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
@@ -285,50 +235,32 @@ def sample_rows(logits, u, top_k=0, top_p=1.0):
 @torch.no_grad()
 def rollout(model, batch, num_generations, seeds, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
             stop_ids=(), banned=None, pad_id=0):
-    """Sample num_generations completions of every prompt of a packed batch (data.pack of prompts):
-    one prefill, each prompt's cache copied into its rows (prompt b -> rows b*G .. b*G+G-1), all rows
-    decoded together. seeds: one int per row (row_seed); row r samples with row_uniforms(seeds)[r]
-    (sample_rows). Seeds, not uniforms, are the argument: FSDP's mixed precision casts the float
-    tensors passed to a forward to bf16. A row ends after emitting a stop id (kept) or at max_new_tokens.
-    Returns tokens (R, N) long (pad_id after the end), logps (R, N) fp32 (log-probs of the sampled
-    tokens under policy_logits; 0 after the end), lengths (R,) long, stopped (R,) bool; N = longest row."""
-    G = int(num_generations)
+    """num_generations completions of every prompt of a packed batch (prompt b -> rows b*G .. b*G+G-1),
+    row r sampled with row_uniforms(seeds)[r]. Returns tokens (R, N) (pad_id after the end), the sampled
+    tokens' log-probs under policy_logits (R, N), lengths (R,), stopped (R,): ended on a stop id."""
     B = len(batch['cu_seqlens']) - 1
-    if len(seeds) != B * G:
-        raise ValueError(f'rollout: {B} prompts x {G} generations need {B * G} seeds, got {len(seeds)}')
+    if len(seeds) != B * num_generations:
+        raise ValueError(f'rollout: {B} prompts x {num_generations} generations need {B * num_generations} seeds, '
+                         f'got {len(seeds)}')
     dev = model.embed_tokens.weight.device
     uniforms = row_uniforms(seeds, max_new_tokens, dev)
-    pv = batch['pixel_values'].to(dev) if batch.get('pixel_values') is not None else None
-    cache, logits, pos = model.prefill(batch['input_ids'].to(dev), batch['position_ids'].to(dev),
-                                       batch['cu_seqlens'].to(dev), pv, batch.get('grid_thw'), max_new_tokens)
-    cache, logits, pos = cache.repeat(G), logits.repeat_interleave(G, 0), pos.repeat_interleave(G)
-    R = B * G
-    tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    logps = torch.zeros(R, max_new_tokens, device=dev)
-    lengths = torch.zeros(R, dtype=torch.long, device=dev)
-    done = torch.zeros(R, dtype=torch.bool, device=dev)
-    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
     banned = None if banned is None else torch.as_tensor(banned, dtype=torch.long, device=dev)
-    for i in range(max_new_tokens):
-        tok, lp = sample_rows(policy_logits(logits, temperature, banned), uniforms[:, i], top_k, top_p)
-        tokens[:, i] = tok.masked_fill(done, pad_id)
-        logps[:, i] = lp.masked_fill(done, 0.0)
-        lengths += ~done
-        done |= torch.isin(tok, stop)
-        if i == max_new_tokens - 1 or bool(done.all()):
-            break
-        logits = model.decode_step(tok, pos + i, cache)
-    n = int(lengths.max())
-    return tokens[:, :n], logps[:, :n], lengths, done
+    sampler = lambda logits, i: sample_rows(policy_logits(logits, temperature, banned), uniforms[:, i], top_k, top_p)
+    pv = batch['pixel_values'].to(dev) if batch.get('pixel_values') is not None else None
+    tokens, logps, lengths = model.generate(
+        batch['input_ids'].to(dev), batch['position_ids'].to(dev), batch['cu_seqlens'].to(dev), pv,
+        batch.get('grid_thw'), max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=stop_ids,
+        num_samples=num_generations, pad_token_id=pad_id)
+    last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
+    return tokens, logps, lengths, torch.isin(last, torch.tensor(list(stop_ids), dtype=torch.long, device=dev))
 
 
 @contextmanager
 def gathered_for_rollout(model):
-    """FSDP: keep every unit's parameters gathered from its first use in the rollout to the end.
-    The rollout must run as one registered FSDP forward method of the root (see main): the root's
-    parameters then stay gathered for the whole call, and with reshard_after_forward off the blocks
-    are all-gathered once, in the prefill, instead of once per decoded token. So decoding does no
-    collective and ranks may stop decoding at different steps. A no-op without FSDP."""
+    """FSDP: keep every unit's parameters gathered from its first use in the rollout to the end, so the
+    blocks are all-gathered once, in the prefill, not once per decoded token, and ranks may stop
+    decoding at different steps. `generate` must be a registered FSDP forward method of the root
+    (main does it), so the root's parameters stay gathered for the whole call. A no-op without FSDP."""
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
     for u in units:
@@ -343,12 +275,9 @@ def gathered_for_rollout(model):
 # -----------------------------------------------------------------------------
 # rewards
 
-REWARD_KEYS = ('total', 'accuracy', 'format', 'reverse', 'route')
-
-
 def score_rollouts(samples, texts, num_generations, weights):
-    """reward.score_completion of completion j against samples[j // G]. Returns (N, len(REWARD_KEYS))
-    float64, nan where a component does not apply to the sample."""
+    """reward.score_completion of completion j against samples[j // G] -> (N, len(REWARD_KEYS)) float64,
+    nan where a component does not apply to the sample."""
     out = torch.full((len(texts), len(REWARD_KEYS)), float('nan'), dtype=torch.float64)
     for j, text in enumerate(texts):
         comps = reward.score_completion(text, samples[j // num_generations], weights)
@@ -362,12 +291,24 @@ def completion_texts(tok, tokens, lengths, stopped):
     """The completions as text, the stop token left out (the reward sees what the user would)."""
     return [tok.decode(tokens[j, :int(lengths[j]) - int(stopped[j])].tolist()) for j in range(len(tokens))]
 
+
+def reward_metrics(rewards):
+    """mean/std of every reward component over the completions it applies to (global rewards)."""
+    m = {}
+    for k, key in enumerate(REWARD_KEYS):
+        v = rewards[:, k][~torch.isnan(rewards[:, k])]
+        m[f'reward/{key}'] = float(v.mean()) if len(v) else None
+        m[f'reward/{key}_std'] = float(v.std(correction=0)) if len(v) else None
+    m['reward'], m['accuracy'] = m['reward/total'], m['reward/accuracy']
+    return m
+
 # -----------------------------------------------------------------------------
-# training forward
+# the training forward
 
 def completion_item(prompt, completion, cfg):
-    """One training sequence: prompt (data.encode with target None) + completion token ids, labelled
-    like data.encode's targets (-100 on the prompt), with the M-RoPE positions of the whole sequence."""
+    """One training sequence: prompt (data.encode, no target) + completion ids, the stop token included
+    (the policy learns to stop), labelled like data.encode's targets and positioned by rope_positions of
+    the whole sequence, exactly where decoding put them."""
     ids = torch.cat([prompt['input_ids'], completion.cpu()])
     labels = torch.full_like(ids, -100)
     labels[len(prompt['input_ids']):] = completion.cpu()
@@ -378,16 +319,11 @@ def completion_item(prompt, completion, cfg):
 
 def completion_logps(model, batch, temperature, device, banned=None, entropy=False):
     """Log-probs under policy_logits of every completion token of a packed batch of completion_items,
-    in order (flat, (n,)); with entropy=True also the policy's entropy at each of them (detached).
-    Logits only at completion tokens (a long video batch's full logits would be gigabytes)."""
-    pv = batch['pixel_values'].to(device) if batch['pixel_values'] is not None else None
-    h = model(batch['input_ids'].to(device), batch['position_ids'].to(device), batch['cu_seqlens'].to(device),
-              pv, batch['grid_thw'], return_hidden=True)
-    pos = target_positions(batch['labels']).to(device)
-    logits = policy_logits(model.logits(h[pos]), temperature, banned)
-    lse = logits.logsumexp(-1)
-    target = batch['labels'][1:].to(device)[pos]
-    logp = logits.gather(-1, target[:, None])[:, 0] - lse
+    flat (n,) in order: the distribution the tokens were sampled from, before top-k/top-p. With
+    entropy=True also the policy's entropy at each of them (detached)."""
+    logits, target = target_logits(model, batch, device)
+    logits = policy_logits(logits, temperature, banned)
+    logp = logits.gather(-1, target[:, None])[:, 0] - logits.logsumexp(-1)
     ent = None
     if entropy:
         with torch.no_grad():
@@ -404,66 +340,39 @@ def pad_rows(flat, lengths):
 # -----------------------------------------------------------------------------
 # the step's bookkeeping
 
-def step_prompts(num_samples, epoch, step_in_epoch, rank, world):
-    """Indices into the data of this rank's prompts at (epoch, step): the epoch's seeded permutation
-    (the same on every rank), cut into steps of prompts_per_step, then into world slices."""
+def step_prompts(num_samples, epoch, step_in_epoch, rank, world, prompts_per_step, seed):
+    """Indices of this rank's prompts at (epoch, step): the epoch's seeded permutation (the same on every
+    rank) cut into steps of prompts_per_step, each cut into world slices, so the global batch is the same
+    for any number of ranks."""
     order = np.random.default_rng((seed, epoch)).permutation(num_samples)
     chunk = order[step_in_epoch * prompts_per_step:(step_in_epoch + 1) * prompts_per_step]
     per_rank = prompts_per_step // world
     return chunk[rank * per_rank:(rank + 1) * per_rank].tolist()
 
 
-def gather_rows(t):
-    """Concatenate every rank's rows (the same count on each) in rank order; identity when alone."""
-    if not dist.is_initialized():
-        return t
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
-
-
-def reduced(values, device, op='sum'):
-    """Floats (a number or nested lists) summed ('sum') or maxed ('max') over ranks, as a CPU float64
-    tensor. The tensor lives on `device` for the collective (NCCL reduces CUDA tensors only)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == 'max' else dist.ReduceOp.SUM)
-    return t.cpu()
-
-
-def reward_metrics(rewards):
-    """mean/std of every reward component over the completions it applies to (global rewards)."""
-    m = {}
-    for k, key in enumerate(REWARD_KEYS):
-        v = rewards[:, k][~torch.isnan(rewards[:, k])]
-        m[f'reward/{key}'] = float(v.mean()) if len(v) else None
-        m[f'reward/{key}_std'] = float(v.std(correction=0)) if len(v) else None
-    m['reward'], m['accuracy'] = m['reward/total'], m['reward/accuracy']
-    return m
-
-
-def plan_updates(keep, seq_len, G, device):
-    """This rank's minibatches as lists of micro-batches (rows, weight). Minibatch k holds the
-    generations of chunk k of range(G) of every prompt, so it is the same set of completions for any
-    number of ranks, and every minibatch sees every prompt. Micro-batches pack under
-    train_token_budget; every rank gets the same number per minibatch (FSDP's collectives pair up),
-    padded with zero-weight copies of its first completion."""
+def plan_updates(keep, seq_len, G, num_minibatches, token_budget, device):
+    """This rank's minibatches as lists of micro-batches (rows, weight). Minibatch k holds generation
+    chunk k of every kept group, so it is the same set of completions for any number of ranks and sees
+    every prompt. Micro-batches pack under token_budget; every rank gets the same number per minibatch
+    (FSDP's collectives pair up), padded with zero-weight copies of its first completion."""
     chunks = [set(c.tolist()) for c in np.array_split(np.arange(G), num_minibatches)]
     kept = keep.nonzero().squeeze(1).tolist()
     minibatches = [[j for j in kept if j % G in c] for c in chunks]
-    plans = [greedy_pack(mb, seq_len, train_token_budget) for mb in minibatches]  # consecutive rows
-    n_micro = reduced([len(p) for p in plans], device, 'max').long().tolist()
+    plans = [greedy_pack(mb, seq_len, token_budget) for mb in minibatches]  # consecutive rows
+    n_micro = all_reduce([len(p) for p in plans], device, 'max').long().tolist()
     return minibatches, [[(rows, 1.0) for rows in p] + [([0], 0.0)] * (n - len(p)) for p, n in zip(plans, n_micro)]
 
 
-def train_on_rollouts(model, ref, optimizer, items, lengths, sampler_logp, adv, keep, device, autocast, banned, world):
-    """Steps 5-6 of the module docstring on this rank's completions (items: completion_item per row,
-    lengths: completion lengths, sampler_logp: the rollout's log-probs, adv/keep: per row).
-    Returns the sums the step's metrics are made of (this rank's; loss and grad norm already global)."""
+def train_on_rollouts(model, ref, optimizer, items, lengths, sampler_logp, adv, keep, *, G, num_iterations,
+                      num_minibatches, token_budget, temperature, grad_clip, loss_kw, banned, device, autocast, world):
+    """The updates of one step on this rank's completions (items: completion_item per row; lengths,
+    sampler_logp: the rollout's; adv, keep: per row); loss_kw: grpo_loss's settings. Returns the sums the
+    step's metrics are made of (this rank's; loss and grad norm already global)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    loss_type = loss_kw['loss_type']
     seq_len = [len(it['input_ids']) for it in items]
-    minibatches, plans = plan_updates(keep, seq_len, num_generations, device)
-    counts = reduced([[len(mb), float(lengths[mb].sum()) if mb else 0.0] for mb in minibatches], device)
+    minibatches, plans = plan_updates(keep, seq_len, G, num_minibatches, token_budget, device)
+    counts = all_reduce([[len(mb), float(lengths[mb].sum()) if mb else 0.0] for mb in minibatches], device)
     batches = {tuple(rows): pack([items[r] for r in rows]) for p in plans for rows, _ in p}
     sums = dict(loss=0.0, norm=0.0, updates=0, train_tokens=0.0, tokens=0.0, clip_low=0.0, clip_high=0.0,
                 clip_region=0.0, ratio=0.0, kl=0.0, entropy=0.0, diag_tokens=0.0, logp_diff=0.0)
@@ -473,14 +382,18 @@ def train_on_rollouts(model, ref, optimizer, items, lengths, sampler_logp, adv, 
             return completion_logps(net, batches[tuple(rows)], temperature, device, banned, entropy)
 
     def diagnose(flat, ent, rows):
-        """entropy and |training - sampler log-prob| of the policy that sampled (docstring, step 6)"""
+        # entropy, and |training - sampler log-prob| of the policy that sampled: the sampler's KV-cache
+        # decode and the packed training forward round differently (~2e-7 in fp32 on CPU); a large
+        # value means a bug in positions or packing
         r = torch.tensor(rows)
         mask = pad_rows(flat, lengths[r])[1].cpu()
         sums['entropy'] += float(ent.sum())
         sums['diag_tokens'] += len(ent)
         sums['logp_diff'] += float((flat.detach().cpu() - sampler_logp[r][:, :mask.shape[1]][mask]).abs().sum())
 
-    # old and reference log-probs, once per rollout batch, before any update
+    # With more than one update a rollout batch, old_logp is a no-grad forward of the policy before the
+    # first update (TRL's choice), not the sampler's: their rounding differs (more in bf16), which would
+    # show up as ratios != 1 and spurious clipping. The reference's, once, when beta > 0.
     need_old = num_iterations > 1 or num_minibatches > 1
     old, ref_lp = {}, {}
     with torch.no_grad():
@@ -500,16 +413,18 @@ def train_on_rollouts(model, ref, optimizer, items, lengths, sampler_logp, adv, 
                 continue  # this minibatch is empty on every rank: nothing to learn from
             loss_sum = 0.0
             for k, (rows, weight) in enumerate(p):
-                if hasattr(model, 'set_requires_gradient_sync'):  # FSDP: reduce-scatter once, on the last micro-batch
+                if hasattr(model, 'set_requires_gradient_sync'):  # FSDP: reduce-scatter once, on the last one
                     model.set_requires_gradient_sync(k == len(p) - 1)
                 r = torch.tensor(rows)
                 flat, ent = logps(model, rows, entropy=not need_old)
                 logp, mask = pad_rows(flat, lengths[r].to(device))
                 old_lp = pad_rows(old[tuple(rows)], lengths[r].to(device))[0] if need_old else None
                 ref_pad = pad_rows(ref_lp[tuple(rows)], lengths[r].to(device))[0] if ref is not None else None
-                loss, st = grpo_loss(logp, old_lp, ref_pad, adv[r].to(device), mask, beta, epsilon, epsilon_high,
-                                     loss_type, max_completion_length, n_tok / world if loss_type == 'dapo' else None)
-                # per-call normalisers -> the minibatch's global one (module docstring, step 6)
+                loss, st = grpo_loss(logp, old_lp, ref_pad, adv[r].to(device), mask, **loss_kw,
+                                     num_items=n_tok / world if loss_type == 'dapo' else None)
+                # Normalisers are the minibatch's, over all ranks, so micro-batching and ranks change
+                # nothing: 'dapo' divides by the global token count / world (FSDP averages gradients over
+                # ranks); 'grpo' and 'dr_grpo' scale each micro-batch's mean by its share of the sequences
                 scale = weight * (1.0 if loss_type == 'dapo' else len(rows) * world / n_seq)
                 (loss * scale).backward()
                 loss_sum += float(loss.detach()) * scale
@@ -520,50 +435,68 @@ def train_on_rollouts(model, ref, optimizer, items, lengths, sampler_logp, adv, 
                     sums[key] += float(st.get(key, 0.0)) * w
                 if not need_old and weight:
                     diagnose(flat, ent, rows)
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
-            sums['norm'] += float(norm.full_tensor() if hasattr(norm, 'full_tensor') else norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sums['loss'] += float(reduced(loss_sum, device)) / world
+            sums['norm'] += clip_and_step(optimizer, params, grad_clip)
+            sums['loss'] += float(all_reduce(loss_sum, device)) / world
             sums['updates'] += 1
     return sums
 
 
-def check_config(world):
-    """Settings that cannot run fail here, naming the key."""
-    bad = [(prompts_per_step % world != 0, f'prompts_per_step={prompts_per_step} must be a multiple of the {world} ranks'),
-           (prompts_per_step < 1, f'prompts_per_step={prompts_per_step} must be >= 1'),
-           (num_generations < 2, f'num_generations={num_generations}: a group of one has no relative advantage'),
-           (not temperature > 0, f'temperature={temperature}: GRPO samples (> 0); greedy rollouts have no spread'),
-           (max_completion_length < 1, f'max_completion_length={max_completion_length} must be >= 1'),
-           (not 0 < top_p <= 1, f'top_p={top_p} must be in (0, 1]'),
-           (top_k < 0, f'top_k={top_k} must be >= 0 (0: off)'),
-           (num_iterations < 1, f'num_iterations={num_iterations} must be >= 1'),
-           (not 1 <= num_minibatches <= num_generations,
-            f'num_minibatches={num_minibatches} must be in [1, num_generations={num_generations}] (minibatches split each group)'),
-           (loss_type not in LOSS_TYPES, f'loss_type={loss_type!r}: one of {LOSS_TYPES}'),
-           (scale_rewards not in SCALE_REWARDS, f'scale_rewards={scale_rewards!r}: one of {SCALE_REWARDS}'),
-           (beta < 0, f'beta={beta} must be >= 0'),
-           (set(reward_weights) - set(REWARD_KEYS[1:]), f'reward_weights: unknown component(s) {sorted(set(reward_weights) - set(REWARD_KEYS[1:]))}; components are {list(REWARD_KEYS[1:])}')]
+def step_metrics(sums, rewards, lengths, stopped, keep, zero_std, with_kl, t_roll, t_train, device):
+    """One step's metrics over all ranks, from train_on_rollouts' sums and the rollouts (this rank's rows;
+    rewards and zero_std already global)."""
+    keys = ('train_tokens', 'tokens', 'clip_low', 'clip_high', 'clip_region', 'ratio', 'kl', 'entropy',
+            'diag_tokens', 'logp_diff')
+    red = dict(zip(keys, all_reduce([float(sums[k]) for k in keys], device).tolist()))
+    lens = gather_rows(lengths.to(device)).cpu().double()
+    trunc = gather_rows((~stopped).long().to(device)).cpu().double()
+    n_kept = float(all_reduce(float(keep.sum()), device))
+    ntok, ndiag, nup = max(red['tokens'], 1.0), max(red['diag_tokens'], 1.0), max(sums['updates'], 1)
+    return dict(loss=sums['loss'] / nup, grad_norm=sums['norm'] / nup, updates=sums['updates'],
+                **reward_metrics(rewards), kl=red['kl'] / ntok if with_kl else None,
+                clip_low=red['clip_low'] / ntok, clip_high=red['clip_high'] / ntok,
+                clip_region=red['clip_region'] / ntok, ratio=red['ratio'] / ntok, entropy=red['entropy'] / ndiag,
+                sampler_logp_diff=red['logp_diff'] / ndiag, completion_len=float(lens.mean()),
+                completion_len_max=int(lens.max()), truncated=float(trunc.mean()),
+                zero_std=float(zero_std.double().mean()), kept=n_kept / len(lens), rollout_tokens=int(lens.sum()),
+                rollout_tokens_per_s=float(lens.sum()) / t_roll, train_tokens_per_s=red['train_tokens'] / t_train)
+
+
+def check_config(c, world):
+    """Settings (the dict configure returns) that cannot run fail here, naming the key."""
+    G, components = c['num_generations'], list(REWARD_KEYS[1:])
+    unknown = sorted(set(c['reward_weights']) - set(components))
+    bad = [(c['prompts_per_step'] % world != 0,
+            f"prompts_per_step={c['prompts_per_step']} must be a multiple of the {world} ranks"),
+           (c['prompts_per_step'] < 1, f"prompts_per_step={c['prompts_per_step']} must be >= 1"),
+           (G < 2, f'num_generations={G}: a group of one has no relative advantage'),
+           (not c['temperature'] > 0, f"temperature={c['temperature']}: GRPO samples (> 0); greedy has no spread"),
+           (c['max_completion_length'] < 1, f"max_completion_length={c['max_completion_length']} must be >= 1"),
+           (not 0 < c['top_p'] <= 1, f"top_p={c['top_p']} must be in (0, 1]"),
+           (c['top_k'] < 0, f"top_k={c['top_k']} must be >= 0 (0: off)"),
+           (c['num_iterations'] < 1, f"num_iterations={c['num_iterations']} must be >= 1"),
+           (not 1 <= c['num_minibatches'] <= G, f"num_minibatches={c['num_minibatches']} must be in "
+                                                f"[1, num_generations={G}] (minibatches split each group)"),
+           (c['loss_type'] not in LOSS_TYPES, f"loss_type={c['loss_type']!r}: one of {LOSS_TYPES}"),
+           (c['scale_rewards'] not in SCALE_REWARDS, f"scale_rewards={c['scale_rewards']!r}: one of {SCALE_REWARDS}"),
+           (c['beta'] < 0, f"beta={c['beta']} must be >= 0"),
+           (unknown, f'reward_weights: unknown component(s) {unknown}; components are {components}')]
     for failed, msg in bad:
         if failed:
             raise ValueError(msg)
-
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
     config = configure(globals(), argv)
     rank, world, local_rank, device = init_distributed()
-    check_config(world)
+    check_config(config, world)
     master = rank == 0
     torch.manual_seed(seed)
     on_gpu = device.type == 'cuda'
-    compute_dtype = getattr(torch, dtype) if on_gpu else torch.float32
-    autocast = (lambda: torch.autocast('cuda', dtype=compute_dtype)) if on_gpu and compute_dtype != torch.float32 else nullcontext
+    compute_dtype, autocast = compute_dtype_and_autocast(device, dtype)
     G = num_generations
 
-    # data: the same preprocessing as sft.py and bench.py; every sample is checked before any compute
+    # data: the same preprocessing as sft.py and bench.py (data.encode)
     settings = VisionSettings(nframes=nframes, min_pixels=min_pixels, max_pixels=max_pixels)
     tok = Tokenizer(init_from)
     samples = read_samples(data, **({'video_root': video_root} if video_root and not os.path.isdir(data) else {}))
@@ -573,9 +506,9 @@ def main(argv=None):
     if steps_per_epoch == 0:
         raise ValueError(f'{data}: {len(samples)} samples, fewer than prompts_per_step={prompts_per_step}')
     total_steps = max_steps if max_steps > 0 else epochs * steps_per_epoch
-    print0(f'{data}: {len(samples)} samples, {steps_per_epoch} steps an epoch of {prompts_per_step} prompts x {G} generations')
+    print0(f'{data}: {len(samples)} samples, {steps_per_epoch} steps an epoch of {prompts_per_step} prompts x {G}')
 
-    # policy (trained, fp32 master weights) and, only when beta > 0, the frozen reference
+    # the policy (fp32 master weights) and, only when beta > 0, the frozen reference (no fp32 copy)
     model = Qwen2VL.from_pretrained(init_from, dtype=torch.float32, device=device)  # sharding frees the rest
     if freeze_vision:
         model.visual.requires_grad_(False)
@@ -583,39 +516,27 @@ def main(argv=None):
     model.train()
     ref = None
     if beta > 0:
-        ref = Qwen2VL.from_pretrained(ref_from or init_from, dtype=compute_dtype, device=device)  # frozen: no fp32 master copy
+        ref = Qwen2VL.from_pretrained(ref_from or init_from, dtype=compute_dtype, device=device)
         ref.requires_grad_(False)
         ref.eval()
-    run_rollout = lambda *a, **k: rollout(model, *a, **k)
     if world > 1:
         from torch.distributed.fsdp import register_fsdp_forward_method
         shard_model(model, device, compute_dtype if compute_dtype != torch.float32 else None)
-        # the whole rollout is one forward of the root (gathered_for_rollout says why)
-        model.grpo_rollout = rollout.__get__(model)
-        register_fsdp_forward_method(model, 'grpo_rollout')
-        run_rollout = model.grpo_rollout
+        register_fsdp_forward_method(model, 'generate')  # the whole rollout is one forward of the root
         if ref is not None:
             shard_model(ref, device, compute_dtype if compute_dtype != torch.float32 else None)
     cfg = model.config
     optimizer = make_optimizer(model, lr, weight_decay, (beta1, beta2))
     banned = torch.tensor([getattr(tok, name) for name in VISUAL_TOKENS], device=device)
-    stop_ids = sorted({tok.im_end_id, tok.pad_id})  # <|im_end|> ends the turn; <|endoftext|> as Qwen's generation_config
+    stop_ids = sorted({tok.im_end_id, tok.pad_id})  # <|im_end|> ends the turn; <|endoftext|> as Qwen's config
     warmup = int(warmup_frac * total_steps)
-
-    step = 0
+    loss_kw = dict(beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type,
+                   max_completion_length=max_completion_length)
+    state = start_run(out_dir, resume, model, optimizer, config)
+    step = state['step'] if state else 0
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-    if resume:
-        state = load_training_state(out_dir, model, optimizer)
-        step = state['step']
-        print0(f'resumed from {out_dir} at step {step}')
-        if master:
-            trim_metrics(metrics_path, step)
-    elif master:
-        os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)
-    print0(f'{total_steps} steps, lr {lr}, beta {beta}, loss {loss_type}, {num_iterations} x {num_minibatches} updates '
-           f'a step, {"FSDP2 on " if world > 1 else ""}{world} {device.type} process(es)')
+    print0(f'{total_steps} steps, lr {lr}, beta {beta}, loss {loss_type}, {num_iterations} x {num_minibatches} '
+           f'updates a step, {"FSDP2 on " if world > 1 else ""}{world} {device.type} process(es)')
 
     pbar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
     while step < total_steps:
@@ -625,22 +546,22 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g['lr'] = lr_now
 
-        # 1-2. this rank's prompts, rolled out G times each with per-row seeds
-        idx = step_prompts(len(samples), epoch, s, rank, world)
+        # this rank's prompts, rolled out G times each with per-row seeds
+        idx = step_prompts(len(samples), epoch, s, rank, world, prompts_per_step, seed)
         prompts = [encode(samples[i], tok, settings, None, cfg) for i in idx]
         seeds = [row_seed(seed, epoch, i, g) for i in idx for g in range(G)]
         t_roll = time.time()
         with gathered_for_rollout(model), autocast():
-            tokens, sampler_logp, lengths, stopped = run_rollout(
-                pack(prompts), G, seeds, max_completion_length, temperature, top_k, top_p, stop_ids, banned, tok.pad_id)
+            tokens, sampler_logp, lengths, stopped = rollout(model, pack(prompts), G, seeds, max_completion_length,
+                                                             temperature, top_k, top_p, stop_ids, banned, tok.pad_id)
         if on_gpu:
             torch.cuda.synchronize()
-        t_roll = float(reduced(time.time() - t_roll, device, 'max'))
+        t_roll = float(all_reduce(time.time() - t_roll, device, 'max'))
         tokens, sampler_logp, lengths, stopped = tokens.cpu(), sampler_logp.cpu(), lengths.cpu(), stopped.cpu()
 
-        # 3-4. rewards on every rank, gathered: advantages are relative to the group / the global batch
-        rewards = gather_rows(score_rollouts([samples[i] for i in idx], completion_texts(tok, tokens, lengths, stopped),
-                                             G, reward_weights).to(device)).cpu()
+        # rewards on every rank, gathered: advantages are relative to the group (or the global batch)
+        texts = completion_texts(tok, tokens, lengths, stopped)
+        rewards = gather_rows(score_rollouts([samples[i] for i in idx], texts, G, reward_weights).to(device)).cpu()
         adv_all, zero_all = group_advantages(rewards[:, 0], G, scale_rewards)
         N = len(idx) * G
         adv, zero_std = adv_all[rank * N:(rank + 1) * N], zero_all[rank * N:(rank + 1) * N]
@@ -651,41 +572,31 @@ def main(argv=None):
             keep &= stopped
         t_train = time.time()
 
-        # 5-6. training sequences and the updates
+        # the training sequences and the updates
         items = [completion_item(prompts[j // G], tokens[j, :int(lengths[j])], cfg) for j in range(N)]
-        sums = train_on_rollouts(model, ref, optimizer, items, lengths, sampler_logp, adv, keep, device, autocast,
-                                 banned, world)
+        sums = train_on_rollouts(model, ref, optimizer, items, lengths, sampler_logp, adv, keep, G=G,
+                                 num_iterations=num_iterations, num_minibatches=num_minibatches,
+                                 token_budget=train_token_budget, temperature=temperature, grad_clip=grad_clip,
+                                 loss_kw=loss_kw, banned=banned, device=device, autocast=autocast, world=world)
         if on_gpu:
             torch.cuda.synchronize()
-        t_train = float(reduced(time.time() - t_train, device, 'max'))
+        t_train = float(all_reduce(time.time() - t_train, device, 'max'))
 
-        # 7. metrics over all ranks
-        keys = ('train_tokens', 'tokens', 'clip_low', 'clip_high', 'clip_region', 'ratio', 'kl', 'entropy',
-                'diag_tokens', 'logp_diff')
-        red = dict(zip(keys, reduced([float(sums[k]) for k in keys], device).tolist()))
-        lens = gather_rows(lengths.to(device)).cpu().double()
-        trunc = gather_rows((~stopped).long().to(device)).cpu().double()
-        n_kept = float(reduced(float(keep.sum()), device))
-        ntok, ndiag, nup = max(red['tokens'], 1.0), max(red['diag_tokens'], 1.0), max(sums['updates'], 1)
+        m = dict(step=step, epoch=epoch, lr=lr_now, **step_metrics(sums, rewards, lengths, stopped, keep, zero_all,
+                                                                    ref is not None, t_roll, t_train, device),
+                 dt=time.time() - t0, peak_mem_gb=peak_memory(device) / 2**30)
         step += 1
-        m = dict(step=step - 1, epoch=epoch, lr=lr_now, loss=sums['loss'] / nup, grad_norm=sums['norm'] / nup,
-                 updates=sums['updates'], **reward_metrics(rewards),
-                 kl=red['kl'] / ntok if ref is not None else None, clip_low=red['clip_low'] / ntok,
-                 clip_high=red['clip_high'] / ntok, clip_region=red['clip_region'] / ntok, ratio=red['ratio'] / ntok,
-                 entropy=red['entropy'] / ndiag, sampler_logp_diff=red['logp_diff'] / ndiag,
-                 completion_len=float(lens.mean()), completion_len_max=int(lens.max()), truncated=float(trunc.mean()),
-                 zero_std=float(zero_all.double().mean()), kept=n_kept / len(lens),
-                 rollout_tokens=int(lens.sum()), rollout_tokens_per_s=float(lens.sum()) / t_roll,
-                 train_tokens_per_s=red['train_tokens'] / t_train, dt=time.time() - t0,
-                 peak_mem_gb=peak_memory(device) / 2**30)
         if master and (step % log_interval == 0 or step == total_steps):
             log_metrics(metrics_path, m)
             pbar.set_postfix(reward=f"{m['reward']:.3f}", loss=f"{m['loss']:.4f}", len=f"{m['completion_len']:.0f}",
                              roll_tok_s=f"{m['rollout_tokens_per_s']:.0f}")
         pbar.update(1)
         if step == total_steps or (save_interval > 0 and step % save_interval == 0):
-            state = dict(step=step, epoch=step // steps_per_epoch, step_in_epoch=step % steps_per_epoch, world_size=world)
-            save_checkpoint(out_dir, model, init_from, optimizer, state, config, settings.asdict(), getattr(torch, save_dtype))
+            # sampling needs no RNG state: every row's seed is a function of (seed, epoch, prompt, generation)
+            state = dict(step=step, epoch=step // steps_per_epoch, step_in_epoch=step % steps_per_epoch,
+                         world_size=world)
+            save_checkpoint(out_dir, model, init_from, optimizer, state, config, settings.asdict(),
+                            getattr(torch, save_dtype))
     pbar.close()
     print0(f'done: {total_steps} steps; model and training state in {out_dir}')
     if dist.is_initialized():

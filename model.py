@@ -1,32 +1,6 @@
 """
-Qwen2-VL in raw PyTorch: the vision tower, the Qwen2 decoder with multimodal rotary (M-RoPE), a
-packed training forward, KV-cache generation, and Hugging Face checkpoints in and out.
-
-Design
-- One input layout: a PACKED batch. Sequences are concatenated into input_ids (T,), cu_seqlens
-  (B+1,) int32 marks where each starts; no padding, no mask tensors. The vision tower uses the same
-  layout: its sequences are the temporal slices of every image/video (grid_t of them, h*w patches
-  each), which is exactly how the official tower confines its attention.
-- One `attention` function serves both towers: flash-attn's varlen kernel on CUDA when installed,
-  torch's varlen_attn on CUDA otherwise, and on CPU one batched SDPA call over the segments padded
-  to the longest (the result of a block-diagonal mask without its off-diagonal blocks; ~10x faster
-  than a call per segment), falling back to a call per segment when padding would double the work.
-- Positions are not the model's business: `rope_positions` turns one sequence (ids + grids) into
-  its (3, T) M-RoPE ids; data.py calls it per sample and packs. The rule is the released one
-  (transformers 4.4x, vLLM): text after a visual block continues at max(block positions) + 1.
-  transformers 5.x instead advances by max(h, w) / merge and ignores grid_t; the two differ when
-  grid_t > max(h, w) / merge (long, low-resolution videos). The weights were trained with the former.
-- Generation: `prefill` runs the packed prompts once into a pre-allocated `KVCache` (one row per
-  prompt), `KVCache.repeat(G)` copies each row G times (GRPO: encode the video once, sample G
-  answers), `decode_step` advances every row by one token. `generate` strings these together.
-- Checkpoints: config.json + model.safetensors (or shards + index) in the layout of the released
-  checkpoints, which transformers 4.x/5.x and vLLM load. Our parameter names are HF's with the
-  decoder's "model." prefix dropped; `_to_ours`/`_to_hf` are the whole key map; loading is strict.
-
-Left out on purpose: sliding-window attention and rope scaling (off in Qwen2-VL), dropout (0 in
-the release), beam search, paged KV cache, decoding new images mid-generation. Qwen2.5-VL slots in
-as a second vision tower class (window attention, RMSNorm/SwiGLU blocks) plus time-scaled temporal
-positions in `_vision_block_positions`; nothing else here assumes the tower's internals.
+Qwen2-VL in raw PyTorch: the vision tower, the Qwen2 decoder with multimodal rotary (M-RoPE), a packed
+training forward, KV-cache generation, and Hugging Face checkpoints in and out.
 
 Usage
     model = Qwen2VL.from_pretrained('ckpt/Qwen2-VL-7B-Instruct', dtype=torch.bfloat16, device='cuda')
@@ -35,10 +9,13 @@ Usage
     tokens, logprobs, lengths = model.generate(ids, pos, cu, pixel_values, grid_thw,
         max_new_tokens=512, temperature=1.0, stop_tokens=[im_end_id], num_samples=8)
     cache, logits, next_pos = model.prefill(ids, pos, cu, pixel_values, grid_thw, max_new_tokens=512)
-    cache = cache.repeat(8)                # GRPO: one prefill per prompt, 8 rows each (rows b*8 .. b*8+7)
+    cache = cache.repeat(8)                # 8 rows per prompt: b*8 .. b*8+7
     logits = model.decode_step(tokens, next_pos.repeat_interleave(8) + step, cache)   # one token per row
-    model.gradient_checkpointing = True   # recompute blocks in backward (when training)
     model.save_pretrained('out/ckpt')     # transformers' Qwen2VLForConditionalGeneration loads it
+
+Left out on purpose: sliding-window attention and rope scaling (off in Qwen2-VL), dropout (0 in the
+release), beam search, paged KV cache, decoding new images mid-generation. Qwen2.5-VL would slot in as a
+second vision tower class plus time-scaled temporal positions in `_vision_block_positions`.
 """
 import json
 import os
@@ -50,6 +27,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
+
+from common import atomic_path, write_json
 
 try:  # optional, GPU only
     from flash_attn import flash_attn_varlen_func
@@ -114,28 +93,37 @@ class ModelConfig:
         if t.get('use_sliding_window'):
             raise ValueError(f'{source}: use_sliding_window=true is not supported')
         if v.get('hidden_size', t.get('hidden_size')) != t.get('hidden_size'):
-            raise ValueError(f"{source}: vision_config.hidden_size {v['hidden_size']} != hidden_size {t.get('hidden_size')}")
+            raise ValueError(f"{source}: vision_config.hidden_size {v['hidden_size']} "
+                             f"!= hidden_size {t.get('hidden_size')}")
         def need(src, key, where):
             if key not in src:
                 raise KeyError(f'{source}: missing {where}{key}')
             return src[key]
         D = cls()
         return cls(
-            vocab_size=need(t, 'vocab_size', ''), hidden_size=need(t, 'hidden_size', ''),
-            intermediate_size=need(t, 'intermediate_size', ''), num_hidden_layers=need(t, 'num_hidden_layers', ''),
+            vocab_size=need(t, 'vocab_size', ''),
+            hidden_size=need(t, 'hidden_size', ''),
+            intermediate_size=need(t, 'intermediate_size', ''),
+            num_hidden_layers=need(t, 'num_hidden_layers', ''),
             num_attention_heads=need(t, 'num_attention_heads', ''),
             num_key_value_heads=t.get('num_key_value_heads') or t['num_attention_heads'],
             rms_norm_eps=t.get('rms_norm_eps', D.rms_norm_eps),
             rope_theta=rope.get('rope_theta', t.get('rope_theta', D.rope_theta)),
             mrope_section=list(rope.get('mrope_section', D.mrope_section)),
-            tie_word_embeddings=bool(d.get('tie_word_embeddings') or (d.get('text_config') or {}).get('tie_word_embeddings')),
+            tie_word_embeddings=bool(d.get('tie_word_embeddings')
+                                     or (d.get('text_config') or {}).get('tie_word_embeddings')),
             max_position_embeddings=t.get('max_position_embeddings', D.max_position_embeddings),
-            **{k: d.get(k, getattr(D, k)) for k in ('image_token_id', 'video_token_id', 'vision_start_token_id', 'vision_end_token_id')},
-            bos_token_id=t.get('bos_token_id', D.bos_token_id), eos_token_id=t.get('eos_token_id', D.eos_token_id),
-            vision_depth=need(v, 'depth', 'vision_config.'), vision_embed_dim=need(v, 'embed_dim', 'vision_config.'),
-            vision_num_heads=need(v, 'num_heads', 'vision_config.'), vision_mlp_ratio=v.get('mlp_ratio', D.vision_mlp_ratio),
+            **{k: d.get(k, getattr(D, k))
+               for k in ('image_token_id', 'video_token_id', 'vision_start_token_id', 'vision_end_token_id')},
+            bos_token_id=t.get('bos_token_id', D.bos_token_id),
+            eos_token_id=t.get('eos_token_id', D.eos_token_id),
+            vision_depth=need(v, 'depth', 'vision_config.'),
+            vision_embed_dim=need(v, 'embed_dim', 'vision_config.'),
+            vision_num_heads=need(v, 'num_heads', 'vision_config.'),
+            vision_mlp_ratio=v.get('mlp_ratio', D.vision_mlp_ratio),
             vision_rope_theta=(v.get('rope_parameters') or {}).get('rope_theta', D.vision_rope_theta),
-            patch_size=v.get('patch_size', D.patch_size), temporal_patch_size=v.get('temporal_patch_size', D.temporal_patch_size),
+            patch_size=v.get('patch_size', D.patch_size),
+            temporal_patch_size=v.get('temporal_patch_size', D.temporal_patch_size),
             spatial_merge_size=v.get('spatial_merge_size', D.spatial_merge_size),
             in_channels=v.get('in_channels', v.get('in_chans', D.in_channels)))
 
@@ -150,9 +138,11 @@ class ModelConfig:
             tie_word_embeddings=self.tie_word_embeddings, max_position_embeddings=self.max_position_embeddings,
             use_sliding_window=False, attention_dropout=0.0, image_token_id=self.image_token_id,
             video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
-            vision_end_token_id=self.vision_end_token_id, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+            vision_end_token_id=self.vision_end_token_id,
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
             vision_config=dict(depth=self.vision_depth, embed_dim=self.vision_embed_dim, hidden_size=self.hidden_size,
-                               num_heads=self.vision_num_heads, mlp_ratio=self.vision_mlp_ratio, hidden_act='quick_gelu',
+                               num_heads=self.vision_num_heads, mlp_ratio=self.vision_mlp_ratio,
+                               hidden_act='quick_gelu',
                                patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
                                spatial_merge_size=self.spatial_merge_size, in_channels=self.in_channels))
 
@@ -166,7 +156,12 @@ def _vision_block_positions(t, gh, gw, start):
 
 def rope_positions(input_ids, grid_thw, cfg):
     """M-RoPE ids for ONE sequence -> (position_ids (3, T) long, next_position int).
-    Each run of image/video pad tokens is one visual block and takes the next grid_thw row."""
+    Each run of image/video pad tokens is one visual block and takes the next grid_thw row. The model
+    never computes positions itself: data.py calls this per sample and packs the results.
+
+    Text after a visual block continues at max(block positions) + 1: the released rule (transformers
+    4.4x, vLLM) that the weights were trained with. transformers 5.x instead advances by max(h, w) / merge
+    and ignores grid_t; the two differ when grid_t > max(h, w) / merge (long, low-resolution videos)."""
     ids = input_ids.tolist()
     grids = grid_thw.tolist() if grid_thw is not None else []
     vis = {cfg.image_token_id, cfg.video_token_id}
@@ -186,9 +181,10 @@ def rope_positions(input_ids, grid_thw, cfg):
                 raise ValueError(f'grid_thw row {g} {grids[g]}: h and w must be multiples of {m}')
             block = _vision_block_positions(t, h // m, w // m, start)
             if block.shape[1] != j - i:
-                raise ValueError(f'token {i}: visual block has {j - i} pad tokens, grid_thw row {g} {grids[g]} needs {block.shape[1]}')
+                raise ValueError(f'token {i}: visual block has {j - i} pad tokens, '
+                                 f'grid_thw row {g} {grids[g]} needs {block.shape[1]}')
             chunks.append(block)
-            start, g = int(block.max()) + 1, g + 1  # released rule: continue after the largest position
+            start, g = int(block.max()) + 1, g + 1  # the released rule: after the largest position
         i = j
     if g != len(grids):
         raise ValueError(f'{len(grids)} grid_thw rows but {g} visual blocks in input_ids')
@@ -228,8 +224,13 @@ def apply_rope(x, cos, sin):
 # attention
 
 def attention(q, k, v, cu_seqlens, max_seqlen, causal):
-    """Packed attention: q (T, H, D), k/v (T, Hkv, D); rows cu_seqlens[i]:cu_seqlens[i+1] attend
-    only among themselves (causally if `causal`). Returns (T, H, D)."""
+    """Packed attention, shared by both towers: q (T, H, D), k/v (T, Hkv, D); rows
+    cu_seqlens[i]:cu_seqlens[i+1] attend only among themselves (causally if `causal`). Returns (T, H, D).
+
+    On CUDA in fp16/bf16: flash-attn's varlen kernel when installed, else torch's varlen_attn. Otherwise
+    (CPU, fp32) SDPA: a plain view when all segments are equally long; else one batched call over the
+    segments padded to the longest (a block-diagonal mask without its off-diagonal blocks; on CPU ~10x
+    faster than a call per segment); and a call per segment when padding would more than double the work."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         if flash_attn_varlen_func is not None:
             return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
@@ -245,12 +246,16 @@ def attention(q, k, v, cu_seqlens, max_seqlen, causal):
         q, k, v = (x.view(B, L, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         return y.transpose(1, 2).flatten(0, 1)
-    if B * L <= 2 * T:  # pad to (B, L) and make one batched call: ~10x faster on CPU than a loop
-        valid = (torch.arange(B)[:, None] * L + torch.arange(L)).masked_select(torch.arange(L) < lens[:, None]).to(q.device)
-        pad = lambda x: x.new_zeros(B * L, *x.shape[1:]).index_copy(0, valid, x).view(B, L, *x.shape[1:]).transpose(1, 2)
+    if B * L <= 2 * T:  # pad every segment to L: one batched call
+        # valid: where each real row sits in the padded (B * L) layout
+        valid = ((torch.arange(B)[:, None] * L + torch.arange(L))
+                 .masked_select(torch.arange(L) < lens[:, None]).to(q.device))
+        pad = lambda x: (x.new_zeros(B * L, *x.shape[1:]).index_copy(0, valid, x)
+                         .view(B, L, *x.shape[1:]).transpose(1, 2))
         # causal: a real row never sees the padding after it; bidirectional: mask the padded keys
         mask = None if causal else (torch.arange(L) < lens[:, None])[:, None, None, :].to(q.device)
-        y = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal,
+                                           enable_gqa=gqa)
         return y.transpose(1, 2).reshape(B * L, *q.shape[1:]).index_select(0, valid)
     ys = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
                                          is_causal=causal, enable_gqa=gqa).transpose(0, 1)
@@ -258,13 +263,16 @@ def attention(q, k, v, cu_seqlens, max_seqlen, causal):
     return torch.cat(ys)
 
 class KVCache:
-    """Pre-allocated keys/values of every layer, k/v (L, B, Hkv, S, D); row b holds lens[b] tokens."""
+    """Pre-allocated keys/values of every layer, k/v (L, B, Hkv, S, D); row b holds lens[b] tokens.
+    Qwen2VL.prefill fills one row per prompt, `repeat` copies rows for several samples per prompt,
+    Qwen2VL.decode_step appends one token to every row."""
     def __init__(self, k, v, lens):
         self.k, self.v, self.lens = k, v, lens
 
     @classmethod
     def empty(cls, cfg, batch, max_len, dtype, device):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.hidden_size // cfg.num_attention_heads)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len,
+                 cfg.hidden_size // cfg.num_attention_heads)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
                    torch.zeros(batch, dtype=torch.long, device=device))
 
@@ -354,7 +362,8 @@ class VisionTower(nn.Module):
                              f'{None if grid_thw is None else grid_thw.tolist()} ({w[0].numel()} values per patch)')
         x = F.linear(pixel_values.to(w.dtype), w.flatten(1))
         cos, sin = vision_cos_sin(grid_thw, self.cfg, x.device)
-        # attention stays inside one temporal slice of one image/video: grid_t segments of h*w each
+        # packed like the decoder's input: attention stays inside one temporal slice of one image/video
+        # (grid_t segments of h*w patches each), which is how the official tower confines it
         seg = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
         cu = F.pad(seg.cumsum(0), (1, 0)).to(device=x.device, dtype=torch.int32)
         for blk in self.blocks:
@@ -431,7 +440,7 @@ class Qwen2VL(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # True: recompute blocks in backward when training
         self.apply(self._init_weights)
 
     @staticmethod
@@ -458,11 +467,15 @@ class Qwen2VL(nn.Module):
             return x
         feats = self.visual(pixel_values, grid_thw, self.gradient_checkpointing and self.training)
         if feats.shape[0] != n:
-            raise ValueError(f'input_ids hold {n} image/video pad tokens but grid_thw {grid_thw.tolist()} gives {feats.shape[0]} features')
+            raise ValueError(f'input_ids hold {n} image/video pad tokens but grid_thw {grid_thw.tolist()} '
+                             f'gives {feats.shape[0]} features')
         return x.masked_scatter(is_vis[:, None], feats.to(x.dtype))
 
-    def forward(self, input_ids, position_ids, cu_seqlens, pixel_values=None, grid_thw=None, return_hidden=False, cache=None):
+    def forward(self, input_ids, position_ids, cu_seqlens, pixel_values=None, grid_thw=None, return_hidden=False,
+                cache=None):
         """Packed batch -> logits (T, vocab), or final normed hidden states (T, hidden) if return_hidden.
+        The one input layout: sequences concatenated into input_ids (T,) with position_ids (3, T) from
+        rope_positions, and cu_seqlens (B+1,) int32 marking where each starts; no padding, no masks.
         With `cache`, sequence b's keys/values are also written into cache row b (prefill)."""
         T = input_ids.shape[0]
         if position_ids.shape != (3, T) or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
@@ -482,8 +495,9 @@ class Qwen2VL(nn.Module):
 
     @torch.no_grad()
     def prefill(self, input_ids, position_ids, cu_seqlens, pixel_values=None, grid_thw=None, max_new_tokens=0):
-        """Run packed prompts once into a fresh cache with room for max_new_tokens more per row.
-        Returns (cache, logits of each prompt's last token (B, vocab) fp32, next positions (B,))."""
+        """Run packed prompts once into a fresh cache (one row per prompt) with room for max_new_tokens
+        more per row. Returns (cache, logits of each prompt's last token (B, vocab) fp32, next positions (B,)).
+        For several samples per prompt (GRPO), cache.repeat(G) afterwards: the video is encoded once."""
         cu = cu_seqlens.long().tolist()
         lens = torch.tensor([e - s for s, e in zip(cu[:-1], cu[1:])])
         w = self.embed_tokens.weight  # under autocast keep the cache in the low precision the kernels use
@@ -492,7 +506,7 @@ class Qwen2VL(nn.Module):
         h = self.forward(input_ids, position_ids, cu_seqlens, pixel_values, grid_thw, return_hidden=True, cache=cache)
         cache.lens = lens.to(w.device)
         logits = self.logits(h[[e - 1 for e in cu[1:]]]).float()
-        # decoding continues after the largest position of the prompt (the released rule again)
+        # decoding continues after the largest position of the prompt (the released rule of rope_positions)
         next_pos = torch.stack([position_ids[:, s:e].max() + 1 for s, e in zip(cu[:-1], cu[1:])])
         return cache, logits, next_pos.to(w.device)
 
@@ -508,16 +522,20 @@ class Qwen2VL(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, position_ids, cu_seqlens, pixel_values=None, grid_thw=None, *, max_new_tokens=256,
-                 temperature=0.0, top_k=0, top_p=1.0, stop_tokens=(), num_samples=1, generator=None, pad_token_id=0):
-        """Continue every prompt of a packed batch num_samples times (prompt b -> rows b*num_samples + j).
-        temperature 0 is greedy. A row stops after emitting one of stop_tokens (kept) or at max_new_tokens.
-        Returns tokens (R, N) long (pad_token_id after a row stopped), logprobs (R, N) fp32 (0 after stop)
-        and lengths (R,), N = longest row. logprobs are log_softmax(logits / temperature) at the sampled
-        token: the tempered model distribution BEFORE top-k/top-p truncation (for temperature 1, the
-        raw policy log-probs GRPO needs); greedy reports log_softmax(logits)."""
+                 temperature=0.0, top_k=0, top_p=1.0, generator=None, sampler=None, stop_tokens=(), num_samples=1,
+                 pad_token_id=0):
+        """Continue every prompt of a packed batch num_samples times (prompt b -> rows b*num_samples + j):
+        one prefill, each prompt's cache copied into its rows, all rows decoded together. A row stops after
+        emitting one of stop_tokens (kept) or at max_new_tokens. The next token comes from
+        sampler(logits (R, vocab) fp32, step) -> (tokens (R,), log-probs (R,)); by default `sample` with
+        temperature / top_k / top_p / generator (temperature 0: greedy). Returns tokens (R, N) long
+        (pad_token_id after a row's end), log-probs (R, N) fp32 (0 after the end) and lengths (R,);
+        N = the longest row."""
+        sampler = sampler or (lambda logits, step: sample(logits, temperature, top_k, top_p, generator))
         cache, logits, pos = self.prefill(input_ids, position_ids, cu_seqlens, pixel_values, grid_thw, max_new_tokens)
         if num_samples > 1:
-            cache, logits, pos = cache.repeat(num_samples), logits.repeat_interleave(num_samples, 0), pos.repeat_interleave(num_samples)
+            cache, logits = cache.repeat(num_samples), logits.repeat_interleave(num_samples, 0)
+            pos = pos.repeat_interleave(num_samples)
         R, dev = logits.shape[0], logits.device
         tokens = torch.full((R, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros(R, max_new_tokens, device=dev)
@@ -525,7 +543,7 @@ class Qwen2VL(nn.Module):
         lengths = torch.zeros(R, dtype=torch.long, device=dev)
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=dev)
         for i in range(max_new_tokens):
-            tok, lp = sample(logits, temperature, top_k, top_p, generator)
+            tok, lp = sampler(logits, i)
             tokens[:, i] = tok.masked_fill(done, pad_token_id)
             logprobs[:, i] = lp.masked_fill(done, 0.0)
             lengths += ~done
@@ -539,9 +557,11 @@ class Qwen2VL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device='cpu'):
-        """Load an HF-layout directory. The model is built on the meta device and the checkpoint's
-        tensors become its parameters (assign=True), so a 7B never exists twice in memory.
-        Returned in train mode like any new nn.Module (no dropout: only checkpointing looks at it)."""
+        """Load an HF-layout directory (config.json + model.safetensors, or shards + index). Loading is
+        strict: any missing, unexpected or wrongly shaped tensor is an error. The model is built on the
+        meta device and the checkpoint's tensors become its parameters (assign=True), so a 7B never
+        exists twice in memory. Returned in train mode like any new nn.Module (no dropout: only
+        checkpointing looks at it)."""
         with open(os.path.join(path, 'config.json')) as f:
             cfg = ModelConfig.from_hf(json.load(f), os.path.join(path, 'config.json'))
         with torch.device('meta'):
@@ -570,32 +590,43 @@ class Qwen2VL(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         return model
 
-    def save_pretrained(self, path, max_shard_size=4 * 2**30):
-        """config.json + model.safetensors, or model-0000i-of-0000n.safetensors + index past max_shard_size
-        bytes. Earlier model*.safetensors files in `path` are removed first; files are written atomically."""
+    def save_pretrained(self, path, state_dict=None, max_shard_size=4 * 2**30):
+        """Write this model's weights, or `state_dict` (full tensors under our names, e.g. gathered from
+        FSDP shards with LoRA merged), in the released checkpoints' layout, which transformers 4.x/5.x
+        and vLLM load: config.json + model.safetensors, or model-0000i-of-0000n.safetensors + index past
+        max_shard_size bytes. Earlier model*.safetensors files in `path` are removed first; every file
+        is written atomically."""
+        with torch.device('meta'):
+            names = list(Qwen2VL(self.config).state_dict())  # the canonical order, which also fills shards
+        sd = self.state_dict() if state_dict is None else state_dict
+        if set(sd) != set(names):
+            raise ValueError(f'save_pretrained: the state dict does not match the model: missing '
+                             f'{sorted(set(names) - set(sd))[:5]}, unexpected {sorted(set(sd) - set(names))[:5]}')
         os.makedirs(path, exist_ok=True)
         for f in os.listdir(path):  # stale weights of an earlier save would confuse loaders
             if f.startswith('model') and (f.endswith('.safetensors') or f.endswith('.safetensors.index.json')):
                 os.remove(os.path.join(path, f))
         shards, size = [{}], 0
-        for k, t in self.state_dict().items():
+        for k in names:
+            t = sd[k]
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > max_shard_size:
                 shards, size = shards + [{}], 0
             shards[-1][_to_hf(k)] = t.detach().contiguous().cpu()
             size += nbytes
-        names = ['model.safetensors'] if len(shards) == 1 else \
+        files = ['model.safetensors'] if len(shards) == 1 else \
             [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
-        for name, shard in zip(names, shards):
-            save_file(shard, os.path.join(path, name + '.tmp'), metadata={'format': 'pt'})
-            os.replace(os.path.join(path, name + '.tmp'), os.path.join(path, name))
+        for name, shard in zip(files, shards):
+            with atomic_path(os.path.join(path, name)) as tmp:
+                save_file(shard, tmp, metadata={'format': 'pt'})
         if len(shards) > 1:
-            index = dict(metadata=dict(total_size=sum(t.numel() * t.element_size() for s in shards for t in s.values())),
-                         weight_map={k: n for n, s in zip(names, shards) for k in s})
-            _write_json(os.path.join(path, 'model.safetensors.index.json'), index)
+            index = dict(
+                metadata=dict(total_size=sum(t.numel() * t.element_size() for s in shards for t in s.values())),
+                weight_map={k: n for n, s in zip(files, shards) for k in s})
+            write_json(os.path.join(path, 'model.safetensors.index.json'), index)
         cfg = self.config.to_hf()
-        cfg['torch_dtype'] = str(self.embed_tokens.weight.dtype).removeprefix('torch.')
-        _write_json(os.path.join(path, 'config.json'), cfg)
+        cfg['torch_dtype'] = str(sd['embed_tokens.weight'].dtype).removeprefix('torch.')
+        write_json(os.path.join(path, 'config.json'), cfg)
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -613,7 +644,9 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 def sample(logits, temperature, top_k=0, top_p=1.0, generator=None):
-    """logits (R, V) -> (token (R,), log-prob (R,)); see Qwen2VL.generate for which log-prob."""
+    """logits (R, V) -> (token (R,), log-prob (R,)). The log-prob is log_softmax(logits / temperature)
+    at the token: the tempered distribution before top-k/top-p truncation (at temperature 1 the
+    policy's log-probs GRPO needs); greedy (temperature 0) reports log_softmax(logits)."""
     logits = logits.float()
     if temperature == 0:
         logp = logits.log_softmax(-1)
@@ -623,6 +656,8 @@ def sample(logits, temperature, top_k=0, top_p=1.0, generator=None):
         probs = filter_logits(logp, top_k, top_p).softmax(-1)
         tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+# Our parameter names are HF's with the decoder's "model." prefix dropped; these two are the whole key map.
 
 def _to_ours(hf_name):
     """HF tensor name -> ours. Accepts the released layout (model.layers.*, visual.*) and the
@@ -648,8 +683,3 @@ def _weight_files(path):
         if not os.path.exists(file):
             raise FileNotFoundError(f'{index} names {os.path.basename(file)}, which does not exist')
     return files
-
-def _write_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + '.tmp', path)

@@ -1,120 +1,21 @@
 """
-Rewards and answer scoring for ST-R1: pure functions shared by grpo.py (rewards) and bench.py
+Rewards and answer scoring for ST-R1: pure functions shared by grpo.py (the GRPO rewards) and bench.py
 (accuracy, parse-failure rate, route rubric). No model, no I/O, no torch.
 
-Answer parsing (the released code's two holes are closed on purpose):
-- Tags are exact and lower-case: <think>, </think>, <answer>, </answer>.
-- The answer is the LAST complete <answer>...</answer> block, and only when no later <answer> is
-  left open. Why last: untrained and baseline models often echo the instruction's template
-  ("<answer> answer here </answer>") or draft an answer inside their reasoning before the final
-  one; reading the last block reads the final answer, listing several letters gains nothing
-  (only one is read), and format_reward separately gives 0 to any completion with repeated tags.
-  A later unclosed <answer> means the model was revising when it stopped: no answer (None).
-  A block containing another <answer> (nested tags) is malformed: None.
-- The block's content, stripped, is a letter only in these forms: `B`, `B.`, `B:`, `B)`, `(B)`,
-  `(B).`, or one of those delimited forms followed by whitespace and text (`B. option text`,
-  `(B) option text`). Upper-case letters in `letters` (default A-D) only. Everything else is not an
-  answer: "Based on...", "A lot", "A or B", "AB", "b", "**B**", missing or unclosed tags. There is
-  no "first A-D character anywhere" fallback (the released evaluation's bias: "Based" -> B) and no
-  first-character match (the released reward's hole: "Based on..." scored as B).
-- parse_answer_text: the same block rule, content stripped; None when missing or empty.
+- answers: parse_answer reads the option letter of the last <answer> block strictly; parse_answer_text,
+  parse_think; format_reward and accuracy_reward score them
+- routes: parse_route reads route English into (kind, value) steps, reverse_route walks them back,
+  route_text renders them; route_reward scores a route in [0, 1] and route_rubric gives the paper's
+  0-5 rubric, made deterministic
+- reverse_thinking_reward: the paper's reverse thinking made a reward
+- score_completion: every component for one completion and their weighted total
 
-format_reward: 1.0 iff the whole completion, up to surrounding whitespace, is
-<think>T</think> W <answer>X</answer> with W whitespace only, exactly one of each of the four tags,
-and T and X not blank; else 0.0. Implemented with str.find/count, never a backtracking regex, so a
-100k-character completion costs linear time.
+    parse_answer('<think>...</think><answer>B. the red door</answer>')  # 'B'
+    route_rubric(pred_text, ref_text)     # {'direction': 4, 'landmark': 5, 'logic': 4, 'score': 4.33}
+    score_completion(text, sample, DEFAULT_WEIGHTS)  # {'format', 'accuracy', 'route', 'reverse', 'total'}
 
-Route language (parse_route). A route is a list of steps, each a tuple (kind, value):
-  ('move', 'straight')             straight | forward | ahead | onward | continue | proceed |
-                                   keep going | go on | carry on   (consecutive moves merge: "go
-                                   straight ahead" is one move, and so is "go straight, go straight")
-  ('turn', 'left'|'right'|'around') "turn/take a/make a/go/bear/veer left", "left turn", a bare
-                                   "left"; around = turn/go/head/walk/come/spin/loop/circle +
-                                   around|round|back, "u turn", "uturn", "backtrack". ("return" is
-                                   not a step: the Ego-ST stems say "to return to the starting
-                                   point".) Not turns: "on your left", "at the right",
-                                   "to your left" (where a landmark is), "right away/now/there/...",
-                                   "thinking forward/reverse" (the CoT template's words), and
-                                   "left the/a X" without a motion verb (the verb leave = exit X).
-  ('landmark', 'red door')         the noun phrase after "the" anywhere, or after a place word
-                                   (past, passing, pass, at, towards, into, through, near, beside,
-                                   along, onto, across, reach, until, follow, approach, ...) with or
-                                   without a determiner ("a"/"an"/"your" count only after a place
-                                   word; "to"/"by"/"from" need a determiner). A phrase is up to 5
-                                   words that are not function words or route keywords; phrases made
-                                   only of generic words (starting point, destination, end, way,
-                                   answer, question, steps, moment, ...) are dropped.
-  ('action', 'open blue door')     verb [object]: open<->close (shut), pick up<->put down (grab,
-                                   lift / put, place, drop, set down, put it back), climb up<->climb
-                                   down (climb, ascend, go/walk/head up, upstairs / descend,
-                                   go/walk/head down, downstairs), enter<->exit (leave, "left the"),
-                                   switch on<->switch off (turn on/off), press, push, pull (their
-                                   own inverse). The object is the noun phrase after the verb.
-Clause separators (commas, periods, "then", "and") need not be present: parsing is a keyword scan
-over word tokens (the released options run steps together: "Turn back go straight turn left ...").
-Punctuation ends a noun phrase. At most MAX_ROUTE_STEPS (256) steps are read. Steps keep text order ("turn left at the mural" = turn, landmark);
-scoring compares directions and landmarks as separate sequences, so a landmark's order relative to
-a turn never matters. Landmark names containing route keywords ("left door") are not representable.
-
-reverse_route(steps): the route walked back. Reverse the order, swap left/right, invert actions
-(open<->close, pick up<->put down, climb up<->climb down, enter<->exit, switch on<->switch off;
-others are their own inverse), and toggle the leading turn-around: a route that does not start
-with ('turn', 'around') gets one (you arrived facing away from the start), one that does loses it
-(it was itself a walk back). A trailing turn-around is dropped first (the way you face on arrival
-carries no route information). So reverse_route(reverse_route(s)) == s for every route that does
-not end with a turn-around and does not start with two (a no-op pair); route_text renders steps so that parse_route(route_text(s)) == s for
-canonical steps (no adjacent moves, names free of keywords).
-
-Route similarity (route_reward / route_similarity, in [0, 1]) from three parts of the parsed steps:
-  direction = 1 - lev(D_pred, D_ref) / max(|D_pred|, |D_ref|), D = the move and turn values in order
-  landmark  = 0.5 * recall + 0.5 * order; recall = fraction of reference landmarks matched one-to-one
-              by a predicted one; order = LCS(pred, ref) / |ref|; landmarks = landmark steps and
-              action objects; two names match when the Jaccard overlap of their word sets (plural
-              's' stripped) is >= 0.5 ("door" ~ "red door", "red door" !~ "blue door"). Extra
-              predicted landmarks cost nothing (the paper's rubric).
-  action    = 1 - lev over action values (verbs equal and objects matching as above, or missing)
-Weighted ROUTE_WEIGHTS = direction 0.5, landmark 0.3, action 0.2 (the direction sequence is what the
-task is about; landmarks anchor it; actions are rare), renormalised over the parts the reference
-has. A reference with no parseable step raises ValueError (bad ground truth, not a bad answer).
-
-route_rubric(pred, ref) -> {direction, landmark, logic, score}: the paper's GPT-4o rubric made
-deterministic, integers 0-5 by rounding half up: direction = 5 * direction part (insertions of
-turns not in the reference are penalised by the edit distance); landmark = 5 * recall (missing
-landmarks penalised, extra ones not; 5 when the reference has none); logic = 5 * (1 - normalised
-edit distance over the whole step sequence, landmarks and actions matching softly as above);
-score = mean of the three (a float in [0, 5]).
-
-reverse_thinking_reward(completion, sample_direction, opposite_text, options, chosen, task), [0, 1]:
-the paper's reverse thinking made a reward. The <think> block (first complete one) must state the
-route of the paired opposite-direction question (the reverse route for a forward question and vice
-versa), then derive the answer from it.
-  1. The statement is the think text before the first conclusion marker ("and then think", "hence",
-     "therefore", "thus", "so the answer", "the answer is", "the correct answer"), or all of it.
-     This is the paper's CoT template: "Let's start by thinking {opposite} {stem} {opposite ground
-     truth} And then think about {stem} Hence, the correct answer is X". The stems parse to no step.
-  2. s = similarity of the statement to opposite_text: route_similarity for route, direction and
-     action tasks; for landmark lists, word-level 0.5 * recall + 0.5 * LCS / |ref| over content words.
-  3. derived = what reversing the statement gives: reverse_route (then a leading turn-around is
-     forced for a reverse question and removed for a forward one), or, for landmark lists, the items
-     in reverse order (items split at , ; . : ? ! ( ) [ ] newline "and" "then"; a list without
-     separators is reversed word by word).
-  4. c = consistency of the chosen answer with derived. MCQ: 1.0 iff the chosen letter's option is
-     the unique most similar option to derived, with similarity > 0, else 0; the similarity is that
-     of step 2 averaged over both directions (option vs derived and derived vs option), so an option
-     that lists only part of derived ("black painting" against "black painting, orange painting")
-     does not tie with the full one. Route task: c = route_similarity(chosen answer text, derived).
-  reward = s * (1 + c) / 2: consistency pays only as far as the statement is right, so a model
-  cannot earn it by stating any route and answering its reverse; no <think> block -> 0.
-
-score_completion(completion, sample, weights) -> {'format', 'accuracy', 'route', 'reverse', 'total'}.
-MCQ letters are A-D, or A..the n-th letter for questions with n > 4 options (option_letters).
-accuracy applies to MCQ tasks, route to the route task, reverse to samples with a paired opposite;
-a component that does not apply is None and left out of the total. Applicability depends only on
-the sample, so it is constant within a GRPO group and moves no advantage.
-total = sum(weights[k] * components[k]) over applicable components (no renormalisation).
-
-Deliberately left out: an LLM judge (the paper's GPT-4o), synonyms beyond the keyword lists above,
-distances or step counts ("walk 10 m"), part-of-speech tagging, and length or repetition penalties.
+Deliberately left out: an LLM judge (the paper's GPT-4o), synonyms beyond the keyword lists, distances or
+step counts ("walk 10 m"), part-of-speech tagging, and length or repetition penalties.
 """
 import math
 import re
@@ -125,10 +26,12 @@ import re
 # with s < 1 (a fully right statement reversed picks the right option), so it stays below a correct
 # answer alone (1.0).
 DEFAULT_WEIGHTS = {'accuracy': 1.0, 'format': 0.5, 'reverse': 0.5, 'route': 1.0}
-# Route similarity parts; renormalised over the parts the reference has (see docstring).
+# Route similarity parts (route_parts): the direction sequence is what the task is about, landmarks anchor
+# it, actions are rare. route_similarity renormalises over the parts the reference has.
 ROUTE_WEIGHTS = {'direction': 0.5, 'landmark': 0.3, 'action': 0.2}
 LANDMARK_MATCH = 0.5  # Jaccard threshold for two landmark names to be the same place
 TASKS = ('route', 'direction', 'landmark', 'action')
+LETTERS = 'ABCDEFGHIJ'  # option letters, the one alphabet: prompts (data.py), EgoWorld, parsing
 
 # -----------------------------------------------------------------------------
 # Tags and answers
@@ -150,12 +53,17 @@ def _blocks(text, open_tag, close_tag):
 
 
 def _final_answer_block(text):
+    """Content of the LAST complete <answer>...</answer> block, or None. Tags are exact and lower-case.
+    Why the last: untrained and baseline models often echo the instruction's template ("<answer> answer
+    here </answer>") or draft an answer inside their reasoning before the final one. Reading the last
+    block reads the final answer; listing several letters gains nothing (only one is read), and
+    format_reward gives 0 to any completion with repeated tags."""
     blocks, end = _blocks(text, '<answer>', '</answer>')
     if not blocks or text.find('<answer>', end) >= 0:
-        return None  # none, or the model opened another answer and never closed it
+        return None  # none, or a later <answer> left open: the model was revising when it stopped
     content = blocks[-1]
     if '<answer>' in content:
-        return None  # nested tags
+        return None  # nested tags: malformed
     return content
 
 
@@ -164,7 +72,12 @@ _LETTER_THEN_TEXT = re.compile(r'(?:\(([A-Z])\)|([A-Z])[.:)])[.:]?\s')
 
 
 def parse_answer(text, letters='ABCD'):
-    """The option letter of the final <answer> block, or None (rules in the module docstring)."""
+    """The option letter of the final <answer> block, or None. The block's content, stripped, is a letter
+    only as `B`, `B.`, `B:`, `B)`, `(B)`, `(B).`, or one of those delimited forms followed by whitespace and
+    text (`B. option text`, `(B) option text`); upper-case letters in `letters` only. Everything else is no
+    answer: "Based on...", "A lot", "A or B", "AB", "b", "**B**", missing or unclosed tags. The released
+    code's two holes stay closed: no "first A-D character anywhere" fallback (its evaluation read "Based"
+    as B) and no first-character match (its reward scored "Based on..." as B)."""
     content = _final_answer_block(text)
     if content is None:
         return None
@@ -177,7 +90,7 @@ def parse_answer(text, letters='ABCD'):
 
 
 def parse_answer_text(text):
-    """The stripped content of the final <answer> block (open-ended answers), or None."""
+    """The stripped content of the final <answer> block (open-ended answers); None when missing or blank."""
     content = _final_answer_block(text)
     if content is None or not content.strip():
         return None
@@ -191,7 +104,9 @@ def parse_think(text):
 
 
 def format_reward(text):
-    """1.0 iff the completion is exactly <think>...</think> <answer>...</answer> (docstring)."""
+    """1.0 iff the whole completion, up to surrounding whitespace, is <think>T</think> W <answer>X</answer>
+    with W whitespace only, exactly one of each of the four tags, and T and X not blank; else 0.0.
+    str.find/count, never a backtracking regex: a 100k-character completion costs linear time."""
     s = text.strip()
     if not (s.startswith('<think>') and s.endswith('</answer>')):
         return 0.0
@@ -220,22 +135,35 @@ def accuracy_reward(text, answer_letter, letters='ABCD'):
 _TOKEN = re.compile(r"[a-z]+|[,.;:!?()\[\]\n]")
 _PUNCT = set(',.;:!?()[]\n')
 _DETERMINERS = {'the', 'a', 'an', 'your', 'my', 'this', 'that', 'its', 'another', 'his', 'her', 'their', 'our'}
-_MOVE_WORDS = {'straight', 'forward', 'forwards', 'ahead', 'onward', 'onwards', 'continue', 'continuing', 'proceed', 'proceeding'}
-_AROUND_VERBS = {'turn', 'turning', 'turned', 'go', 'going', 'head', 'heading', 'walk', 'walking', 'come', 'coming', 'went',
-                 'headed', 'walked', 'spin', 'loop', 'circle', 'double'}
+# a move: one of these, or "keep going", "carry on", "go on"
+_MOVE_WORDS = {'straight', 'forward', 'forwards', 'ahead', 'onward', 'onwards', 'continue', 'continuing', 'proceed',
+               'proceeding'}
+# a turn-around: one of these verbs followed by one of these words ("turn around", "head back", "circle round")
+_AROUND_VERBS = {'turn', 'turning', 'turned', 'go', 'going', 'head', 'heading', 'walk', 'walking', 'come', 'coming',
+                 'went', 'headed', 'walked', 'spin', 'loop', 'circle', 'double'}
 _AROUND_WORDS = {'around', 'round', 'back', 'backwards', 'backward'}
+# verbs that make a following "left"/"right" a turn ("take a left", "bear right")
 _MOTION_VERBS = {'turn', 'turning', 'turned', 'take', 'taking', 'make', 'making', 'go', 'going', 'head', 'heading',
-                 'bear', 'veer', 'keep', 'hang', 'move', 'walk', 'walking', 'swing', 'steer', 'curve', 'went', 'took', 'made'}
-_RIGHT_ADVERBS = {'away', 'now', 'there', 'here', 'before', 'after', 'behind', 'next', 'beside', 'in', 'by', 'under', 'above', 'below'}
-# place words after which a noun phrase is a landmark even without a determiner
+                 'bear', 'veer', 'keep', 'hang', 'move', 'walk', 'walking', 'swing', 'steer', 'curve', 'went', 'took',
+                 'made'}
+# "right away", "right now", "right there", ...: the adverb, not a turn
+_RIGHT_ADVERBS = {'away', 'now', 'there', 'here', 'before', 'after', 'behind', 'next', 'beside', 'in', 'by', 'under',
+                  'above', 'below'}
+# Landmarks: the noun phrase after "the" anywhere, after a place word with or without a determiner ("past red
+# door", "past a red door"), or after a _PLACE_WORDS_DET word only with one ("to the lamp", not "to lamp").
+# So "a"/"an"/"your" start a landmark only after a place word.
 _PLACE_WORDS = {'past', 'passing', 'pass', 'passed', 'at', 'towards', 'toward', 'into', 'through', 'near', 'beside',
                 'along', 'onto', 'across', 'reach', 'reaching', 'reached', 'until', 'till', 'follow', 'following',
                 'followed', 'approach', 'approaching', 'under', 'behind', 'between', 'alongside', 'opposite'}
 _PLACE_WORDS_DET = {'to', 'by', 'from', 'of', 'in', 'on', 'over', 'around', 'beyond', 'outside', 'inside'}
-# action verbs: token -> canonical verb; the inverse map is symmetric
+# Actions: canonical verb -> its inverse (a symmetric map). The words for each: open<->close (shut), pick up<->put
+# down (grab, lift / put, place, drop, set down, put it back), climb up<->climb down (climb, ascend, go/walk/head
+# up, upstairs / descend, go/walk/head down, downstairs), enter<->exit (leave, "left the"), switch on<->switch
+# off (turn on/off); press, push, pull are their own inverse.
 _INVERSE = {'open': 'close', 'close': 'open', 'pick up': 'put down', 'put down': 'pick up',
             'climb up': 'climb down', 'climb down': 'climb up', 'enter': 'exit', 'exit': 'enter',
             'switch on': 'switch off', 'switch off': 'switch on', 'press': 'press', 'push': 'push', 'pull': 'pull'}
+# one-word action tokens -> canonical verb; _action reads the multi-word ones (pick up, put down, climb, switch)
 _SIMPLE_ACTIONS = {'open': 'open', 'opens': 'open', 'opening': 'open', 'opened': 'open',
                    'close': 'close', 'closes': 'close', 'closing': 'close', 'closed': 'close', 'shut': 'close',
                    'enter': 'enter', 'enters': 'enter', 'entering': 'enter', 'entered': 'enter',
@@ -246,6 +174,7 @@ _SIMPLE_ACTIONS = {'open': 'open', 'opens': 'open', 'opening': 'open', 'opened':
                    'drop': 'put down', 'place': 'put down'}
 _ACTION_VERBS = set(_SIMPLE_ACTIONS) | {'pick', 'picks', 'picked', 'picking', 'put', 'puts', 'putting', 'set',
                                         'climb', 'climbs', 'climbing', 'climbed', 'switch', 'upstairs', 'downstairs'}
+# generic words: a phrase made only of these is not a landmark ("the starting point", "the way")
 _GENERIC = {'starting', 'start', 'point', 'destination', 'end', 'way', 'beginning', 'place', 'spot', 'location',
             'answer', 'correct', 'option', 'options', 'question', 'questions', 'video', 'moment', 'while', 'bit',
             'step', 'steps', 'few', 'time', 'first', 'last', 'next', 'other', 'side', 'direction', 'directions',
@@ -269,6 +198,7 @@ _FUNCTION = {
     'passing', 'past', 'follow', 'followed', 'following', 'approach', 'approaching', 'travel', 'travelled',
     'traveled', 'walks', 'walked', 'moved', 'moves', 'moving', 'goes', 'gone', 'went', 'headed', 'heads',
 }
+# words that end a noun phrase: function words and route keywords
 _STOP = (_FUNCTION | _DETERMINERS | _MOVE_WORDS | _AROUND_VERBS | _AROUND_WORDS | _MOTION_VERBS | _PLACE_WORDS
          | _PLACE_WORDS_DET | _ACTION_VERBS | {'left', 'right', 'turn', 'u', 'uturn', 'on'})
 MAX_PHRASE_WORDS = 5  # longer noun phrases are cut: route landmarks are short names
@@ -278,8 +208,9 @@ MAX_ROUTE_STEPS = 256
 
 
 def _phrase(toks, i, need_det):
-    """Noun phrase starting at toks[i]: (words, next index). Leading determiners skipped; if need_det
-    and there is none, the phrase is empty."""
+    """Noun phrase starting at toks[i]: (words, next index). Up to MAX_PHRASE_WORDS words not in _STOP;
+    punctuation ends it. Leading determiners are skipped; if need_det and there is none, the phrase is empty.
+    A phrase made only of _GENERIC words is dropped (empty)."""
     j, n = i, len(toks)
     had_det = False
     while j < n and toks[j] in _DETERMINERS and j < i + 2:  # bounded: "the the the ..." stays linear
@@ -355,9 +286,17 @@ def _action(toks, i):
 
 
 def parse_route(text, max_steps=MAX_ROUTE_STEPS):
-    """Route text -> list of (kind, value) steps (grammar in the module docstring), at most
-    max_steps of them (the rest of the text is ignored). Never raises on text; unknown words are
-    skipped. Linear in the text length."""
+    """Route text -> list of (kind, value) steps, in text order ("turn left at the mural" = turn, landmark):
+      ('move', 'straight')               consecutive moves merge: "go straight ahead" is one move, and so
+                                         is "go straight, go straight"
+      ('turn', 'left'|'right'|'around')  "turn/take a/make a/go/bear/veer left", "left turn", a bare "left";
+                                         around: _AROUND_VERBS + _AROUND_WORDS, "u turn", "uturn", "backtrack"
+      ('landmark', 'red door')           a noun phrase after "the" or a place word (_PLACE_WORDS)
+      ('action', 'open blue door')       verb [object] (_INVERSE); the object is the noun phrase after the verb
+    A keyword scan over word tokens: clause separators (commas, periods, "then", "and") need not be present,
+    as the released options run steps together ("Turn back go straight turn left ..."). Reads at most
+    max_steps steps and ignores the rest. Never raises on text; unknown words are skipped; linear in the
+    text length. Landmark names containing route keywords ("left door") are not representable."""
     toks = _TOKEN.findall(text.lower())
     steps, n, i = [], len(toks), 0
 
@@ -369,9 +308,10 @@ def parse_route(text, max_steps=MAX_ROUTE_STEPS):
     while i < n and len(steps) < max_steps:
         t = toks[i]
         nxt = toks[i + 1] if i + 1 < n else ''
-        if t in ('think', 'thinking', 'thought'):
+        if t in ('think', 'thinking', 'thought'):  # "thinking forward/reverse": the CoT template's words
             i += 2 if nxt in ('forward', 'forwards', 'reverse', 'reversely', 'backward', 'backwards', 'about') else 1
             continue
+        # turn around. "return" is not one: the Ego-ST stems say "to return to the starting point"
         if (t in _AROUND_VERBS and nxt in _AROUND_WORDS) or (t == 'u' and nxt == 'turn'):
             add(('turn', 'around'))
             i += 2
@@ -399,7 +339,7 @@ def parse_route(text, max_steps=MAX_ROUTE_STEPS):
             if not motion and t == 'right' and nxt in _RIGHT_ADVERBS:
                 i += 1
                 continue
-            if not motion and t == 'left' and nxt in _DETERMINERS:  # "left the house": leave
+            if not motion and t == 'left' and nxt in _DETERMINERS:  # "left the house": the verb leave
                 words, j = _phrase(toks, i + 1, need_det=True)
                 add(('action', ' '.join(['exit'] + words)))
                 i = j
@@ -450,12 +390,16 @@ def _invert(step):
 
 
 def reverse_route(steps):
-    """The route walked back (rules in the module docstring). An involution on routes that neither end
-    with a turn-around nor start with two."""
+    """The route walked back: reverse the order, swap left/right, invert actions (_INVERSE), and toggle the
+    leading turn-around: a route that does not start with ('turn', 'around') gets one (you arrived facing away
+    from the start), one that does loses it (it was itself a walk back). A trailing turn-around is dropped
+    first (the way you face on arrival carries no route information). So reverse_route(reverse_route(s)) == s
+    for every route that neither ends with a turn-around nor starts with two (a no-op pair)."""
     steps = list(steps)
     for s in steps:
         if not (isinstance(s, tuple) and len(s) == 2 and s[0] in ('move', 'turn', 'landmark', 'action')):
-            raise ValueError(f"reverse_route: bad step {s!r}, expected (kind, value) with kind in move/turn/landmark/action")
+            raise ValueError(f"reverse_route: bad step {s!r}, expected (kind, value) with kind in "
+                             "move/turn/landmark/action")
     around = ('turn', 'around')
     lead = [] if steps and steps[0] == around else [around]
     body = steps[1:] if not lead else steps
@@ -466,7 +410,8 @@ def reverse_route(steps):
 
 
 def route_text(steps):
-    """Steps -> English the parser reads back: 'Go straight past the red door, turn left, ...'."""
+    """Steps -> English the parser reads back: 'Go straight past the red door, turn left, ...'.
+    parse_route(route_text(s)) == s for canonical steps (no adjacent moves, names free of keywords)."""
     parts = []
     for kind, value in steps:
         if kind == 'move':
@@ -495,7 +440,8 @@ def _stem(w):
 
 
 def landmark_match(a, b):
-    """Two landmark names are the same place: word-set Jaccard >= LANDMARK_MATCH (plurals folded)."""
+    """Two landmark names are the same place: word-set Jaccard >= LANDMARK_MATCH, plural 's' stripped
+    ("door" ~ "red door", "red door" !~ "blue door")."""
     A, B = {_stem(w) for w in a.split()}, {_stem(w) for w in b.split()}
     if not A or not B:
         return False
@@ -519,7 +465,7 @@ def _step_match(a, b):
 
 
 def edit_distance(a, b, eq=None):
-    """Levenshtein distance between sequences (unit costs), O(len(a) * len(b)) time, O(len(b)) memory."""
+    """Levenshtein distance between sequences (unit costs); O(len(a) * len(b)) time, O(len(b)) memory."""
     eq = eq or (lambda x, y: x == y)
     prev = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
@@ -548,7 +494,7 @@ def lcs_length(a, b, eq=None):
 
 
 def landmark_recall(pred, ref, eq=landmark_match):
-    """Fraction of ref items matched one-to-one (greedy, in ref order) by pred items; 1.0 if ref empty."""
+    """Fraction of ref items matched one-to-one (greedy, in ref order) by pred items; 1.0 if ref is empty."""
     if not ref:
         return 1.0
     used = [False] * len(pred)
@@ -583,24 +529,30 @@ def _actions(steps):
 
 
 def route_parts(pred_steps, ref_steps):
-    """The parts of route similarity the reference has: dict with some of direction, landmark
-    (and landmark_recall, landmark_order), action; each in [0, 1]."""
+    """The parts of route similarity the reference has, each in [0, 1]: a dict with some of
+      direction = 1 - lev(D_pred, D_ref) / max(|D_pred|, |D_ref|), D = the move and turn values in order
+      landmark  = 0.5 * recall + 0.5 * LCS(L_pred, L_ref) / |L_ref|, L = landmark steps and action objects,
+                  matched by landmark_match; recall one-to-one (landmark_recall). Extra predicted
+                  landmarks cost nothing (the paper's rubric).
+      action    = 1 - normalised lev over action values (verbs equal, objects matching or missing)
+    Directions and landmarks are separate sequences, so a landmark's order relative to a turn never matters."""
     parts = {}
     D_ref, L_ref, A_ref = _directions(ref_steps), _landmarks(ref_steps), _actions(ref_steps)
     if D_ref:
         parts['direction'] = edit_similarity(_directions(pred_steps), D_ref)
     if L_ref:
         L_pred = _landmarks(pred_steps)
-        rec = landmark_recall(L_pred, L_ref)
+        recall = landmark_recall(L_pred, L_ref)
         order = lcs_length(L_pred, L_ref, landmark_match) / len(L_ref)
-        parts.update(landmark=0.5 * rec + 0.5 * order, landmark_recall=rec, landmark_order=order)
+        parts['landmark'] = 0.5 * recall + 0.5 * order
     if A_ref:
         parts['action'] = edit_similarity(_actions(pred_steps), A_ref, _action_match)
     return parts
 
 
 def route_similarity(pred_steps, ref_steps, weights=None):
-    """Weighted route similarity in [0, 1] (docstring); ValueError if ref_steps has nothing to score."""
+    """Mean of route_parts weighted by ROUTE_WEIGHTS, renormalised over the parts the reference has: in [0, 1].
+    ValueError if ref_steps has no direction, landmark or action step (bad ground truth, not a bad answer)."""
     weights = ROUTE_WEIGHTS if weights is None else weights
     parts = route_parts(pred_steps, ref_steps)
     keys = [k for k in ('direction', 'landmark', 'action') if k in parts]
@@ -618,8 +570,8 @@ def _ref_steps(ref_text):
 
 
 def route_reward(pred_text, ref_text):
-    """Similarity in [0, 1] of a predicted route description to the reference one (docstring).
-    pred_text None (no answer) scores 0."""
+    """route_similarity of a predicted route description to the reference one, in [0, 1]. pred_text None
+    (no answer) scores 0; a reference with no parseable step raises ValueError."""
     ref = _ref_steps(ref_text)
     return route_similarity(parse_route(pred_text or ''), ref)
 
@@ -629,7 +581,11 @@ def _round5(x):
 
 
 def route_rubric(pred_text, ref_text):
-    """The paper's 0-5 rubric, deterministic: dict(direction, landmark, logic: int 0..5, score: mean)."""
+    """The paper's GPT-4o rubric made deterministic: integers 0-5, rounded half up, and their mean.
+      direction = 5 * the direction part of route_parts (a turn not in the reference costs an edit)
+      landmark  = 5 * landmark recall (missing landmarks cost, extra ones do not; 5 when the reference has none)
+      logic     = 5 * edit similarity over the whole step sequence, landmarks and actions matching softly
+      score     = mean of the three, a float in [0, 5]"""
     ref = _ref_steps(ref_text)
     pred = parse_route(pred_text or '')
     direction = _round5(edit_similarity(_directions(pred), _directions(ref)))
@@ -670,10 +626,28 @@ def list_similarity(pred_items, ref_items):
 # -----------------------------------------------------------------------------
 # Reverse thinking
 
+# The reverse-thinking CoT, the paper's template: state the route of the opposite-direction question first,
+# then answer this one from it. cot_text writes it (egoworld.py, data.cot_target); COT reads it back
+# (data.parse_st_r1_item takes the opposite ground truth from it).
+COT = re.compile(r"Let's start by thinking (forward|reverse) (.*?\?)\s*(.*?)\s*And then think about (.*?\?)\s*Hence",
+                 re.S)
+
+
+def cot_text(direction, opposite_question, opposite, question, conclusion, answer, prefix=''):
+    """<think>{prefix}Let's start by thinking {the other direction} {opposite_question} {opposite} And then
+    think about {question} Hence, {conclusion}</think> <answer>{answer}</answer>"""
+    o = 'reverse' if direction == 'forward' else 'forward'
+    return (f"<think>{prefix}Let's start by thinking {o} {opposite_question} {opposite} And then think about "
+            f"{question} Hence, {conclusion}</think> <answer>{answer}</answer>")
+
+
 _CONCLUSION = re.compile(r"\b(?:and then think|hence|therefore|thus|so the answer|the answer is|the correct answer)\b")
 
 
 def _statement(think):
+    """The think text before the first conclusion marker, or all of it. The paper's CoT template is "Let's
+    start by thinking {opposite} {stem} {opposite ground truth} And then think about {stem} Hence, the correct
+    answer is X", so this is the stated opposite route (the stems parse to no step)."""
     m = _CONCLUSION.search(think.lower())
     return think if m is None else think[:m.start()]
 
@@ -716,7 +690,21 @@ def _pick_option(sims):
 
 def reverse_thinking_reward(completion, sample_direction, opposite_text, options, chosen=None, task=None,
                             letters='ABCD'):
-    """Reverse-thinking reward in [0, 1] (rules in the module docstring).
+    """The paper's reverse thinking made a reward, in [0, 1]. The first complete <think> block must state the
+    route of the paired opposite-direction question (the reverse route for a forward question and vice
+    versa), then derive the answer from it:
+      1. the statement is _statement(think)
+      2. s = similarity of the statement to opposite_text: route_similarity for the route, direction and
+         action tasks, list_similarity for landmark lists
+      3. derived = the statement reversed: reverse_route, then a leading turn-around forced for a reverse
+         question and removed for a forward one; for landmark lists, the list_items in reverse order
+      4. c = consistency of the chosen answer with derived. MCQ: 1.0 iff the chosen option is the unique
+         most similar option to derived, with similarity > 0, else 0; the similarity is step 2's averaged
+         over both directions, so an option listing only part of derived ("black painting" against "black
+         painting, orange painting") does not tie with the full one. Route task: c = route_similarity of
+         the chosen answer text to derived.
+    reward = s * (1 + c) / 2: consistency pays only as far as the statement is right, so a model cannot earn
+    it by stating any route and answering its reverse. No <think> block: 0.
     sample_direction: 'forward' | 'reverse', the direction of the question being answered.
     opposite_text: ground truth of the paired opposite-direction question (route text or option text).
     options: the question's option texts ([] for the open route task).
@@ -750,7 +738,8 @@ def reverse_thinking_reward(completion, sample_direction, opposite_text, options
         stated = parse_route(statement)
         s = route_similarity(stated, ref)
         derived = _with_leading_around(reverse_route(stated), want=sample_direction == 'reverse') if stated else []
-        sims = [_symmetric(_safe_route_similarity, derived, parse_route(o)) for o in options] if derived and options else None
+        sims = ([_symmetric(_safe_route_similarity, derived, parse_route(o)) for o in options]
+                if derived and options else None)
 
     if task == 'route':
         answer = chosen if chosen is not None else parse_answer_text(completion)
@@ -766,8 +755,8 @@ def reverse_thinking_reward(completion, sample_direction, opposite_text, options
 
 
 def total_reward(components, weights):
-    """sum(weights[k] * components[k]) over components that apply (value not None). Every weight key
-    must name a component (a typo must not silently drop a reward)."""
+    """sum(weights[k] * components[k]) over components that apply (value not None), no renormalisation.
+    Every weight key must name a component (a typo must not silently drop a reward)."""
     total = 0.0
     for k, w in weights.items():
         if k not in components:
@@ -779,7 +768,7 @@ def total_reward(components, weights):
 
 def option_letters(num_options):
     """Letters parse_answer accepts for a question: A-D, or more when it has more than 4 options."""
-    return 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'[:max(num_options, 4)]
+    return LETTERS[:max(num_options, 4)]
 
 
 def _where(sample):
@@ -787,8 +776,11 @@ def _where(sample):
 
 
 def score_completion(completion, sample, weights=None):
-    """Every reward component of one completion for one sample, and their weighted 'total'.
-    sample is duck-typed (data.Sample): task, direction, options, answer, opposite."""
+    """Every reward component of one completion for one sample, and their weighted 'total' (total_reward):
+    {'format', 'accuracy', 'route', 'reverse', 'total'}. accuracy applies to MCQ tasks, route to the route task,
+    reverse to samples with a paired opposite; a component that does not apply is None and left out of the
+    total. Applicability depends only on the sample, so it is constant within a GRPO group and moves no
+    advantage. sample is duck-typed (data.Sample): task, direction, options, answer, opposite."""
     weights = DEFAULT_WEIGHTS if weights is None else weights
     task = sample.task
     if task not in TASKS:

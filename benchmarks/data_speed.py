@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
-import data as D
+import data
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def timed(fn, n):
 
 
 def decode_all(path):
-    vr = D.decord.VideoReader(path, num_threads=D.DECODE_THREADS)
+    vr = data.decord.VideoReader(path, num_threads=data.DECODE_THREADS)
     for i in range(0, len(vr), 64):  # chunks: the whole clip as RGB would be 1.1 GB
         vr.get_batch(list(range(i, min(i + 64, len(vr)))))
 
@@ -76,7 +76,7 @@ class Clips(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        return D.preprocess_frames(D.load_frames(self.path, self.settings.nframes), self.settings)
+        return data.preprocess_frames(data.load_frames(self.path, self.settings.nframes), self.settings)
 
 
 def loader_rate(path, settings, n, num_workers):
@@ -93,20 +93,21 @@ def loader_rate(path, settings, n, num_workers):
 def kernel_difference(frames, settings):
     """PIL bicubic (ours) vs torch bicubic + antialias on uint8 (torchvision's tensor resize)."""
     from PIL import Image
-    H, W = D.smart_resize(*frames.shape[1:3], settings.min_pixels, settings.max_pixels)
+    H, W = data.smart_resize(*frames.shape[1:3], settings.min_pixels, settings.max_pixels)
     pil = np.stack([np.asarray(Image.fromarray(f).resize((W, H), Image.BICUBIC)) for f in frames]).astype(np.float32)
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     tv = torch.nn.functional.interpolate(x, size=(H, W), mode='bicubic', antialias=True, align_corners=False)
     tv = tv.round().clamp(0, 255).permute(0, 2, 3, 1).numpy()
     d = np.abs(pil - tv)
-    return d.max(), d.mean(), (d > 2).mean(), d.max() / 255 / D.CLIP_STD.min()
+    return d.max(), d.mean(), (d > 2).mean(), d.max() / 255 / data.CLIP_STD.min()
 
 
 def main():
     config = configure(globals())
     torch.set_num_threads(threads)
-    settings = D.VisionSettings(nframes=nframes)
-    print(f'config: {config}\nsettings: {settings.asdict()}, torch threads {threads}, decord threads {D.DECODE_THREADS}')
+    settings = data.VisionSettings(nframes=nframes)
+    print(f'config: {config}\nsettings: {settings.asdict()}, torch threads {threads}, '
+          f'decord threads {data.DECODE_THREADS}')
     with tempfile.TemporaryDirectory() as tmp:
         for gop in gops:
             path = os.path.join(tmp, f'clip_gop{gop}.mp4')
@@ -117,18 +118,19 @@ def main():
             full = timed(lambda: decode_all(path), 1)
             print(f'decode all {seconds * fps} frames: {full * 1e3:8.1f} ms')
             for n in (1, 2, 4, 8, 16, 32):
-                s = timed(lambda: D.load_frames(path, n), max(3, iters // 4))
+                s = timed(lambda: data.load_frames(path, n), max(3, iters // 4))
                 print(f'decode {n:2d} sampled frames: {s * 1e3:8.1f} ms  ({full / s:5.1f}x faster than all frames)')
-            one = timed(lambda: D.preprocess_frames(D.load_frames(path, nframes), settings), iters)
+            one = timed(lambda: data.preprocess_frames(data.load_frames(path, nframes), settings), iters)
             print(f'decode + preprocess {nframes} frames: one process {1 / one:.1f} clips/s; '
                   f'DataLoader with {workers} workers {loader_rate(path, settings, iters, workers):.1f} clips/s')
-        frames = D.load_frames(path, nframes)
-        ours = timed(lambda: D.preprocess_frames(frames, settings), iters)
+        frames = data.load_frames(path, nframes)
+        ours = timed(lambda: data.preprocess_frames(frames, settings), iters)
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         ip = Qwen2VLImageProcessorPil(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
         peer = timed(lambda: ip(images=list(frames), return_tensors='pt'), iters)
-        pv, grid = D.preprocess_frames(frames, settings)
-        print(f'\npreprocess only, {nframes} frames -> grid {grid.tolist()[0]}, {tuple(pv.shape)}: ours {ours * 1e3:.1f} ms, '
+        pv, grid = data.preprocess_frames(frames, settings)
+        print(f'\npreprocess only, {nframes} frames -> grid {grid.tolist()[0]}, {tuple(pv.shape)}: '
+              f'ours {ours * 1e3:.1f} ms, '
               f'transformers PIL image processor {peer * 1e3:.1f} ms (ratio {peer / ours:.2f}x)')
         mx, mean, frac, norm = kernel_difference(frames, settings)
         print(f'\nPIL vs torch bicubic (antialias) on these frames: max {mx:.0f} grey levels, mean {mean:.3f}, '

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 import bench
-import data as D
+from data import Tokenizer, VisionSettings
 import egoworld
 from model import Qwen2VL
 
@@ -56,7 +56,8 @@ def timed(samples, model, tok, vs, mode, batch, workers, out):
     settings = dict(vs.asdict(), mode=mode, max_new_tokens=max_new_tokens)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        summ = bench.evaluate(samples, answer, out, settings, prepare=functools.partial(bench.prepare_sample, tok, vs, model.config),
+        summ = bench.evaluate(samples, answer, out, settings,
+                              prepare=functools.partial(bench.prepare_sample, tok, vs, model.config),
                               batch_size=batch, num_workers=workers, progress=False)
     dt = time.perf_counter() - t0
     assert summ['evaluated'] == len(samples), summ['bad_samples']
@@ -70,8 +71,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         ck, samples = setup(tmp)
         model = Qwen2VL.from_pretrained(ck).eval()
-        tok = D.Tokenizer(ck)
-        vs = D.VisionSettings(nframes=egoworld.key_frames, min_pixels=egoworld.size ** 2, max_pixels=egoworld.size ** 2)
+        tok = Tokenizer(ck)
+        vs = VisionSettings(nframes=egoworld.key_frames, min_pixels=egoworld.size ** 2, max_pixels=egoworld.size ** 2)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{len(samples)} samples, model {n_params / 1e6:.2f}M params, {vs.nframes} frames of {egoworld.size}px, "
               f"max_new_tokens {max_new_tokens}, torch threads {threads}, {os.cpu_count()} CPUs")

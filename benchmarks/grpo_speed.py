@@ -87,7 +87,8 @@ def main():
         # one EgoWorld clip and its direction MCQ (the longest prompt text), egoworld's tokenizer
         egoworld.generate_split(os.path.join(d, 'world'), 0, 1, 'default', egoworld.segments)
         tok = data.build_tokenizer(egoworld.corpus_texts(50), egoworld.vocab_size, os.path.join(d, 'tok'))
-        sample = next(s for s in data.read_samples(os.path.join(d, 'world', 'st_r1_cot.jsonl')) if s.task == 'direction')
+        sample = next(s for s in data.read_samples(os.path.join(d, 'world', 'st_r1_cot.jsonl'))
+                      if s.task == 'direction')
         results = []
         for mname, spec in models.items():
             path = os.path.join(d, mname)
@@ -110,10 +111,11 @@ def main():
                                   generator=torch.Generator().manual_seed(seed))
 
                 def run_hf():
-                    out = hf.generate(input_ids=p['input_ids'][None], attention_mask=torch.ones(1, len(p['input_ids']), dtype=torch.long),
-                                      pixel_values_videos=p['pixel_values'], video_grid_thw=p['grid_thw'], do_sample=True,
-                                      temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=G, max_new_tokens=N,
-                                      min_new_tokens=N, pad_token_id=tok.pad_id)
+                    out = hf.generate(input_ids=p['input_ids'][None],
+                                      attention_mask=torch.ones(1, len(p['input_ids']), dtype=torch.long),
+                                      pixel_values_videos=p['pixel_values'], video_grid_thw=p['grid_thw'],
+                                      do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=G,
+                                      max_new_tokens=N, min_new_tokens=N, pad_token_id=tok.pad_id)
                     assert out.shape == (G, len(p['input_ids']) + N), out.shape
 
                 with torch.no_grad():
@@ -124,8 +126,9 @@ def main():
                         t['generate'].append(best_of(run_generate))
                         t['hf'].append(best_of(run_hf))
                 tps = {k: G * N / min(v) for k, v in t.items()}
-                r = dict(model=mname, params_M=round(n_params / 1e6, 1), prompt=pname, prompt_tokens=len(p['input_ids']),
-                         visual_tokens=n_vis, G=G, new_tokens=N, ours_tok_s=round(tps['ours']),
+                r = dict(model=mname, params_M=round(n_params / 1e6, 1), prompt=pname,
+                         prompt_tokens=len(p['input_ids']), visual_tokens=n_vis, G=G, new_tokens=N,
+                         ours_tok_s=round(tps['ours']),
                          model_generate_tok_s=round(tps['generate']), transformers_tok_s=round(tps['hf']),
                          ratio=round(tps['ours'] / tps['hf'], 2))
                 results.append(r)
@@ -133,8 +136,8 @@ def main():
     print(f'\nrollout tokens/s, G={G}, {N} new tokens a row, {threads} threads (ratio = grpo.rollout / transformers):')
     print(f"{'model':15} {'prompt':26} {'tokens':>6} {'ours':>8} {'generate':>9} {'HF':>8} {'ratio':>6}")
     for r in results:
-        print(f"{r['model']:15} {r['prompt']:26} {r['prompt_tokens']:6d} {r['ours_tok_s']:8d} {r['model_generate_tok_s']:9d} "
-              f"{r['transformers_tok_s']:8d} {r['ratio']:5.2f}x")
+        print(f"{r['model']:15} {r['prompt']:26} {r['prompt_tokens']:6d} {r['ours_tok_s']:8d} "
+              f"{r['model_generate_tok_s']:9d} {r['transformers_tok_s']:8d} {r['ratio']:5.2f}x")
 
 
 if __name__ == '__main__':

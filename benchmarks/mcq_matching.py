@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 import data
 import egoworld
-import model as M
+from model import Qwen2VL
 from configurator import configure
 
 init_from = ''       # a checkpoint dir; '' makes egoworld's tiny model in a temp dir
@@ -55,7 +55,7 @@ assert cot in ('answer', 'check'), f'cot must be answer or check, got {cot!r}'
 TASKS = tasks.split(',')
 for t in TASKS:
     assert t in ('direction', 'landmark', 'action'), f'unknown MCQ task {t!r}'
-egoworld.cot_check = cot == 'check'   # the tail is cut from egoworld's own CoT
+COT_OPTS = dict(cot_check=cot == 'check')   # the tail is cut from egoworld's own CoT
 
 
 def encode(tok, rng, task, d):
@@ -64,7 +64,8 @@ def encode(tok, rng, task, d):
     q = qs[task, d]
     s = data.Sample(id='0', video='', task=task, direction=d, question=q['question'], options=q['options'],
                     answer=q['answer'], answer_text=q['answer_text'])
-    sol = egoworld.cot_solution(route, qs, task, d)   # "<think>... Hence, reversing it gives: X ... is B</think> ..."
+    # "<think>... Hence, reversing it gives: X ... is B</think> ..."
+    sol = egoworld.cot_solution(route, qs, task, d, **COT_OPTS)
     tail = '<think>' + sol[sol.index('Hence, '):sol.index('</think>')]
     ids, labels = data.chat_tokens(tok, data.build_user_text(s), 0, tail)
     end = len(ids) - 2                  # chat_tokens appends <|im_end|>\n: the letter is just before
@@ -109,16 +110,17 @@ def main():
     with tempfile.TemporaryDirectory(prefix='mcq_matching_') as tmp:
         path = init_from or tmp
         if not init_from:
-            egoworld.make_tiny_model(path)   # with cot_check set above, its tokenizer learns the tail's words
+            egoworld.make_tiny_model(path, cot_opts=COT_OPTS)   # its tokenizer learns the tail's words
         tok = data.Tokenizer(path)
-        m = M.Qwen2VL.from_pretrained(path)
+        m = Qwen2VL.from_pretrained(path)
     m.train()
     erng = np.random.default_rng([seed, 1])
     evalsets = {f'{t}-{d}': packed([encode(tok, erng, t, d) for _ in range(100)])
                 for t in TASKS for d in ('forward', 'reverse')}
     opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.05)
     rng = np.random.default_rng([seed, 0])
-    print(f'{path}: loss on {loss}, tasks {TASKS}, batch {batch}, lr {lr}; letter accuracy (teacher-forced, chance 0.25)')
+    print(f'{path}: loss on {loss}, tasks {TASKS}, batch {batch}, lr {lr}; '
+          f'letter accuracy (teacher-forced, chance 0.25)')
     t0 = time.time()
     for step in range(steps + 1):
         if step % eval_every == 0:
@@ -128,8 +130,9 @@ def main():
                   + '  '.join(f'{k} {v:.2f}' for k, v in acc.items()), flush=True)
         if step == steps:
             break
-        ids, labels, pos, cu, _, _ = packed([encode(tok, rng, TASKS[rng.integers(len(TASKS))], ('forward', 'reverse')[rng.integers(2)])
-                                          for _ in range(batch)])
+        ids, labels, pos, cu, _, _ = packed([encode(tok, rng, TASKS[rng.integers(len(TASKS))],
+                                                    ('forward', 'reverse')[rng.integers(2)])
+                                             for _ in range(batch)])
         for g in opt.param_groups:
             g['lr'] = lr * min(1.0, (step + 1) / 50)
         F.cross_entropy(m(ids, pos, cu), labels, ignore_index=-100).backward()

@@ -71,16 +71,17 @@ def main():
 
     cfg = ModelConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-                      num_key_value_heads=num_key_value_heads, mrope_section=[8, 12, 12], vision_depth=1, vision_embed_dim=64, vision_num_heads=2,
-                      image_token_id=vocab_size - 5, video_token_id=vocab_size - 4, vision_start_token_id=vocab_size - 3,
+                      num_key_value_heads=num_key_value_heads, mrope_section=[8, 12, 12], vision_depth=1,
+                      vision_embed_dim=64, vision_num_heads=2, image_token_id=vocab_size - 5,
+                      video_token_id=vocab_size - 4, vision_start_token_id=vocab_size - 3,
                       vision_end_token_id=vocab_size - 2, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
     hf = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf()))
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = Qwen2VL.from_pretrained(d)
     n_params = sum(p.numel() for p in ours.parameters())
-    print(f'config: {n_params / 1e6:.1f}M params, {num_hidden_layers} layers, hidden {hidden_size}, vocab {vocab_size}; '
-          f'torch {torch.__version__}, {threads} threads')
+    print(f'config: {n_params / 1e6:.1f}M params, {num_hidden_layers} layers, hidden {hidden_size}, '
+          f'vocab {vocab_size}; torch {torch.__version__}, {threads} threads')
 
     # ----- training step: forward + backward -----
     seqs = [torch.randint(0, vocab_size - 8, (n,)) for n in train_lengths]
@@ -91,7 +92,8 @@ def main():
     L = max(train_lengths)
     pad_ids = torch.stack([F.pad(s, (0, L - len(s))) for s in seqs])
     pad_mask = torch.stack([F.pad(torch.ones(len(s), dtype=torch.long), (0, L - len(s))) for s in seqs])
-    pad_labels = torch.stack([F.pad(torch.cat([s[1:], torch.tensor([-100])]), (0, L - len(s)), value=-100) for s in seqs])
+    pad_labels = torch.stack([F.pad(torch.cat([s[1:], torch.tensor([-100])]), (0, L - len(s)), value=-100)
+                              for s in seqs])
 
     def ours_step():
         loss = F.cross_entropy(ours(ids, pos, cu), labels, ignore_index=-100)

@@ -42,14 +42,13 @@ SIZES = {  # the tiny model is egoworld.make_tiny_model's; "50m" widens and deep
 def prepare(root):
     """EgoWorld samples, the tiny tokenizer/model, and a ~50M model on the same tokenizer."""
     import egoworld
-    import model as model_lib
+    from model import ModelConfig, Qwen2VL
     if not os.path.exists(os.path.join(root, 'tiny', 'config.json')):
-        egoworld.tiny_corpus = 50
-        egoworld.make_tiny_model(os.path.join(root, 'tiny'))
+        egoworld.make_tiny_model(os.path.join(root, 'tiny'), tiny_corpus=50)
         egoworld.generate_split(os.path.join(root, 'train'), 0, 4, 'default', egoworld.segments)
-        cfg = model_lib.Qwen2VL.from_pretrained(os.path.join(root, 'tiny')).config
+        cfg = Qwen2VL.from_pretrained(os.path.join(root, 'tiny')).config
         torch.manual_seed(0)
-        big = model_lib.Qwen2VL(model_lib.ModelConfig(**{**cfg.__dict__, **SIZES['50m']}))
+        big = Qwen2VL(ModelConfig(**{**cfg.__dict__, **SIZES['50m']}))
         big.save_pretrained(os.path.join(root, '50m'))
         for f in ('tokenizer.json', 'tokenizer_config.json', 'chat_template.json', 'preprocessor_config.json'):
             with open(os.path.join(root, 'tiny', f)) as a, open(os.path.join(root, '50m', f), 'w') as b:
@@ -136,9 +135,10 @@ def main():
     torch.set_num_threads(threads)
     root = work or tempfile.mkdtemp(prefix='bench_sft_')
     prepare(root)
-    print(f'CPU, torch {torch.__version__}, {threads} threads; a step = {batch} EgoWorld CoT samples, fp32, fused AdamW, '
-          f'no activation checkpointing. Speed: the two sides alternate step by step in one process '
-          f'({steps} steps each after 2 warm-up), so both see the same machine load; memory: each side alone in a fresh process.')
+    print(f'CPU, torch {torch.__version__}, {threads} threads; a step = {batch} EgoWorld CoT samples, fp32, '
+          f'fused AdamW, no activation checkpointing. Speed: the two sides alternate step by step in one process '
+          f'({steps} steps each after 2 warm-up), so both see the same machine load; '
+          f'memory: each side alone in a fresh process.')
     for size in SIZES:
         sides = {impl: build(root, impl, size) for impl in ('ours', 'hf')}
         times = {impl: [] for impl in sides}
@@ -153,7 +153,8 @@ def main():
         del sides
         mem = {}
         for impl in times:
-            cmd = [sys.executable, __file__, f'--case={impl}:{size}', f'--work={root}', f'--threads={threads}', f'--batch={batch}']
+            cmd = [sys.executable, __file__, f'--case={impl}:{size}', f'--work={root}', f'--threads={threads}',
+                   f'--batch={batch}']
             p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
             if p.returncode:
                 raise RuntimeError(f'{impl}:{size} failed:\n{p.stderr[-3000:]}')
@@ -167,8 +168,9 @@ def main():
             best[impl], med[impl] = t[0], t[len(t) // 2]
             print(f"  {name:14s}{t[0]:8.3f}{med[impl]:10.3f}{n_tokens / t[0]:10.0f}"
                   f"{mem[impl]['peak_rss_mb']:13.0f}{mem[impl]['train_mb']:10.0f}")
-        print(f"  ours/transformers: speed {best['hf'] / best['ours']:.2f}x (best steps), {med['hf'] / med['ours']:.2f}x "
-              f"(medians); training memory {mem['ours']['train_mb'] / max(mem['hf']['train_mb'], 1):.2f}x")
+        print(f"  ours/transformers: speed {best['hf'] / best['ours']:.2f}x (best steps), "
+              f"{med['hf'] / med['ours']:.2f}x (medians); "
+              f"training memory {mem['ours']['train_mb'] / max(mem['hf']['train_mb'], 1):.2f}x")
 
 
 if __name__ == '__main__':

@@ -146,7 +146,8 @@ def test_always_a_scores_the_letter_prior_and_unparsable_is_wrong(samples, tmp_p
     order = {s.id: i for i, s in enumerate(samples)}
     def half(ss, xs):
         return [oracle([s], None)[0] if order[s.id] % 2 == 0 else
-                (f"The answer is {s.answer}" if order[s.id] % 4 == 1 else f"<answer>{s.answer} or A</answer>") for s in ss]
+                (f"The answer is {s.answer}" if order[s.id] % 4 == 1 else f"<answer>{s.answer} or A</answer>")
+                for s in ss]
     summ = bench.evaluate(samples, half, str(tmp_path / 'h'), SETTINGS, progress=False)
     for (t, d), r in rows(summ).items():
         mine = [order[s.id] for s in samples if (s.task, s.direction) == (t, d)]
@@ -281,7 +282,8 @@ def test_settings_and_arguments(world, tmp_path):
     assert (vs.nframes, vs.min_pixels, vs.max_pixels) == (egoworld.key_frames, egoworld.size ** 2, egoworld.size ** 2)
     ck = tmp_path / 'ck'
     ck.mkdir()
-    (ck / 'vision_settings.json').write_text(json.dumps(dict(nframes=12, min_pixels=784, max_pixels=6272, prompt_version='egost-v1')))
+    (ck / 'vision_settings.json').write_text(json.dumps(dict(nframes=12, min_pixels=784, max_pixels=6272,
+                                                             prompt_version='egost-v1')))
     vs = bench.vision_settings(str(ck), bench.DEFAULT_DATA, dict(nframes=0, min_pixels=0, max_pixels=5000))
     assert (vs.nframes, vs.min_pixels, vs.max_pixels) == (12, 784, 5000)                   # trained with, overridden
     missing = str(tmp_path / 'data_egoworld' / 'test')
@@ -336,7 +338,8 @@ def test_logits_mode_matches_per_candidate_forward(world, samples, merging):
             for e in encs:  # each candidate alone, whole: the sum of its own tokens' log-probs after the shared part
                 ids = torch.cat([x['input_ids'], torch.tensor(e)])
                 pos, _ = rope_positions(ids, x['grid_thw'], m.config)
-                lp = m(ids, pos, torch.tensor([0, len(ids)], dtype=torch.int32), x['pixel_values'], x['grid_thw']).log_softmax(-1)
+                lp = m(ids, pos, torch.tensor([0, len(ids)], dtype=torch.int32), x['pixel_values'],
+                       x['grid_thw']).log_softmax(-1)
                 n = len(e) - k
                 scores.append(float(lp[len(ids) - n - 1:-1].gather(1, ids[-n:, None]).sum()))
             assert lp_bench == pytest.approx(scores, abs=1e-4)

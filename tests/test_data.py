@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-import data as D
-import model as M
+import data
+from model import ModelConfig, Qwen2VL, rope_positions
 
 torch.set_num_threads(2)
-SMALL = D.VisionSettings(nframes=4, min_pixels=56 * 56, max_pixels=56 * 56)  # 2x2 merged tokens per frame pair
+SMALL = data.VisionSettings(nframes=4, min_pixels=56 * 56, max_pixels=56 * 56)  # 2x2 merged tokens per frame pair
 
 
 def write_video(path, n=16, h=64, w=64, fps=8):
@@ -48,24 +48,27 @@ def vids(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def tok(tmp_path_factory):
-    texts = [D.build_user_text(D.Sample('x', 'v', 'landmark', 'forward', 'which landmarks did you pass?', ['a tree', 'a door'])),
+    texts = [data.build_user_text(data.Sample('x', 'v', 'landmark', 'forward', 'which landmarks did you pass?',
+                                              ['a tree', 'a door'])),
              "<think>Let's start by thinking reverse. Hence, the correct answer is A</think> <answer>A</answer>",
              'You are a helpful assistant. Turn left, go straight, turn right. Describe the route.'] * 20
-    return D.build_tokenizer(texts, 400, str(tmp_path_factory.mktemp('tok')))
+    return data.build_tokenizer(texts, 400, str(tmp_path_factory.mktemp('tok')))
 
 
 @pytest.fixture(scope='module')
 def phrase_tok(tmp_path_factory):
     """The phrase tokenizer (EgoWorld's tiny model uses it) on text of the same shape."""
-    texts = [D.build_user_text(D.Sample('x', 'v', 'direction', 'forward', 'which way did you go?', o, 'A'))
+    texts = [data.build_user_text(data.Sample('x', 'v', 'direction', 'forward', 'which way did you go?', o, 'A'))
              for o in (['turn left, turn right', 'turn right'], ['turn right, turn left', 'turn left, turn left'])]
-    texts += ["<think>Headings: east, south. Turns: east to south clockwise. Hence, the correct answer is A</think> <answer>A</answer>"]
-    return D.build_tokenizer(texts * 20, 600, str(tmp_path_factory.mktemp('ptok')), phrases=True)
+    texts += ["<think>Headings: east, south. Turns: east to south clockwise. Hence, the correct answer is A</think> "
+              "<answer>A</answer>"]
+    return data.build_tokenizer(texts * 20, 600, str(tmp_path_factory.mktemp('ptok')), phrases=True)
 
 
 def mcq(video, sol="<think>go left</think><answer>B</answer>"):
-    return D.Sample(id='s1', video=video, task='direction', direction='forward', question='Which way, A or B?',
-                    options=['left', 'right, then left'], answer='B', answer_text='right, then left', solution=sol, source='t:1')
+    return data.Sample(id='s1', video=video, task='direction', direction='forward', question='Which way, A or B?',
+                       options=['left', 'right, then left'], answer='B', answer_text='right, then left', solution=sol,
+                       source='t:1')
 
 # ----------------------------------------------------------------------------- transformers oracle
 
@@ -93,14 +96,14 @@ def hf_video(frames, settings):
     return patches[0], torch.tensor([[t, h, w]])
 
 
-EXACT = D.VisionSettings(nframes=2, min_pixels=56 * 56, max_pixels=56 * 84)  # 56x84 frames are kept as they are
+EXACT = data.VisionSettings(nframes=2, min_pixels=56 * 56, max_pixels=56 * 84)  # 56x84 frames are kept as they are
 
 
-@pytest.mark.parametrize('n,h,w,settings', [(5, 64, 64, D.VisionSettings()), (4, 480, 854, D.VisionSettings()),
+@pytest.mark.parametrize('n,h,w,settings', [(5, 64, 64, data.VisionSettings()), (4, 480, 854, data.VisionSettings()),
                                             (3, 50, 90, SMALL), (2, 56, 84, EXACT)])
 def test_pixels_match_transformers(n, h, w, settings):
     frames = np.random.default_rng(n).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-    pv, grid = D.preprocess_frames(frames, settings)
+    pv, grid = data.preprocess_frames(frames, settings)
     ref_pv, ref_grid = hf_video(frames, settings)
     assert grid.tolist() == ref_grid.tolist() and grid[0, 0] == (n + 1) // 2
     assert pv.shape == ref_pv.shape == (int(grid.prod()), 1176) and pv.dtype == torch.float32
@@ -114,21 +117,21 @@ def test_still_image_matches_image_processor(tmp_path):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     img = np.random.default_rng(0).integers(0, 256, (70, 130, 3), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / 'x.png')
-    s = D.VisionSettings()
-    pv, grid = D.preprocess_frames(D.load_image(str(tmp_path / 'x.png')), s)
+    s = data.VisionSettings()
+    pv, grid = data.preprocess_frames(data.load_image(str(tmp_path / 'x.png')), s)
     ref = Qwen2VLImageProcessorPil(min_pixels=s.min_pixels, max_pixels=s.max_pixels)(images=[img], return_tensors='pt')
     assert grid.tolist() == ref['image_grid_thw'].tolist()
     assert (pv - ref['pixel_values']).abs().max() <= 1e-5
 
 
 def test_frames_rounded_linspace_and_only_those_decoded(vids, monkeypatch):
-    assert D.frame_indices(16, 8).tolist() == [0, 2, 4, 6, 9, 11, 13, 15]  # truncation would give 8, 10, 12
-    frames = D.load_frames(vids['a'], 8)
+    assert data.frame_indices(16, 8).tolist() == [0, 2, 4, 6, 9, 11, 13, 15]  # truncation would give 8, 10, 12
+    frames = data.load_frames(vids['a'], 8)
     assert frames.shape == (8, 64, 64, 3) and frames.dtype == np.uint8
     got = np.round((frames[:, 40:, 40:].mean((1, 2, 3)) - 10) / 15).astype(int)
     assert got.tolist() == [0, 2, 4, 6, 9, 11, 13, 15]
     calls = []
-    real = D.decord.VideoReader
+    real = data.decord.VideoReader
 
     class Spy(real):
         def get_batch(self, idx):
@@ -137,8 +140,8 @@ def test_frames_rounded_linspace_and_only_those_decoded(vids, monkeypatch):
 
         def __getitem__(self, i):
             raise AssertionError('frames must come from one get_batch of the sampled indices')
-    monkeypatch.setattr(D.decord, 'VideoReader', Spy)
-    D.load_frames(vids['a'], 4)
+    monkeypatch.setattr(data.decord, 'VideoReader', Spy)
+    data.load_frames(vids['a'], 4)
     assert calls == [[0, 5, 10, 15]]
 
 
@@ -147,7 +150,8 @@ def test_tokenizer_dir_loads_in_transformers(tok):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     d = os.path.dirname(tok.path)
     hf = AutoTokenizer.from_pretrained(d)
-    assert [hf.convert_tokens_to_ids(t) for t in D.SPECIAL_TOKENS] == list(range(tok.vocab_size - 14, tok.vocab_size))
+    assert ([hf.convert_tokens_to_ids(t) for t in data.SPECIAL_TOKENS]
+            == list(range(tok.vocab_size - 14, tok.vocab_size)))
     text = 'Turn left, then <think>x</think><|im_end|>'
     assert hf(text, add_special_tokens=False)['input_ids'] == tok.encode(text)
     assert tok.decode(tok.encode(text)) == text
@@ -163,7 +167,8 @@ def test_tokenizer_dir_loads_in_transformers(tok):
 def test_phrase_tokenizer_merges_phrases_and_loads_in_transformers(phrase_tok, tok):
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(os.path.dirname(phrase_tok.path))
-    text = D.build_user_text(D.Sample('x', 'v', 'direction', 'forward', 'which way did you go?', ['turn right', 'turn left, turn right'], 'B'))
+    text = data.build_user_text(data.Sample('x', 'v', 'direction', 'forward', 'which way did you go?',
+                                            ['turn right', 'turn left, turn right'], 'B'))
     text += "<think>Headings: east, south. Hence, the correct answer is B</think> <answer>B</answer><|im_end|>\n"
     assert hf(text, add_special_tokens=False)['input_ids'] == phrase_tok.encode(text)
     assert phrase_tok.decode(phrase_tok.encode(text)) == text
@@ -173,7 +178,8 @@ def test_phrase_tokenizer_merges_phrases_and_loads_in_transformers(phrase_tok, t
     split = [w for w, _ in phrase_tok.tk.pre_tokenizer.pre_tokenize_str('turn left And then, go<think>x')]
     assert split == ['turnĠleft', 'ĠAndĠthen', ',', 'Ġgo', '<think>', 'x']   # a capitalised word starts a piece
     split = [w for w, _ in phrase_tok.tk.pre_tokenizer.pre_tokenize_str('A: turn left = turn right (no)')]
-    assert split == ['A', ':', 'ĠturnĠleftĠ', '=', 'ĠturnĠrightĠ', '(', 'no', ')']   # cot_check's pairs stay two items
+    # cot_check's pairs stay two items
+    assert split == ['A', ':', 'ĠturnĠleftĠ', '=', 'ĠturnĠrightĠ', '(', 'no', ')']
     assert len(pieces) < len(tok.encode(text)) / 2
 
 
@@ -187,7 +193,7 @@ def processor(request, tok, phrase_tok, monkeypatch):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.processing_utils import ProcessorMixin
     monkeypatch.setattr(ProcessorMixin, 'check_argument_for_proper_class', lambda self, name, arg: type(arg))
-    s = D.VisionSettings()
+    s = data.VisionSettings()
 
     class Video:
         merge_size = 2
@@ -196,8 +202,9 @@ def processor(request, tok, phrase_tok, monkeypatch):
             pv, grid = hf_video(np.asarray(videos[0]), s)
             return {'pixel_values_videos': pv, 'video_grid_thw': grid}
     d = os.path.dirname(tok.path)
-    p = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(d), tokenizer=AutoTokenizer.from_pretrained(d),
-                         video_processor=Video(), chat_template=D.CHAT_TEMPLATE)
+    p = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(d),
+                         tokenizer=AutoTokenizer.from_pretrained(d),
+                         video_processor=Video(), chat_template=data.CHAT_TEMPLATE)
     p.ours = tok
     return p
 
@@ -205,13 +212,13 @@ def processor(request, tok, phrase_tok, monkeypatch):
 @pytest.mark.parametrize('target', ["<think>Turn back, then go\nstraight.</think> <answer>B</answer>", None])
 def test_ids_match_transformers_processor(vids, processor, target):
     s, tok = mcq(vids['a']), processor.ours
-    conv = [{'role': 'user', 'content': [{'type': 'video'}, {'type': 'text', 'text': D.build_user_text(s)}]}]
+    conv = [{'role': 'user', 'content': [{'type': 'video'}, {'type': 'text', 'text': data.build_user_text(s)}]}]
     if target is not None:
         conv.append({'role': 'assistant', 'content': [{'type': 'text', 'text': target}]})
     text = processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=target is None)
-    frames = D.load_frames(s.video, 8)
+    frames = data.load_frames(s.video, 8)
     ref = processor(text=[text], videos=[frames], return_tensors='pt')
-    out = D.encode(s, tok, D.VisionSettings(), target)
+    out = data.encode(s, tok, data.VisionSettings(), target)
     assert out['input_ids'].tolist() == ref['input_ids'][0].tolist()
     assert out['grid_thw'].tolist() == ref['video_grid_thw'].tolist() == [[4, 24, 24]]
     assert (out['pixel_values'] - ref['pixel_values_videos']).abs().max() <= 1e-5
@@ -224,44 +231,47 @@ def test_image_sample_ids_match_processor(processor, tmp_path):
     img = np.random.default_rng(1).integers(0, 256, (60, 100, 3), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / 'x.png')
     s = mcq(str(tmp_path / 'x.png'))
-    conv = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': D.build_user_text(s)}]}]
+    conv = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': data.build_user_text(s)}]}]
     text = processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     ref = processor(text=[text], images=[img], return_tensors='pt')
-    out = D.encode(s, tok, D.VisionSettings())
+    out = data.encode(s, tok, data.VisionSettings())
     assert out['input_ids'].tolist() == ref['input_ids'][0].tolist()
     assert (out['pixel_values'] - ref['pixel_values']).abs().max() <= 1e-5
 
 
 def test_labels_cover_answer_and_im_end_only(tok, vids):
     target = '<think>x</think> <answer>B</answer>'
-    out = D.encode(mcq(vids['a']), tok, SMALL, target)
+    out = data.encode(mcq(vids['a']), tok, SMALL, target)
     ids, labels = out['input_ids'], out['labels']
     kept = labels != -100
     assert tok.decode(labels[kept]) == target + '<|im_end|>'
     assert (labels[kept] == ids[kept]).all()
     assert kept.nonzero().max() == len(ids) - 2 and tok.decode(ids[-1:]) == '\n'  # trailing "\n" unlabelled
-    assert tok.decode(ids[:int(kept.nonzero().min())]).endswith('<|vision_end|>' + D.build_user_text(mcq('v')) + '<|im_end|>\n<|im_start|>assistant\n')
-    prompt = D.encode(mcq(vids['a']), tok, SMALL, None)
+    assert tok.decode(ids[:int(kept.nonzero().min())]).endswith(
+        '<|vision_end|>' + data.build_user_text(mcq('v')) + '<|im_end|>\n<|im_start|>assistant\n')
+    prompt = data.encode(mcq(vids['a']), tok, SMALL, None)
     assert (prompt['labels'] == -100).all() and torch.equal(prompt['input_ids'], ids[:len(prompt['input_ids'])])
     assert tok.decode(prompt['input_ids']).endswith('<|im_start|>assistant\n')
-    pos, nxt = M.rope_positions(ids, out['grid_thw'], M.ModelConfig(**tok.model_ids()))
+    pos, nxt = rope_positions(ids, out['grid_thw'], ModelConfig(**tok.model_ids()))
     assert torch.equal(out['position_ids'], pos) and out['next_position'] == nxt
 
 
 def test_build_user_text():
     s = mcq('v')
-    assert D.build_user_text(s) == (
+    assert data.build_user_text(s) == (
         'Which way, A or B?\nOptions:\nA. left\nB. right, then left\nInstructions: Please select the most appropriate '
         'answer from the options above and return only the option number (e.g. A, B, C or D).\nOutput the thinking '
         'process in <think> </think> and final answer in <answer> </answer> tags, i.e., <think> reasoning process '
         'here </think><answer> answer here </answer>.')
-    r = D.Sample('r', 'v', 'route', 'reverse', 'Describe the route back.', answer='Turn back.', answer_text='Turn back.')
-    assert D.build_user_text(r) == 'Describe the route back.\n' + D.THINK_INSTRUCTION
+    r = data.Sample('r', 'v', 'route', 'reverse', 'Describe the route back.', answer='Turn back.',
+                    answer_text='Turn back.')
+    assert data.build_user_text(r) == 'Describe the route back.\n' + data.THINK_INSTRUCTION
 
 # ----------------------------------------------------------------------------- readers
 
 PRE = 'Please take a egocentric view to understand the following questions.'
-INSTR = '\n\nInstructions: Please select the most appropriate answer from the options above and return only the option number (e.g. A, B, C or D).'
+INSTR = ('\n\nInstructions: Please select the most appropriate answer from the options above and return only the '
+         'option number (e.g. A, B, C or D).')
 LM_F = 'which landmarks (objects or scenery changes) did you pass by to reach your destination?'
 LM_R = 'which landmarks (objects or scenery changes) did you pass by to return to the starting point?'
 DIR_F = 'what directions do you need to go through to get to your destination?'
@@ -271,44 +281,51 @@ ACT_R = 'which actions did you perform to return to the starting point?'
 
 
 def st_line(problem, answer, cot_dir, first, opp, then, video):
-    sol = f"<think>Let's start by thinking {cot_dir} {first}{opp} And then think about {then} Hence, the correct answer is {answer}</think> <answer>{answer}</answer>"
+    sol = (f"<think>Let's start by thinking {cot_dir} {first}{opp} And then think about {then} "
+           f"Hence, the correct answer is {answer}</think> <answer>{answer}</answer>")
     return json.dumps(dict(problem=problem + INSTR, solution=sol, video=f'/vi-lab/Ego-ST-bench/r1_video/{video}',
                            original_question=problem + INSTR, original_answer=answer))
 
 
 def st_r1_lines():
     return [  # the release's quirks, one per line
-        st_line(f'{PRE} Based on this video, {LM_F} Options: A. toy birdhouse, B. ornamental birdfeeder., C. two-story treehouse',
-                'A', 'reverse', LM_R, "['toy birdhouse']", LM_F, 'a.mp4'),
+        st_line(f'{PRE} Based on this video, {LM_F} Options: A. toy birdhouse, B. ornamental birdfeeder., '
+                'C. two-story treehouse', 'A', 'reverse', LM_R, "['toy birdhouse']", LM_F, 'a.mp4'),
         st_line(f'{PRE}Based on this video, {LM_R} Options: A. rusty swingset, B. toy birdhouse', 'B', 'forward', LM_F,
                 ' toy birdhouse', LM_R, 'a.mp4'),
-        st_line(f'{PRE}{PRE}Based on this video, {DIR_R} Options: A. Turn back, go straight, turn right, B. go straight',
-                'A', 'forward', DIR_F, ' go straight, turn left', DIR_R, 'b.mp4'),
-        st_line(f'{PRE} Based on this video, {DIR_F} Options: A. a, B. b, C. c, D. go straight turn left', 'D', 'reverse',
-                LM_R, "['Turn back', 'go straight', 'Turn right']", LM_F, 'b.mp4'),  # CoT with landmark stems, as released
+        st_line(f'{PRE}{PRE}Based on this video, {DIR_R} Options: A. Turn back, go straight, turn right, '
+                'B. go straight', 'A', 'forward', DIR_F, ' go straight, turn left', DIR_R, 'b.mp4'),
+        # CoT with landmark stems, as released
+        st_line(f'{PRE} Based on this video, {DIR_F} Options: A. a, B. b, C. c, D. go straight turn left',
+                'D', 'reverse', LM_R, "['Turn back', 'go straight', 'Turn right']", LM_F, 'b.mp4'),
         st_line(f'{PRE} Based on this video, {LM_F} Options: A. Walk straight, pick up the toy.', 'A', 'reverse', ACT_R,
                 "['Walk straight', 'pick up the toy']", ACT_F, 'a.mp4'),  # forward action item with the landmark stem
-        st_line(f'Please take an egocentric view to understand the following question. Based on this video, {ACT_R} Options: '
-                'A. put down the toy walk back, B. walk straight pick up the toy', 'A', 'forward', ACT_F,
-                ' Walk straight, pick up the toy', ACT_R, 'a.mp4'),
+        st_line(f'Please take an egocentric view to understand the following question. Based on this video, '
+                f'{ACT_R} Options: A. put down the toy walk back, B. walk straight pick up the toy',
+                'A', 'forward', ACT_F, ' Walk straight, pick up the toy', ACT_R, 'a.mp4'),
     ]
 
 
 def test_read_st_r1_jsonl_quirks(tmp_path, vids):
     p = tmp_path / 'st.jsonl'
     p.write_text('\n'.join(st_r1_lines()) + '\n\n')
-    s = D.read_st_r1_jsonl(str(p), video_root=vids['dir'])
-    assert [(x.task, x.direction) for x in s] == [('landmark', 'forward'), ('landmark', 'reverse'), ('direction', 'reverse'),
-                                                  ('direction', 'forward'), ('action', 'forward'), ('action', 'reverse')]
-    assert [x.options for x in s] == [['toy birdhouse', 'ornamental birdfeeder', 'two-story treehouse'], ['rusty swingset', 'toy birdhouse'],
-                                      ['Turn back, go straight, turn right', 'go straight'], ['a', 'b', 'c', 'go straight turn left'],
-                                      ['Walk straight, pick up the toy'], ['put down the toy walk back', 'walk straight pick up the toy']]
+    s = data.read_st_r1_jsonl(str(p), video_root=vids['dir'])
+    assert [(x.task, x.direction) for x in s] == [('landmark', 'forward'), ('landmark', 'reverse'),
+                                                  ('direction', 'reverse'), ('direction', 'forward'),
+                                                  ('action', 'forward'), ('action', 'reverse')]
+    assert [x.options for x in s] == [['toy birdhouse', 'ornamental birdfeeder', 'two-story treehouse'],
+                                      ['rusty swingset', 'toy birdhouse'],
+                                      ['Turn back, go straight, turn right', 'go straight'],
+                                      ['a', 'b', 'c', 'go straight turn left'],
+                                      ['Walk straight, pick up the toy'],
+                                      ['put down the toy walk back', 'walk straight pick up the toy']]
     assert [x.answer for x in s] == ['A', 'B', 'A', 'D', 'A', 'A']
     assert s[0].question == 'Based on this video, ' + LM_F
     assert s[2].question == 'Based on this video, what directions do you need to go through to get to starting point?'
     assert s[4].question == 'Based on this video, ' + ACT_F
-    assert [x.opposite for x in s] == ['toy birdhouse', 'toy birdhouse', 'go straight, turn left', 'Turn back, go straight, Turn right',
-                                       'Walk straight, pick up the toy', 'Walk straight, pick up the toy']
+    assert [x.opposite for x in s] == ['toy birdhouse', 'toy birdhouse', 'go straight, turn left',
+                                       'Turn back, go straight, Turn right', 'Walk straight, pick up the toy',
+                                       'Walk straight, pick up the toy']
     assert s[0].solution == (f"<think>Let's start by thinking reverse {LM_R} toy birdhouse And then think about {LM_F} "
                              "Hence, the correct answer is A</think> <answer>A</answer>")
     assert s[0].video == os.path.join(vids['dir'], 'a.mp4') and s[3].source == f'{p}:4' and s[3].id == 'st.jsonl:4'
@@ -319,26 +336,54 @@ def test_read_benchmark_layout(tmp_path, vids):
         os.makedirs(tmp_path / part)
         os.link(vids['a'], tmp_path / part / 'v.mp4')
     files = {
-        'Part1_forward_qa.json': {'0': {'video': 'v.mp4', 'question': 'Describe the route to your destination ?', 'forward_answer': 'Go straight, turn left.'}},
-        'Part1_reverse_qa.json': {'0': {'video': 'v.mp4', 'question': 'Describe the route back.', 'reverse_answer': ['Turn back', 'turn right.']}},
-        'Part1_forward_mcq.json': {'0': {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': ['A. go left', 'B. go right'], 'answer': 'A'}}},
-        'Part1_reverse_mcq.json': {'0': {'video': 'v.mp4', 'reverse_mcq': {'question': 'q', 'options': ['turn back', 'turn right.'], 'correct_answer': 'Turn right'}}},
-        'Part3_forward_mcq_landmark.json': {'7': {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': ['a', 'b', 'c'], 'gt': 2}}},
-        'Part3_reverse_mcq_landmark.json': {'7': {'video': 'v.mp4', 'reverse_mcq': {'question': 'q', 'options': ['a', 'c'], 'label': '(B)'}}},
+        'Part1_forward_qa.json': {'0': {'video': 'v.mp4', 'question': 'Describe the route to your destination ?',
+                                        'forward_answer': 'Go straight, turn left.'}},
+        'Part1_reverse_qa.json': {'0': {'video': 'v.mp4', 'question': 'Describe the route back.',
+                                        'reverse_answer': ['Turn back', 'turn right.']}},
+        'Part1_forward_mcq.json': {'0': {'video': 'v.mp4', 'forward_mcq': {
+            'question': 'q', 'options': ['A. go left', 'B. go right'], 'answer': 'A'}}},
+        'Part1_reverse_mcq.json': {'0': {'video': 'v.mp4', 'reverse_mcq': {
+            'question': 'q', 'options': ['turn back', 'turn right.'], 'correct_answer': 'Turn right'}}},
+        'Part3_forward_mcq_landmark.json': {'7': {'video': 'v.mp4', 'forward_mcq': {
+            'question': 'q', 'options': ['a', 'b', 'c'], 'gt': 2}}},
+        'Part3_reverse_mcq_landmark.json': {'7': {'video': 'v.mp4', 'reverse_mcq': {
+            'question': 'q', 'options': ['a', 'c'], 'label': '(B)'}}},
     }
     for name, obj in files.items():
         (tmp_path / name).write_text(json.dumps(obj))
-    s = {x.id: x for x in D.read_samples(str(tmp_path))}
+    s = {x.id: x for x in data.read_samples(str(tmp_path))}
     assert sorted(s) == sorted(f'{n[:-5]}#{k}' for n, o in files.items() for k in o)
     f, r = s['Part1_forward_qa#0'], s['Part1_reverse_qa#0']
-    assert (f.task, f.direction, f.answer, f.opposite, f.options) == ('route', 'forward', 'Go straight, turn left.', 'Turn back, turn right.', [])
+    assert ((f.task, f.direction, f.answer, f.opposite, f.options)
+            == ('route', 'forward', 'Go straight, turn left.', 'Turn back, turn right.', []))
     assert f.question == 'Describe the route to your destination?' and r.opposite == 'Go straight, turn left.'
     m = s['Part1_reverse_mcq#0']
-    assert (m.task, m.options, m.answer, m.answer_text, m.opposite) == ('direction', ['turn back', 'turn right'], 'B', 'turn right', 'go left')
-    assert s['Part1_forward_mcq#0'].options == ['go left', 'go right'] and s['Part1_forward_mcq#0'].opposite == 'turn right'
+    assert ((m.task, m.options, m.answer, m.answer_text, m.opposite)
+            == ('direction', ['turn back', 'turn right'], 'B', 'turn right', 'go left'))
+    assert (s['Part1_forward_mcq#0'].options == ['go left', 'go right']
+            and s['Part1_forward_mcq#0'].opposite == 'turn right')
     lf, lr = s['Part3_forward_mcq_landmark#7'], s['Part3_reverse_mcq_landmark#7']
     assert (lf.task, lf.answer, lr.answer, lf.opposite) == ('landmark', 'C', 'B', 'c')
-    assert lf.video == str(tmp_path / 'part3_clip' / 'v.mp4') and lf.source == f"{tmp_path / 'Part3_forward_mcq_landmark.json'}#7"
+    assert (lf.video == str(tmp_path / 'part3_clip' / 'v.mp4')
+            and lf.source == f"{tmp_path / 'Part3_forward_mcq_landmark.json'}#7")
+
+def test_cot_target_of_a_benchmark_sample_reads_back(tmp_path):
+    """A benchmark-layout sample has no solution: cot_target writes the reverse-thinking CoT from the
+    opposite direction's question and ground truth, in the template the JSONL reader parses back."""
+    import egoworld
+    from reward import COT
+    egoworld.generate_split(str(tmp_path / 'split'), 0, 1)
+    samples = data.read_samples(str(tmp_path / 'split'))
+    assert len(samples) == 8 and all(s.solution is None for s in samples)
+    for s in samples:
+        cot = data.cot_target(s)
+        m = COT.search(cot)
+        other = 'reverse' if s.direction == 'forward' else 'forward'
+        assert m.groups() == (other, s.opposite_question, s.opposite, s.question), cot
+        assert cot.endswith(f'</think> <answer>{s.answer}</answer>')
+    s.opposite = None
+    with pytest.raises(data.DataError, match='--cot=False'):
+        data.cot_target(s)
 
 # ----------------------------------------------------------------------------- bad input
 
@@ -353,7 +398,9 @@ def bad_lines(vids, tmp_path):
     return {
         'malformed JSON': good_line()[:-5],
         "missing field(s) ['video']": json.dumps({k: v for k, v in d.items() if k != 'video'}),
-        "answer 'D' is not among the options ABC": good_line().replace('is A</think> <answer>A</answer>', 'is D</think> <answer>D</answer>').replace('"original_answer": "A"', '"original_answer": "D"'),
+        "answer 'D' is not among the options ABC": (
+            good_line().replace('is A</think> <answer>A</answer>', 'is D</think> <answer>D</answer>')
+                       .replace('"original_answer": "A"', '"original_answer": "D"')),
         'empty options': json.dumps({**d, 'problem': d['problem'].split(' Options:')[0] + ' Options: ' + INSTR}),
         'video not found': json.dumps({**d, 'video': '/x/missing.mp4'}),
         'cannot open video': json.dumps({**d, 'video': '/x/corrupt.mp4'}),
@@ -365,9 +412,9 @@ def test_bad_jsonl_lines_named_and_collected(tmp_path, vids):
     for i, (what, line) in enumerate(bad_lines(vids, tmp_path).items()):
         p = tmp_path / f'f{i}.jsonl'
         p.write_text(good_line() + '\n' + line + '\n' + good_line() + '\n')
-        with pytest.raises(D.DataError, match=re.escape(f'f{i}.jsonl:2: ') + '.*' + re.escape(what)):
-            D.read_st_r1_jsonl(str(p), video_root=str(tmp_path))
-        samples, errors = D.read_st_r1_jsonl(str(p), video_root=str(tmp_path), strict=False)
+        with pytest.raises(data.DataError, match=re.escape(f'f{i}.jsonl:2: ') + '.*' + re.escape(what)):
+            data.read_st_r1_jsonl(str(p), video_root=str(tmp_path))
+        samples, errors = data.read_st_r1_jsonl(str(p), video_root=str(tmp_path), strict=False)
         assert [x.source for x in samples] == [f'{p}:1', f'{p}:3'] and len(errors) == 1 and what in errors[0]
 
 
@@ -375,24 +422,26 @@ def test_bad_benchmark_items(tmp_path, vids):
     os.makedirs(tmp_path / 'part2')
     os.link(vids['a'], tmp_path / 'part2' / 'v.mp4')
     good = {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': ['x', 'y'], 'answer': 'B'}}
-    items = {'ok': good, 'nokey': {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': ['x', 'y'], 'truth': 'B'}},
+    items = {'ok': good,
+             'nokey': {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': ['x', 'y'], 'truth': 'B'}},
              'text': {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': ['x', 'y'], 'answer': 'z'}},
              'empty': {'video': 'v.mp4', 'forward_mcq': {'question': 'q', 'options': [], 'answer': 'A'}},
              'novideo': {**good, 'video': 'w.mp4'}}
     (tmp_path / 'Part2_forward_mcq.json').write_text(json.dumps(items))
     (tmp_path / 'Part2_reverse_mcq.json').write_text('{"0": {')
-    samples, errors = D.read_benchmark(str(tmp_path), strict=False)
+    samples, errors = data.read_benchmark(str(tmp_path), strict=False)
     assert [x.id for x in samples] == ['Part2_forward_mcq#ok'] and len(errors) == 5
     f = str(tmp_path / 'Part2_forward_mcq.json')
     assert errors[0].startswith(f"{tmp_path / 'Part2_reverse_mcq.json'}: malformed JSON") and 'line 1' in errors[0]
-    assert errors[1].startswith(f"{f}#nokey: no correct-option field") and "['options', 'question', 'truth']" in errors[1]
+    assert (errors[1].startswith(f"{f}#nokey: no correct-option field")
+            and "['options', 'question', 'truth']" in errors[1])
     assert errors[2].startswith(f'{f}#text: answer ') and errors[3] == f'{f}#empty: empty options'
     assert errors[4] == f"{f}#novideo: {tmp_path / 'part2' / 'w.mp4'}: video not found"
-    with pytest.raises(D.DataError, match='Part2_reverse_mcq.json: malformed JSON'):
-        D.read_benchmark(str(tmp_path))
+    with pytest.raises(data.DataError, match='Part2_reverse_mcq.json: malformed JSON'):
+        data.read_benchmark(str(tmp_path))
     os.remove(tmp_path / 'Part2_reverse_mcq.json')
-    with pytest.raises(D.DataError, match='nokey: no correct-option field'):
-        D.read_benchmark(str(tmp_path))
+    with pytest.raises(data.DataError, match='nokey: no correct-option field'):
+        data.read_benchmark(str(tmp_path))
 
 
 def test_frame_cache_keeps_least_recently_used_within_bytes():
@@ -400,7 +449,7 @@ def test_frame_cache_keeps_least_recently_used_within_bytes():
 
     def loader(key, nbytes):
         return lambda: loads.append(key) or np.zeros(nbytes, np.uint8)
-    c = D.FrameCache(max_bytes=200)
+    c = data.FrameCache(max_bytes=200)
     a = c.get('a', loader('a', 100))
     assert not a.flags.writeable  # shared between samples: nobody may write into it
     c.get('b', loader('b', 100))
@@ -417,23 +466,23 @@ def test_frame_cache_keeps_least_recently_used_within_bytes():
 
 def test_encode_through_cache_is_the_same_and_decodes_once(tok, vids, monkeypatch):
     calls = []
-    real = D.load_frames
-    monkeypatch.setattr(D, 'load_frames', lambda path, n: calls.append((path, n)) or real(path, n))
-    plain = D.encode(mcq(vids['a']), tok, SMALL, '<answer>B</answer>')
-    cache = D.FrameCache(max_bytes=SMALL.nframes * 64 * 64 * 3)  # room for one 64x64 clip
-    first = D.encode(mcq(vids['a']), tok, SMALL, '<answer>B</answer>', cache=cache)
-    again = D.encode(mcq(vids['a']), tok, SMALL, '<answer>A</answer>', cache=cache)
+    real = data.load_frames
+    monkeypatch.setattr(data, 'load_frames', lambda path, n: calls.append((path, n)) or real(path, n))
+    plain = data.encode(mcq(vids['a']), tok, SMALL, '<answer>B</answer>')
+    cache = data.FrameCache(max_bytes=SMALL.nframes * 64 * 64 * 3)  # room for one 64x64 clip
+    first = data.encode(mcq(vids['a']), tok, SMALL, '<answer>B</answer>', cache=cache)
+    again = data.encode(mcq(vids['a']), tok, SMALL, '<answer>A</answer>', cache=cache)
     for k in ('input_ids', 'labels', 'position_ids', 'pixel_values', 'grid_thw'):
         assert torch.equal(first[k], plain[k])
     assert torch.equal(again['pixel_values'], plain['pixel_values'])
     assert calls == [(vids['a'], 4)] * 2  # the plain encode and the first cached one; the second was a hit
-    D.encode(mcq(vids['b']), tok, SMALL, cache=cache)  # pushes clip a out
-    D.encode(mcq(vids['a']), tok, SMALL, cache=cache)
+    data.encode(mcq(vids['b']), tok, SMALL, cache=cache)  # pushes clip a out
+    data.encode(mcq(vids['a']), tok, SMALL, cache=cache)
     assert calls[2:] == [(vids['b'], 4), (vids['a'], 4)]
-    more = D.VisionSettings(nframes=8, min_pixels=SMALL.min_pixels, max_pixels=SMALL.max_pixels)
-    big = D.FrameCache(2**20)
-    D.encode(mcq(vids['a']), tok, SMALL, cache=big)
-    e8 = D.encode(mcq(vids['a']), tok, more, cache=big)  # frames are cached per (video, nframes)
+    more = data.VisionSettings(nframes=8, min_pixels=SMALL.min_pixels, max_pixels=SMALL.max_pixels)
+    big = data.FrameCache(2**20)
+    data.encode(mcq(vids['a']), tok, SMALL, cache=big)
+    e8 = data.encode(mcq(vids['a']), tok, more, cache=big)  # frames are cached per (video, nframes)
     assert calls[-2:] == [(vids['a'], 4), (vids['a'], 8)] and e8['grid_thw'][0, 0] == 4
 
 
@@ -441,17 +490,17 @@ def test_undecodable_video_at_encode_names_sample(tmp_path, tok, vids):
     d = open(vids['a'], 'rb').read()
     (tmp_path / 't.mp4').write_bytes(d[:len(d) // 2])  # moov atom at the end: the container cannot be opened
     s = mcq(str(tmp_path / 't.mp4'))
-    with pytest.raises(D.DataError, match=r't:1 \(s1\): .*t.mp4: cannot open video'):
-        D.encode(s, tok, SMALL)
+    with pytest.raises(data.DataError, match=r't:1 \(s1\): .*t.mp4: cannot open video'):
+        data.encode(s, tok, SMALL)
 
 # ----------------------------------------------------------------------------- packing and the loader
 
 def tiny_model(tok):
-    cfg = M.ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3], rope_theta=10000.0,
-                        vision_depth=2, vision_embed_dim=32, vision_num_heads=2, **tok.model_ids())
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3], rope_theta=10000.0,
+                      vision_depth=2, vision_embed_dim=32, vision_num_heads=2, **tok.model_ids())
     torch.manual_seed(0)
-    return M.Qwen2VL(cfg).eval()
+    return Qwen2VL(cfg).eval()
 
 
 def run(model, b):
@@ -464,11 +513,13 @@ def seq_loss(logits, labels):
 
 def test_packed_sample_same_logits_and_loss_as_alone(tok, vids):
     model = tiny_model(tok)
-    a = D.encode(mcq(vids['a']), tok, SMALL, '<think>left</think> <answer>A</answer>')
-    r = D.Sample('r', vids['b'], 'route', 'reverse', 'Describe the route back.', answer='Turn back.', answer_text='Turn back.')
-    b = D.encode(r, tok, SMALL, 'Turn back, then left.')
-    packed = D.pack([b, a])
-    assert packed['cu_seqlens'].dtype == torch.int32 and packed['cu_seqlens'].tolist() == [0, len(b['input_ids']), len(b['input_ids']) + len(a['input_ids'])]
+    a = data.encode(mcq(vids['a']), tok, SMALL, '<think>left</think> <answer>A</answer>')
+    r = data.Sample('r', vids['b'], 'route', 'reverse', 'Describe the route back.', answer='Turn back.',
+                    answer_text='Turn back.')
+    b = data.encode(r, tok, SMALL, 'Turn back, then left.')
+    packed = data.pack([b, a])
+    assert (packed['cu_seqlens'].dtype == torch.int32
+            and packed['cu_seqlens'].tolist() == [0, len(b['input_ids']), len(b['input_ids']) + len(a['input_ids'])])
     assert packed['grid_thw'].tolist() == [[2, 2, 4], [2, 4, 4]] and packed['ids'] == ['r', 's1']
     n = len(b['input_ids'])
     assert torch.equal(packed['position_ids'], torch.cat([b['position_ids'], a['position_ids']], 1))
@@ -481,24 +532,26 @@ def test_packed_sample_same_logits_and_loss_as_alone(tok, vids):
 
 
 def test_batches_deterministic_disjoint_budgeted(tok, vids):
-    samples = [D.Sample(f's{i}', vids['a' if i % 2 else 'b'], 'route', 'forward', 'Describe the route' + ' again' * i,
-                        answer='Go.', answer_text='Go.', solution=f'<answer>Go {i}.</answer>') for i in range(10)]
-    lengths = [D.sample_length(s, tok, SMALL, 'solution') for s in samples]
-    assert lengths[3] == len(D.encode(samples[3], tok, SMALL, samples[3].solution)['input_ids'])
+    samples = [data.Sample(f's{i}', vids['a' if i % 2 else 'b'], 'route', 'forward',
+                           'Describe the route' + ' again' * i, answer='Go.', answer_text='Go.',
+                           solution=f'<answer>Go {i}.</answer>') for i in range(10)]
+    lengths = [data.sample_length(s, tok, SMALL, 'solution') for s in samples]
+    assert lengths[3] == len(data.encode(samples[3], tok, SMALL, samples[3].solution)['input_ids'])
     budget = max(lengths) * 3
 
     def ids(**kw):
         out = []
-        for b in D.batches(samples, tok, SMALL, budget, **kw):
+        for b in data.batches(samples, tok, SMALL, budget, **kw):
             assert len(b['input_ids']) <= budget and b['cu_seqlens'][-1] == len(b['input_ids'])
             out.append(b['ids'])
         return out
     torch.manual_seed(0)
     one = ids(seed=1, rank=0, world_size=1, num_workers=0)
-    assert torch.rand(1).item() == torch.rand(1, generator=torch.Generator().manual_seed(0)).item()  # global RNG untouched
+    # global RNG untouched
+    assert torch.rand(1).item() == torch.rand(1, generator=torch.Generator().manual_seed(0)).item()
     assert sorted(sum(one, [])) == sorted(s.id for s in samples) and len(one) >= 4
     assert ids(seed=1, rank=0, world_size=1, num_workers=2) == one  # workers: same batches, same order
-    cache = D.FrameCache(2**20)
+    cache = data.FrameCache(2**20)
     assert ids(seed=1, rank=0, world_size=1, num_workers=0, cache=cache) == one
     assert sorted(k[0] for k in cache.items) == sorted([vids['a'], vids['b']])  # decoded here, kept for the next epoch
     assert ids(seed=2, rank=0, world_size=1, num_workers=0) != one
@@ -506,5 +559,5 @@ def test_batches_deterministic_disjoint_budgeted(tok, vids):
     r0, r1 = ids(seed=1, rank=0, world_size=2, num_workers=0), ids(seed=1, rank=1, world_size=2, num_workers=0)
     assert len(r0) == len(r1) == len(one) // 2 and not set(sum(r0, [])) & set(sum(r1, []))
     assert r0 == one[0:2 * len(r0):2] and r1 == one[1:2 * len(r1):2]
-    with pytest.raises(D.DataError, match='no opposite to use as target'):
-        D.batches(samples, tok, SMALL, budget, rank=0, world_size=1, target='opposite')
+    with pytest.raises(data.DataError, match='no opposite to use as target'):
+        data.batches(samples, tok, SMALL, budget, rank=0, world_size=1, target='opposite')

@@ -15,7 +15,8 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     p = subprocess.run(['bash', os.path.join(ROOT, 'demo.sh')], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     times = (tmp_path / 'out' / 'demo_times.txt').read_text().split()
-    assert [t for t in times[::2]] == ['data', 'model', 'sft', 'grpo', 'bench_sft', 'bench', 'bench_ood', 'curves', 'total']
+    assert [t for t in times[::2]] == ['data', 'model', 'sft', 'grpo', 'bench_sft', 'bench', 'bench_ood', 'curves',
+                                       'total']
     res = json.loads((tmp_path / 'out' / 'bench' / 'grpo-egoworld_test' / 'results.json').read_text())
     text = json.dumps(res)
     for task in ('route', 'direction', 'landmark', 'action'):

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import egoworld as ew
+import egoworld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -47,13 +47,13 @@ def expected(route):
 
 def questions(n, seed=0, segments=(2, 4)):
     rng = np.random.default_rng(seed)
-    return [ew.make_questions(rng, segments, (2, 4), 4) for _ in range(n)]
+    return [egoworld.make_questions(rng, segments, (2, 4), 4) for _ in range(n)]
 
 
 def test_answers_recomputed_from_geometry():
     for route, qs in questions(200) + questions(50, 1, (5, 5)):
-        assert ew.carve(route['headings'], route['lengths']) == route['cells']
-        assert not ew.touches(route['cells'])
+        assert egoworld.carve(route['headings'], route['lengths']) == route['cells']
+        assert not egoworld.touches(route['cells'])
         want = expected(route)
         for key, q in qs.items():
             assert q['answer_text'] == want[key], key
@@ -63,30 +63,32 @@ def test_answers_recomputed_from_geometry():
 
 def test_reverse_twice_and_grammar_round_trip():
     for route, qs in questions(200):
-        steps = ew.route_steps(route)
-        rev = ew.reverse_steps(steps)
-        assert rev[0] == ('turn', 'around') and ew.reverse_steps(rev) == steps
+        steps = egoworld.route_steps(route)
+        rev = egoworld.reverse_steps(steps)
+        assert rev[0] == ('turn', 'around') and egoworld.reverse_steps(rev) == steps
         assert len([s for s in steps if s[0] == 'go']) >= len(route['lengths'])
-        for s in (steps, rev, ew.moves(steps)):
-            assert ew.text_to_steps(ew.route_to_text(s)) == s
-        assert ew.route_to_text(ew.moves(rev)) == qs['route', 'reverse']['answer']
+        for s in (steps, rev, egoworld.moves(steps)):
+            assert egoworld.text_to_steps(egoworld.route_to_text(s)) == s
+        assert egoworld.route_to_text(egoworld.moves(rev)) == qs['route', 'reverse']['answer']
     for bad in ('go straight past', 'turn back', 'go straightish', 'open the window'):
         with pytest.raises(ValueError, match='bad route step'):
-            ew.text_to_steps(bad)
+            egoworld.text_to_steps(bad)
 
 
 def test_actions_split_walks_in_order():
-    route = dict(headings=[0, 1], lengths=[3, 2], turns=['right'], cells=ew.carve([0, 1], [3, 2]),
+    route = dict(headings=[0, 1], lengths=[3, 2], turns=['right'], cells=egoworld.carve([0, 1], [3, 2]),
                  landmarks=[dict(seg=0, pos=2, side='left', name='white clock'),
                             dict(seg=1, pos=2.5, side='ahead', name='cyan window')],
                  actions=[dict(seg=0, pos=1, action='open the door'), dict(seg=1, pos=1, action='pick up the ball')])
-    steps = ew.route_steps(route)
-    assert ew.route_to_text(steps) == ('go straight, open the door, go straight past the white clock, turn right, '
-                                       'go straight, pick up the ball, go straight past the cyan window.')
-    assert ew.route_to_text(ew.reverse_steps(steps)) == (
+    steps = egoworld.route_steps(route)
+    assert egoworld.route_to_text(steps) == (
+        'go straight, open the door, go straight past the white clock, turn right, '
+        'go straight, pick up the ball, go straight past the cyan window.')
+    assert egoworld.route_to_text(egoworld.reverse_steps(steps)) == (
         'turn around, go straight past the cyan window, put down the ball, go straight, turn left, '
         'go straight past the white clock, close the door, go straight.')
-    assert ew.answer_texts(steps)['route'] == 'go straight past the white clock, turn right, go straight past the cyan window.'
+    assert egoworld.answer_texts(steps)['route'] == ('go straight past the white clock, turn right, '
+                                               'go straight past the cyan window.')
 
 
 def test_mcq_one_correct_distinct_balanced():
@@ -98,7 +100,7 @@ def test_mcq_one_correct_distinct_balanced():
                 continue
             assert len(q['options']) == 4 and len(set(q['options'])) == 4
             assert [o == q['answer_text'] for o in q['options']].count(True) == 1
-            assert q['options'][ew.LETTERS.index(q['answer'])] == q['answer_text']
+            assert q['options'][egoworld.LETTERS.index(q['answer'])] == q['answer_text']
             letters[q['answer']] += 1
     n = sum(letters.values())
     assert set(letters) == set('ABCD') and all(abs(c / n - 0.25) < 0.03 for c in letters.values()), letters
@@ -109,17 +111,18 @@ def _baselines(train, test):
     prior = Counter(q['answer'] for q in train).most_common(1)[0][0]
     freq = Counter(o for q in train for o in q['options'])
     correct = Counter(q['answer_text'] for q in train)
+    often_correct = lambda o: correct[o] / (1 + freq[o])
     same = lambda a, b: sum(x == y for x, y in zip(a.split(', '), b.split(', ')))
 
     def central(q):  # the option agreeing most, step by step, with the others: catches perturbed copies
         return max(range(4), key=lambda i: sum(same(q['options'][i], o) for o in q['options']))
-    rules = {'letter prior': lambda q: ew.LETTERS.index(prior),
+    rules = {'letter prior': lambda q: egoworld.LETTERS.index(prior),
              'longest': lambda q: max(range(4), key=lambda i: len(q['options'][i])),
              'shortest': lambda q: min(range(4), key=lambda i: len(q['options'][i])),
              'most common option': lambda q: max(range(4), key=lambda i: freq[q['options'][i]]),
-             'most often correct': lambda q: max(range(4), key=lambda i: correct[q['options'][i]] / (1 + freq[q['options'][i]])),
+             'most often correct': lambda q: max(range(4), key=lambda i: often_correct(q['options'][i])),
              'central': central}
-    return {name: np.mean([ew.LETTERS[r(q)] == q['answer'] for q in test]) for name, r in rules.items()}
+    return {name: np.mean([egoworld.LETTERS[r(q)] == q['answer'] for q in test]) for name, r in rules.items()}
 
 
 def test_text_only_baselines_at_chance():
@@ -132,70 +135,69 @@ def test_text_only_baselines_at_chance():
         if q['answer_text'].count('turn') < 3 or 'turn around' in q['answer_text']:
             continue
         parts = q['answer_text'].split(', ')
-        flips = [', '.join(p if j != i else ('turn left' if p == 'turn right' else 'turn right') for j, p in enumerate(parts))
-                 for i in range(len(parts))]
+        flip = lambda p: 'turn left' if p == 'turn right' else 'turn right'
+        flips = [', '.join(p if j != i else flip(p) for j, p in enumerate(parts)) for i in range(len(parts))]
         opts = [q['answer_text']] + flips[:3]
         k = len(leaky) % 4
         opts[0], opts[k] = opts[k], opts[0]
-        leaky.append(dict(options=opts, answer=ew.LETTERS[k], answer_text=q['answer_text']))
+        leaky.append(dict(options=opts, answer=egoworld.LETTERS[k], answer_text=q['answer_text']))
     assert len(leaky) > 100 and _baselines(leaky, leaky)['central'] > 0.6
 
 
 def test_cot_states_the_opposite_route():
     (route, qs), = questions(1, seed=3)
     for (task, d), q in qs.items():
-        sol = ew.cot_solution(route, qs, task, d)
+        sol = egoworld.cot_solution(route, qs, task, d)
         o = 'reverse' if d == 'forward' else 'forward'
-        hs = [ew.HEADINGS[h] for h in route['headings']]
+        hs = [egoworld.HEADINGS[h] for h in route['headings']]
         turns = [{'clockwise': 'right', 'anticlockwise': 'left'}[t.split()[-1]]
                  for t in sol.split('Turns: ')[1].split('. ')[0].split(', ')]
         assert sol.startswith('<think>Headings: ' + ', '.join(hs) + '. Turns: ' + hs[0] + ' to ' + hs[1] + ' ')
-        assert turns == route['turns'] == [t for k, t in ew.route_steps(route) if k == 'turn']
-        assert f"Let's start by thinking {o} {ew.STEMS[task, o]} {qs[task, o]['answer_text']} And then think about {ew.STEMS[task, d]} Hence, " in sol
+        assert turns == route['turns'] == [t for k, t in egoworld.route_steps(route) if k == 'turn']
+        assert (f"Let's start by thinking {o} {egoworld.STEMS[task, o]} {qs[task, o]['answer_text']} "
+                f"And then think about {egoworld.STEMS[task, d]} Hence, ") in sol
         assert '[' not in sol and sol.endswith(f"</think> <answer>{q['answer']}</answer>")
-        assert ew.cot_solution(route, qs, task, d, cot=False) == f"<answer>{q['answer']}</answer>"
+        assert egoworld.cot_solution(route, qs, task, d, cot=False) == f"<answer>{q['answer']}</answer>"
 
 
-def test_check_compares_every_option_item_by_item(monkeypatch):
+def test_check_compares_every_option_item_by_item():
     # hand-written: B is the answer; A is shorter, C longer and different
-    assert ew.check_text('turn right, turn left', ['turn right', 'turn right, turn left', 'turn left, turn left, turn right']) == (
+    options = ['turn right', 'turn right, turn left', 'turn left, turn left, turn right']
+    assert egoworld.check_text('turn right, turn left', options) == (
         'A: turn right = turn right, nothing = turn left (no); '
         'B: turn right = turn right, turn left = turn left (yes); '
         'C: turn left = turn right, turn left = turn left, turn right = nothing (no)')
-    monkeypatch.setattr(ew, 'cot_check', True)
     (route, qs), = questions(1, seed=3)
     for (task, d), q in qs.items():
-        sol = ew.cot_solution(route, qs, task, d)
+        sol = egoworld.cot_solution(route, qs, task, d, cot_check=True)
         if task == 'route':
             assert 'Check' not in sol
             continue
         check = sol.split(f"reversing it gives: {q['answer_text']}. Check ")[1].split('. So the correct answer is ')[0]
         verdicts = [line.rsplit('(', 1)[1].rstrip(')') for line in check.split('; ')]
-        assert verdicts == ['yes' if L == q['answer'] else 'no' for L in ew.LETTERS[:len(q['options'])]]
+        assert verdicts == ['yes' if L == q['answer'] else 'no' for L in egoworld.LETTERS[:len(q['options'])]]
         assert sol.endswith(f"So the correct answer is {q['answer']}</think> <answer>{q['answer']}</answer>")
-    monkeypatch.setattr(ew, 'cot_check', False)  # the earlier recipe (README's results): no Check block
-    q = qs['direction', 'forward']
-    assert ew.cot_solution(route, qs, 'direction', 'forward').endswith(
-        f"reversing it gives: {q['answer_text']}, so the correct answer is {q['answer']}</think> <answer>{q['answer']}</answer>")
-    monkeypatch.setattr(ew, 'cot_check', True)
-    monkeypatch.setattr(ew, 'cot_answer_text', False)
+    q = qs['direction', 'forward']   # the earlier recipe (README's results): no Check block
+    assert egoworld.cot_solution(route, qs, 'direction', 'forward', cot_check=False).endswith(
+        f"reversing it gives: {q['answer_text']}, so the correct answer is {q['answer']}"
+        f"</think> <answer>{q['answer']}</answer>")
     with pytest.raises(ValueError, match='cot_check=True needs cot_answer_text'):
-        ew.check_config()
+        egoworld.check_config(cot_check=True, cot_answer_text=False)
 
 
 def _hand_route():
     """North 3 cells (white clock on the left at cell 1, box at cell 2), turn right, east 3 cells."""
-    return dict(headings=[0, 1], lengths=[3, 3], turns=['right'], cells=ew.carve([0, 1], [3, 3]),
+    return dict(headings=[0, 1], lengths=[3, 3], turns=['right'], cells=egoworld.carve([0, 1], [3, 3]),
                 landmarks=[dict(seg=0, pos=1, side='left', name='white clock')],
                 actions=[dict(seg=0, pos=2, action='pick up the box')])
 
 
 def test_renderer_shows_heading_landmark_item_and_turn():
     route = _hand_route()
-    world = ew.build_world(route)
+    world = egoworld.build_world(route)
     times = [0.0, 0.5, 1.2, 2.8, 3.5, 4.0, 5.5]     # start, walking x2, box taken, mid-turn, east x2
-    img = ew.render(route, np.array(times), 56, 'default', world).astype(int)
-    red, green, white, box = map(np.array, ([200, 40, 40], [40, 170, 60], [235, 235, 235], ew.ITEMS['box']))
+    img = egoworld.render(route, np.array(times), 56, 'default', world).astype(int)
+    red, green, white, box = map(np.array, ([200, 40, 40], [40, 170, 60], [235, 235, 235], egoworld.ITEMS['box']))
     near = lambda px, c, tol=60: np.abs(px - c).max(-1) < tol
     centre = lambda f: img[f, 26:30, 26:30].reshape(-1, 3).mean(0)
     assert near(centre(0) / centre(0).max() * 200, red, 80)          # heading north: the far wall is red
@@ -212,16 +214,16 @@ def test_renderer_shows_heading_landmark_item_and_turn():
 
 def test_key_frames_cover_every_segment():
     for route, _ in questions(100) + questions(30, 2, (5, 5)):
-        world = ew.build_world(route)
-        t = ew.clip_times(route, world, 32, 16)
+        world = egoworld.build_world(route)
+        t = egoworld.clip_times(route, world, 32, 16)
         keys = t[np.round(np.linspace(0, 31, 16)).astype(int)]
-        assert np.array_equal(keys, ew.key_times(route, world, 16))
+        assert np.array_equal(keys, egoworld.key_times(route, world, 16))
         for s, T in enumerate(world['T'][:-1]):
             assert ((keys >= T) & (keys <= T + route['lengths'][s])).any()
             if s < len(route['lengths']) - 1:   # a mid-turn view of every turn
                 assert ((keys > T + route['lengths'][s]) & (keys < world['T'][s + 1])).any()
     with pytest.raises(ValueError, match='key_frames=4'):
-        ew.key_times(questions(1, 0, (5, 5))[0][0], ew.build_world(questions(1, 0, (5, 5))[0][0]), 4)
+        egoworld.key_times(questions(1, 0, (5, 5))[0][0], egoworld.build_world(questions(1, 0, (5, 5))[0][0]), 4)
 
 
 def _generate(out, seed=0, n=(3, 2, 2)):
@@ -252,22 +254,25 @@ def test_cli_output_is_deterministic_and_readable(tmp_path):
     routes = {json.loads(l)['id']: json.loads(l) for l in (a / 'ood' / 'routes.jsonl').read_text().splitlines()}
     assert all(len(r['lengths']) == 5 and r['theme'] == 'dusk' for r in routes.values())
     bench = data.read_benchmark(str(a / 'ood'))
-    assert Counter((s.task, s.direction) for s in bench) == Counter({(t, d): 2 for t in ew.TASKS for d in ('forward', 'reverse')})
+    want = Counter({(t, d): 2 for t in egoworld.TASKS for d in ('forward', 'reverse')})
+    assert Counter((s.task, s.direction) for s in bench) == want
     by_key = {(s.id.split('#')[1], s.task, s.direction): s for s in bench}
     for s in bench:
-        assert s.answer_text == expected(routes[s.id.split('#')[1]])[s.task, s.direction]
-        assert s.opposite == expected(routes[s.id.split('#')[1]])[s.task, 'reverse' if s.direction == 'forward' else 'forward']
+        truth = expected(routes[s.id.split('#')[1]])
+        assert s.answer_text == truth[s.task, s.direction]
+        assert s.opposite == truth[s.task, 'reverse' if s.direction == 'forward' else 'forward']
+    fields = lambda x: (x.video, x.question, x.options, x.answer, x.opposite)
     for name in ('st_r1_cot.jsonl', 'st_r1_nocot.jsonl'):
         items = data.read_st_r1_jsonl(str(a / 'ood' / name))
         assert len(items) == 16
         for s in items:
             t = by_key[os.path.basename(s.video)[:-4], s.task, s.direction]
-            assert (s.video, s.question, s.options, s.answer, s.opposite) == (t.video, t.question, t.options, t.answer, t.opposite)
+            assert fields(s) == fields(t)
     # frames on disk are the rendered ones, up to H.264 loss
     sid = sorted(routes)[0]
     r = routes[sid]
-    world = ew.build_world(r)
-    want = ew.render(r, ew.clip_times(r, world, 16, 16), 56, 'dusk', world).astype(int)
+    world = egoworld.build_world(r)
+    want = egoworld.render(r, egoworld.clip_times(r, world, 16, 16), 56, 'dusk', world).astype(int)
     got = data.load_frames(str(a / 'ood' / 'part1' / f'{sid}.mp4'), 16).astype(int)
     assert np.abs(got - want).mean() < 6
 
@@ -279,25 +284,25 @@ def test_cli_refuses_to_overwrite(tmp_path):
     assert b'already holds a split' in e.value.stderr
 
 
-def test_tiny_model_runs_on_egoworld(tmp_path, monkeypatch):
+def test_tiny_model_runs_on_egoworld(tmp_path):
     torch = pytest.importorskip('torch')
     data = pytest.importorskip('data')
     model = pytest.importorskip('model')
-    monkeypatch.setattr(ew, 'tiny_corpus', 30)
-    m, tok = ew.make_tiny_model(str(tmp_path / 'tiny'))
+    m, tok = egoworld.make_tiny_model(str(tmp_path / 'tiny'), tiny_corpus=30)
     n = sum(p.numel() for p in m.parameters())
     assert 1.5e6 < n < 5e6 and m.config.vocab_size == tok.vocab_size
     for t in data.SPECIAL_TOKENS:
         assert tok.tk.token_to_id(t) is not None
     loaded = model.Qwen2VL.from_pretrained(str(tmp_path / 'tiny'))
     route, qs = questions(1, seed=4)[0]
-    world = ew.build_world(route)
-    ew.write_mp4(str(tmp_path / 'v.mp4'), ew.render(route, ew.clip_times(route, world, 16, 16), 56, 'default', world))
+    world = egoworld.build_world(route)
+    clip = egoworld.render(route, egoworld.clip_times(route, world, 16, 16), 56, 'default', world)
+    egoworld.write_mp4(str(tmp_path / 'v.mp4'), clip)
     q = qs['direction', 'reverse']
     s = data.Sample(id='x', video=str(tmp_path / 'v.mp4'), task='direction', direction='reverse',
                     question=q['question'], options=q['options'], answer=q['answer'])
     settings = data.VisionSettings(nframes=16, min_pixels=56 * 56, max_pixels=56 * 56)
-    enc = data.encode(s, tok, settings, ew.cot_solution(route, qs, 'direction', 'reverse'), loaded.config)
+    enc = data.encode(s, tok, settings, egoworld.cot_solution(route, qs, 'direction', 'reverse'), loaded.config)
     assert enc['grid_thw'].tolist() == [[8, 4, 4]]                   # 56 px frames reach the model unresized
     assert (enc['input_ids'] == tok.video_pad_id).sum() == 32
     assert tok.decode(enc['input_ids'][enc['labels'] >= 0]).startswith('<think>Headings:')
@@ -309,6 +314,7 @@ def test_tiny_model_runs_on_egoworld(tmp_path, monkeypatch):
     assert abs(loss.item() - np.log(tok.vocab_size)) < 1.0           # near-uniform start
     # the tiny model's init (egoworld.tiny_init_std): untied input embeddings at std 1, weights at 0.06
     assert not loaded.config.tie_word_embeddings and loaded.lm_head is not None
-    assert abs(loaded.embed_tokens.weight.std().item() - ew.tiny_embed_std) < 0.05 * ew.tiny_embed_std
+    assert abs(loaded.embed_tokens.weight.std().item() - egoworld.tiny_embed_std) < 0.05 * egoworld.tiny_embed_std
     for name in ('layers.0.self_attn.q_proj.weight', 'layers.3.mlp.down_proj.weight', 'lm_head.weight'):
-        assert abs(dict(loaded.named_parameters())[name].std().item() - ew.tiny_init_std) < 0.1 * ew.tiny_init_std
+        std = dict(loaded.named_parameters())[name].std().item()
+        assert abs(std - egoworld.tiny_init_std) < 0.1 * egoworld.tiny_init_std

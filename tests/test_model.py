@@ -34,7 +34,8 @@ def hf_random(cfg, seed=0):
     with torch.no_grad():
         for name, p in hf.named_parameters():
             is_norm = p.ndim == 1 and ('norm' in name or 'ln_q' in name)
-            p.copy_(1 + 0.2 * torch.rand(p.shape, generator=g) - 0.1 if is_norm else 0.1 * torch.randn(p.shape, generator=g))
+            p.copy_(1 + 0.2 * torch.rand(p.shape, generator=g) - 0.1 if is_norm
+                    else 0.1 * torch.randn(p.shape, generator=g))
     return hf
 
 
@@ -66,7 +67,8 @@ def make_seq(parts, seed):
 def hf_forward(hf, s, pos):
     kw, sizes = {}, s['grid'].prod(-1).tolist()
     chunks = s['pixels'].split(sizes) if sizes else []
-    for kind, pv, gk in (('image', 'pixel_values', 'image_grid_thw'), ('video', 'pixel_values_videos', 'video_grid_thw')):
+    for kind, pv, gk in (('image', 'pixel_values', 'image_grid_thw'),
+                         ('video', 'pixel_values_videos', 'video_grid_thw')):
         sel = [i for i, k in enumerate(s['kinds']) if k == kind]
         if sel:
             kw[pv], kw[gk] = torch.cat([chunks[i] for i in sel]), s['grid'][sel]
@@ -160,7 +162,8 @@ def test_rope_positions_match_transformers_where_rules_agree(pair):
     s = make_seq([2, ('image', (1, 4, 6)), 3, ('video', (3, 4, 6)), 2], seed=1)  # t <= max(h, w) / 2
     tt = torch.zeros_like(s['ids'])
     tt[s['ids'] == IMG], tt[s['ids'] == VID] = 1, 2
-    ref, _ = hf.model.get_rope_index(s['ids'][None], tt[None], image_grid_thw=s['grid'][:1], video_grid_thw=s['grid'][1:])
+    ref, _ = hf.model.get_rope_index(s['ids'][None], tt[None], image_grid_thw=s['grid'][:1],
+                                     video_grid_thw=s['grid'][1:])
     pos, nxt = rope_positions(s['ids'], s['grid'], ModelConfig(**TINY))
     assert torch.equal(pos, ref[:, 0]) and nxt == int(pos.max()) + 1
 
@@ -210,7 +213,8 @@ def extended(model, s, new):
     pos = torch.cat([pos, torch.arange(nxt, nxt + len(new)).expand(3, -1)], 1)
     ids = torch.cat([s['ids'], torch.as_tensor(new, dtype=torch.long)])
     with torch.no_grad():
-        return model(ids, pos, torch.tensor([0, len(ids)], dtype=torch.int32), s['pixels'], s['grid'] if len(s['grid']) else None)
+        return model(ids, pos, torch.tensor([0, len(ids)], dtype=torch.int32), s['pixels'],
+                     s['grid'] if len(s['grid']) else None)
 
 
 def pack_prompts(model, seqs):
@@ -244,7 +248,8 @@ def test_greedy_generate_matches_transformers(pair):
     for s, row in zip(seqs, tokens):
         kw = {}
         if s['pixels'] is not None:
-            kw = dict(pixel_values_videos=s['pixels'], video_grid_thw=s['grid'], mm_token_type_ids=(s['ids'] == VID).long()[None] * 2)
+            kw = dict(pixel_values_videos=s['pixels'], video_grid_thw=s['grid'],
+                      mm_token_type_ids=(s['ids'] == VID).long()[None] * 2)
         ref = hf.generate(input_ids=s['ids'][None], attention_mask=torch.ones(1, len(s['ids']), dtype=torch.long),
                           max_new_tokens=20, do_sample=False, **kw)[0, len(s['ids']):]
         assert torch.equal(row, ref) and len(set(ref.tolist())) > 3
@@ -256,8 +261,10 @@ def test_sampling_logprobs_stops_and_filters(pair):
     _, ours, _ = pair
     seqs = [make_seq(TEXT, 5), make_seq(VIDEO, 6)]
     stop = list(range(0, 160, 9)) + list(range(150, 160))  # many stops so some rows end early
-    kw = dict(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, stop_tokens=stop, num_samples=3, pad_token_id=159)
-    tokens, logprobs, lengths = ours.generate(*pack_prompts(ours, seqs), generator=torch.Generator().manual_seed(0), **kw)
+    kw = dict(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, stop_tokens=stop, num_samples=3,
+              pad_token_id=159)
+    tokens, logprobs, lengths = ours.generate(*pack_prompts(ours, seqs), generator=torch.Generator().manual_seed(0),
+                                              **kw)
     again = ours.generate(*pack_prompts(ours, seqs), generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(tokens, again[0]) and tokens.shape[0] == 6
     assert (lengths < 12).any() and (lengths > 1).any()
@@ -288,12 +295,14 @@ def test_sharded_save_loads_in_both(pair, tmp_path):
     ours.save_pretrained(tmp_path, max_shard_size=100_000)
     index = json.loads((tmp_path / 'model.safetensors.index.json').read_text())
     files = sorted(set(index['weight_map'].values()))
-    assert len(files) > 2 and not (tmp_path / 'model.safetensors').exists() and files[0].endswith('-of-%05d.safetensors' % len(files))
+    assert (len(files) > 2 and not (tmp_path / 'model.safetensors').exists()
+            and files[0].endswith('-of-%05d.safetensors' % len(files)))
     s = make_seq(IMAGE_VIDEO, 2)
     (ref,), (pos,) = ours_forward(ours, [s])
     (out,), _ = ours_forward(Qwen2VL.from_pretrained(tmp_path), [s])
     assert torch.equal(out, ref)
-    assert (hf_forward(Qwen2VLForConditionalGeneration.from_pretrained(tmp_path).eval(), s, pos) - ref).abs().max() < TOL
+    assert (hf_forward(Qwen2VLForConditionalGeneration.from_pretrained(tmp_path).eval(), s, pos)
+            - ref).abs().max() < TOL
 
 
 def test_strict_key_map(pair, tmp_path):
@@ -334,7 +343,8 @@ def test_tied_embeddings_round_trip(tmp_path):
 def test_meta_construction_dtype_and_device(pair, monkeypatch):
     _, ours, d = pair
     built_on = []
-    monkeypatch.setattr(Qwen2VL, '_init_weights', staticmethod(lambda m: built_on.extend(p.device.type for p in m.parameters(recurse=False))))
+    monkeypatch.setattr(Qwen2VL, '_init_weights',
+                        staticmethod(lambda m: built_on.extend(p.device.type for p in m.parameters(recurse=False))))
     model = Qwen2VL.from_pretrained(d, dtype=torch.bfloat16, device='cpu')
     assert set(built_on) == {'meta'}  # no throwaway random init of a 7B
     assert all(p.dtype == torch.bfloat16 and p.device.type == 'cpu' for p in model.parameters())

@@ -154,8 +154,10 @@ def test_parse_route_phrasings(text, steps):
 
 @pytest.mark.parametrize('stem', [
     "Let's start by thinking forward what directions do you need to go through to get to your destination?",
-    "And then think about what directions do you need to go through to get to starting point ? Hence, the correct answer is A",
-    "Let's start by thinking reverse which landmarks (objects or scenery changes) did you pass by to return to the starting point?",
+    ("And then think about what directions do you need to go through to get to starting point ? "
+     "Hence, the correct answer is A"),
+    ("Let's start by thinking reverse which landmarks (objects or scenery changes) did you pass by "
+     "to return to the starting point?"),
     "which landmarks (objects or scenery changes) did you pass by to reach your destination?",
     "which actions did you perform to return to the starting point?",
     "Please take a egocentric view to understand the following questions. Based on this video,",

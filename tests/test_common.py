@@ -1,0 +1,122 @@
+"""common.py, the plumbing sft.py and grpo.py share: LoRA merges without changing logits, the
+training state round-trips (trainable tensors, AdamW state, RNG), the lr schedule by hand, the atomic
+writer never leaves a half-written file, start_run refuses to clobber a run and trims a killed run's
+metrics on resume. Tolerances: logits 1e-4 (fp32)."""
+import json
+import os
+
+import pytest
+import torch
+
+import common
+import data
+from conftest import make_tiny_world
+from model import Qwen2VL
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp('common')
+    make_tiny_world(d, 'train', 0, 1)
+    return d
+
+
+def packed_example(world, tok, cfg, n=2):
+    samples = data.read_samples(str(world / 'train' / 'st_r1_cot.jsonl'))[:n]
+    st = data.VisionSettings(nframes=16, min_pixels=56 * 56, max_pixels=56 * 56)
+    return data.pack([data.encode(s, tok, st, s.solution, cfg) for s in samples])
+
+
+def test_lora_merge_keeps_logits(world, tmp_path):
+    tok = data.Tokenizer(str(world / 'tiny'))
+    model = Qwen2VL.from_pretrained(str(world / 'tiny')).eval()
+    names = common.apply_lora(model, rank=4, alpha=8, dropout=0.1, targets='q_proj,k_proj,v_proj,o_proj')
+    assert len(names) == 4 * model.config.num_hidden_layers and not any(n.startswith('visual') for n in names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f'{n}.lora_{x}' for n in names for x in 'AB'}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if 'lora_B' in n:
+                p.normal_(0, 0.5)  # a trained adapter, so merging has something to add
+    b = packed_example(world, tok, model.config)
+    fwd = lambda m: m(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'])
+    with torch.no_grad():
+        before = fwd(model)
+        base = Qwen2VL.from_pretrained(str(world / 'tiny')).eval()
+        assert (fwd(base) - before).abs().max() > 1e-2  # the adapter changes the output
+        common.save_model(str(tmp_path), model, str(world / 'tiny'))
+        reloaded = Qwen2VL.from_pretrained(str(tmp_path)).eval()
+        assert (fwd(reloaded) - before).abs().max() < 1e-4
+        scalings = {n: model.get_submodule(n).scaling for n in names}
+        merged_sd = common.merge_lora_weights(model.state_dict(), scalings)
+        assert not any('lora' in k for k in merged_sd)
+        base.load_state_dict(merged_sd, strict=True)
+        assert (fwd(base) - before).abs().max() < 1e-4
+    with pytest.raises(ValueError, match='no nn.Linear named'):
+        common.apply_lora(base, 4, 8, targets='query')
+
+
+def test_training_state_round_trip(world, tmp_path):
+    """save_checkpoint -> load_training_state restores trainable tensors, AdamW state and RNG."""
+    model = Qwen2VL.from_pretrained(str(world / 'tiny'))
+    common.apply_lora(model, 2, 4, dropout=0.1)
+    opt = common.make_optimizer(model, 1e-2)
+    for _ in range(2):
+        sum(p.float().pow(2).sum() for p in model.parameters() if p.requires_grad).backward()
+        opt.step()
+    common.save_checkpoint(str(tmp_path), model, str(world / 'tiny'), opt, dict(step=2, epoch=0, step_in_epoch=2),
+                           dict(lr=1e-2), vision_settings=None)
+    draws = torch.rand(5)
+    again = Qwen2VL.from_pretrained(str(world / 'tiny'))
+    common.apply_lora(again, 2, 4, dropout=0.1)
+    opt2 = common.make_optimizer(again, 1e-2)
+    state = common.load_training_state(str(tmp_path), again, opt2)
+    assert state['step'] == 2 and torch.equal(torch.rand(5), draws)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1['param_groups'] == s2['param_groups']
+    assert all(torch.equal(s1['state'][i][k], s2['state'][i][k]) for i in s1['state'] for k in s1['state'][i])
+    bad = Qwen2VL.from_pretrained(str(world / 'tiny'))
+    common.apply_lora(bad, 2, 4, targets='q_proj')
+    with pytest.raises(ValueError, match='do not match the trainable parameters'):
+        common.load_training_state(str(tmp_path), bad, common.make_optimizer(bad, 1e-2))
+
+
+def test_schedule():
+    lrs = [common.lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11) and lrs[10] == 1.0
+    assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_atomic_path_publishes_whole_files_only(tmp_path):
+    """The target appears only when the block finishes; a failure inside it leaves the old file and
+    no temporary behind. The temporary keeps the extension (PyAV picks a format by it)."""
+    path = tmp_path / 'clip.mp4'
+    path.write_text('old')
+    with common.atomic_path(str(path)) as tmp:
+        assert tmp.endswith('.mp4') and tmp != str(path)
+        open(tmp, 'w').write('new')
+        assert path.read_text() == 'old'
+    assert path.read_text() == 'new'
+    with pytest.raises(RuntimeError):
+        with common.atomic_path(str(path)) as tmp:
+            open(tmp, 'w').write('half')
+            raise RuntimeError('killed mid-write')
+    assert path.read_text() == 'new' and os.listdir(tmp_path) == ['clip.mp4']
+
+
+def test_start_run_refuses_to_clobber_and_trims_on_resume(world, tmp_path):
+    model = Qwen2VL.from_pretrained(str(world / 'tiny'))
+    opt = common.make_optimizer(model, 1e-2)
+    out = tmp_path / 'run'
+    assert common.start_run(str(out), False, model, opt, dict(lr=1e-2)) is None
+    for step in range(5):  # a run that logged 5 steps and was killed after saving step 3
+        common.log_metrics(str(out / 'metrics.jsonl'), dict(step=step))
+    common.save_checkpoint(str(out), model, str(world / 'tiny'), opt, dict(step=3), dict(lr=1e-2))
+    with pytest.raises(FileExistsError, match='--resume=True'):
+        common.start_run(str(out), False, model, opt, dict(lr=1e-2))
+    assert common.start_run(str(out), True, model, opt, dict(lr=1e-2))['step'] == 3
+    assert [json.loads(line)['step'] for line in open(out / 'metrics.jsonl')] == [0, 1, 2]
