@@ -45,6 +45,8 @@ directions = 'forward,reverse'
 parts = ''                # '' = all; '1,3' keeps samples from Part1_*/Part3_* files (OOD = held-out parts)
 limit = 0                 # >0: the first N samples after filtering (smoke runs)
 out_dir = ''              # '' -> out/bench/<ckpt name>_<data name>
+paired_with = ''          # another run's out_dir on the same questions (e.g. the SFT checkpoint's): MCQ answers
+                          # that flip between the two runs, and McNemar's z of the difference
 # preprocessing, data.VisionSettings. 0 = what the checkpoint was trained with (its
 # vision_settings.json, written by sft.py/grpo.py); else EgoWorld's clips (16 frames of 56x56)
 # for the EgoWorld default; else the paper's evaluation setting (8 frames, [128*28^2, 360*420] px)
@@ -298,11 +300,12 @@ def _record(s, raw, err, judge):
 
 
 def evaluate(samples, answer_fn, out_dir, settings, prepare=None, batch_size=8, num_workers=0,
-             judge=None, reader_errors=(), rank=0, world_size=1, progress=True):
+             judge=None, reader_errors=(), rank=0, world_size=1, progress=True, paired_with=''):
     """Answer and score every sample not yet in out_dir/predictions.jsonl; rank 0 merges and writes
     results.json and results.md. answer_fn(samples, inputs) -> raw output strings; prepare(sample)
     -> inputs, run in DataLoader workers (raising marks the sample bad); judge(prediction,
-    reference) -> dict with 'score' and 'error', for route samples. Returns the summary on rank 0."""
+    reference) -> dict with 'score' and 'error', for route samples; paired_with: another run's out_dir to
+    compare MCQ answers with (mcnemar). Returns the summary on rank 0."""
     os.makedirs(out_dir, exist_ok=True)
     ids = [s.id for s in samples]
     read_predictions(out_dir, settings)  # every rank validates first, so a mismatch fails on all alike
@@ -339,12 +342,34 @@ def evaluate(samples, answer_fn, out_dir, settings, prepare=None, batch_size=8, 
     bad = [b for b in bad if b['id'] not in done]
     summary = summarize([done[k] for k in ids if k in done], bad, reader_errors, judged=judge is not None)
     summary['settings'] = settings
+    if paired_with:
+        summary['paired'] = dict(mcnemar(done, read_records(paired_with)), with_=paired_with)
     write_text(os.path.join(out_dir, 'results.json'), json.dumps(summary, indent=1) + '\n')
     write_text(os.path.join(out_dir, 'results.md'), markdown(summary))
     return summary
 
 
 # ----------------------------------------------------------------------------- the table
+
+def read_records(out_dir):
+    """{id: record} of a finished run's predictions.jsonl, whatever its settings (for comparisons)."""
+    path = os.path.join(out_dir, 'predictions.jsonl')
+    if not os.path.exists(path):
+        raise DataError(f'{path}: no predictions to pair with (run bench.py on that checkpoint first)')
+    return {rec['id']: rec for _, rec in read_jsonl_log(path)[0] if not rec.get('bad')}
+
+
+def mcnemar(records, baseline):
+    """Paired comparison of two runs on the MCQ questions both answered: the questions that flip
+    (wrong_to_right: right here and wrong in the baseline, right_to_wrong: the other way) and McNemar's
+    z = (wrong_to_right - right_to_wrong) / sqrt(their sum), ~N(0, 1) when the two are equally good."""
+    ids = [k for k, r in records.items() if r['task'] in MCQ_TASKS and k in baseline]
+    up = sum(records[k]['correct'] and not baseline[k]['correct'] for k in ids)
+    down = sum(baseline[k]['correct'] and not records[k]['correct'] for k in ids)
+    acc = lambda recs: 100 * _mean(recs[k]['correct'] for k in ids)
+    return dict(n=len(ids), accuracy=acc(records), baseline_accuracy=acc(baseline), wrong_to_right=up,
+                right_to_wrong=down, z=(up - down) / math.sqrt(up + down) if up + down else 0.0)
+
 
 def _mean(xs):
     xs = [x for x in xs if x == x]  # a row whose every sample was bad has no score (NaN): left out
@@ -406,6 +431,11 @@ def markdown(s):
     vals = list(s['categories'].values()) + [s['forward'], s['reverse'], s['overall']]
     out += ['', '| ' + ' | '.join(heads) + ' |', '|' + '---|' * len(heads), '| ' + ' | '.join(map(_f, vals)) + ' |',
             '', f"evaluated {s['evaluated']}, bad {s['bad']} (listed in results.json)"]
+    if 'paired' in s:
+        p = s['paired']
+        out += ['', f"paired with {p['with_']} on {p['n']} MCQs: {_f(p['baseline_accuracy'])} -> "
+                    f"{_f(p['accuracy'])}; {p['wrong_to_right']} wrong -> right, {p['right_to_wrong']} right -> wrong, "
+                    f"McNemar z = {p['z']:+.2f}"]
     return '\n'.join(out) + '\n'
 
 
@@ -550,7 +580,7 @@ def main(argv=None):
             prepare = functools.partial(prepare_sample, tok, vs, model.config)
             summary = evaluate(samples, answer_fn, out, settings, prepare=prepare,
                                batch_size=batch_size, num_workers=num_workers, judge=judge, reader_errors=errors,
-                               rank=rank, world_size=world)
+                               rank=rank, world_size=world, paired_with=paired_with)
     except DataError as e:  # an unusable predictions file: say which line and why, no traceback
         raise SystemExit(f"bench: {e}")
     if rank == 0:

@@ -143,10 +143,13 @@ def target_positions(labels):
 
 def target_logits(model, batch, device):
     """(logits at the target positions of a packed batch, the target ids). Only there: the full
-    (T, vocab) fp32 logits of a long video batch would be gigabytes."""
+    (T, vocab) fp32 logits of a long video batch would be gigabytes. The targets are the labels (data.pack),
+    or given as target_rows / targets (grpo.group_batch, where one prompt row predicts G first tokens)."""
     pv = batch['pixel_values'].to(device) if batch['pixel_values'] is not None else None
     h = model(batch['input_ids'].to(device), batch['position_ids'].to(device), batch['cu_seqlens'].to(device),
-              pv, batch['grid_thw'], return_hidden=True)
+              pv, batch['grid_thw'], return_hidden=True, parents=batch.get('parents'))
+    if 'targets' in batch:
+        return model.logits(h[batch['target_rows'].to(device)]), batch['targets'].to(device)
     pos = target_positions(batch['labels']).to(device)
     return model.logits(h[pos]), batch['labels'][1:].to(device)[pos]
 

@@ -59,8 +59,9 @@ def nice_ticks(lo, hi, n=4):
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def draw_panel(img, x0, y0, title, curves):
-    """curves: [(name, colour, [(step, value)])] into the panel whose top-left corner is (x0, y0)."""
+def draw_panel(img, x0, y0, title, curves, window=1 / 30):
+    """curves: [(name, colour, [(step, value)])] into the panel whose top-left corner is (x0, y0); the
+    moving average spans `window` of each run."""
     d = ImageDraw.Draw(img)
     d.text((x0 + PAD, y0 + 6), title, fill=(0, 0, 0))
     pts = [p for _, _, s in curves for p in s]
@@ -84,7 +85,7 @@ def draw_panel(img, x0, y0, title, curves):
     for i, (name, colour, s) in enumerate(curves):
         steps, vals = [p[0] for p in s], [p[1] for p in s]
         faint = tuple(int(c + (255 - c) * 0.7) for c in colour)
-        smooth = ema(vals, alpha=2 / (max(3, len(vals) / 30) + 1))   # a window of 1/30 of the run
+        smooth = ema(vals, alpha=2 / (max(3, len(vals) * window) + 1))
         for v, col, width in ((vals, faint, 1), (smooth, colour, 2)):
             line = [(X(a), Y(b)) for a, b in zip(steps, v)]
             if len(line) == 1:
@@ -99,7 +100,10 @@ def plot(runs, out, names=None):
     """One PNG with a panel per metric; every run overlaid in its own colour."""
     logs = [read_metrics(r) for r in runs]
     names = names or [os.path.basename(os.path.normpath(r)) for r in runs]
-    keys = GRPO_KEYS if any('reward/total' in row for rows in logs for row in rows[:1]) else SFT_KEYS
+    grpo = any('reward/total' in row for rows in logs for row in rows[:1])
+    keys = GRPO_KEYS if grpo else SFT_KEYS
+    # a GRPO step's rewards are a mean over a few prompts, noisy: a wider window than SFT's loss needs
+    window = 1 / 8 if grpo else 1 / 30
     cols = 2 if len(keys) > 1 else 1
     nrows = math.ceil(len(keys) / cols)
     img = Image.new('RGB', (cols * W, nrows * H + 24), 'white')
@@ -107,7 +111,7 @@ def plot(runs, out, names=None):
     ImageDraw.Draw(img).text((8, 6), title, fill=(0, 0, 0))
     for k, key in enumerate(keys):
         curves = [(n, COLOURS[i % len(COLOURS)], series(rows, key)) for i, (n, rows) in enumerate(zip(names, logs))]
-        draw_panel(img, (k % cols) * W, 24 + (k // cols) * H, key, curves)
+        draw_panel(img, (k % cols) * W, 24 + (k // cols) * H, key, curves, window)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     img.save(out)
     return img

@@ -382,8 +382,8 @@ def cot_target(sample):
         raise DataError(f'{sample.source} ({sample.id}): no solution and no opposite-direction question to '
                         f'write the reverse-thinking CoT from; train it with --cot=False')
     conclusion = f'the correct answer is {sample.answer}' if sample.options else 'reversing it gives the route.'
-    return cot_text(sample.direction, sample.opposite_question, sample.opposite, sample.question, conclusion,
-                    sample.answer)
+    other = 'reverse' if sample.direction == 'forward' else 'forward'
+    return cot_text(other, sample.opposite_question, sample.opposite, sample.question, conclusion, sample.answer)
 
 def parse_st_r1_item(d, where, base_dir, video_root=None):
     """One ST-R1 JSONL object -> Sample. Optional 'task'/'direction' fields override the stem."""
@@ -405,8 +405,6 @@ def parse_st_r1_item(d, where, base_dir, video_root=None):
     task, direction = d.get('task', task), d.get('direction', direction)
     if task not in ('route', 'direction', 'landmark', 'action') or direction not in ('forward', 'reverse'):
         raise DataError(f'{where}: cannot tell task/direction (got {task}/{direction}) from question {stem!r}')
-    if cot and cot.group(1) == direction:
-        raise DataError(f'{where}: the CoT starts by thinking {cot.group(1)} but the question is {direction}')
     answer = str(d['original_answer']).strip()
     if task == 'route':
         answer = answer_text = clean_listish(d['original_answer'])
@@ -422,9 +420,11 @@ def parse_st_r1_item(d, where, base_dir, video_root=None):
             raise DataError(f'{where}: solution answers {got.group(1) if got else None!r}, '
                             f'original_answer is {answer!r}')
     opposite = None
-    if cot:  # the CoT states the opposite direction's ground truth first; clean the list repr
-        opposite = clean_listish(cot.group(3))
-        sol = sol[:cot.end(2)] + ' ' + opposite + ' ' + sol[cot.start(4) - len('And then think about '):]
+    if cot:  # the CoT states a ground truth first (cleaned of the release's list repr) ...
+        stated = clean_listish(cot.group(3))
+        sol = sol[:cot.end(2)] + ' ' + stated + ' ' + sol[cot.start(4) - len('And then think about '):]
+        if cot.group(1) != direction:  # ... the opposite direction's, in reverse thinking (a forward-only
+            opposite = stated           # thought states the question's own; pair_opposites fills it then)
     video = str(d['video'])
     video = os.path.join(video_root, os.path.basename(video)) if video_root else os.path.join(base_dir, video)
     return Sample(id=where.rsplit('/', 1)[-1], video=video, task=task, direction=direction,

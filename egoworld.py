@@ -33,11 +33,12 @@ from reward import LETTERS, TASKS, cot_text
 
 # -----------------------------------------------------------------------------
 # data set size and layout
-out = 'data_egoworld'   # output root; splits go to out/train, out/test, out/ood
+out = 'data_egoworld'   # output root; splits go to out/train, out/test, out/ood, out/ood_theme
 seed = 0
 n_train = 2000          # videos; each gives 8 questions (route, direction, landmark, action x fwd/rev)
 n_test = 200
-n_ood = 200
+n_ood = 200             # the harder OOD split: ood_segments-long routes in ood_theme
+n_ood_theme = 200       # the paper-like OOD split (a held-out domain): the training route lengths in ood_theme
 workers = 2             # processes rendering and encoding videos (this machine has 2 cores)
 generate = None         # None: generate unless only --contact_sheet / --make_model was asked for
 # video: 56 px = 4x4 Qwen2-VL patches of 14 -> 2x2 merged tokens per temporal pair of frames
@@ -47,8 +48,8 @@ key_frames = 16         # frames the model samples (data.py nframes); planned vi
 fps = 8
 # routes
 segments = (2, 4)       # straight segments per route in train/test
-ood_segments = (5, 5)   # the OOD split: longer routes ...
-ood_theme = 'dusk'      # ... in an unseen floor/ceiling/lighting theme
+ood_segments = (5, 5)   # the ood split: longer routes than any in training ...
+ood_theme = 'dusk'      # ... and, in both OOD splits, an unseen floor/ceiling/lighting theme
 seg_len = (2, 4)        # cells per segment
 n_options = 4
 # chain of thought
@@ -56,6 +57,8 @@ cot_perception = True   # prefix "Headings: ..." (the probe: routes are learnabl
 cot_turns = True        # then "Turns: east to south clockwise, ...": each turn beside the two headings
                         # it comes from, so deriving left/right is a local lookup (see README's diagnosis)
 cot_answer_text = True  # state the question's own answer text before the letter
+cot_reverse = True      # state the opposite direction's route and reverse it (the paper's reverse thinking);
+                        # False: the forward-only ablation, the same template stating the question's own route
 cot_check = True        # then compare it with every option item by item: "Check A: turn left = turn right,
                         # nothing = turn left (no); B: ... (yes). So" (needs cot_answer_text). Without it the
                         # letter stays at chance even after 3,000 SFT steps (README, "what was measured")
@@ -512,7 +515,7 @@ def write_mp4(path, clip, fps=8):
 # data set files
 
 def cot_solution(route, qs, task, d, cot=True, cot_perception=True, cot_turns=True, cot_answer_text=True,
-                 cot_check=True):
+                 cot_check=True, cot_reverse=True):
     """The ST-R1 target of one question. No CoT: "<answer>X</answer>" (X: the letter, or a route question's
     text). CoT: the paper's reverse-thinking template (reward.cot_text), cleaned of Python list reprs, with up to
     four additions of ours (the cot_* settings say why). A forward MCQ with all four:
@@ -526,8 +529,10 @@ def cot_solution(route, qs, task, d, cot=True, cot_perception=True, cot_turns=Tr
     "Headings" (cot_perception): each segment's compass heading. "Turns" (cot_turns): each turn beside the two
     headings it comes from. "reversing it gives: ..." (cot_answer_text): the derived answer's text. "Check"
     (cot_check): every option beside it, item by item (check_text). A reverse question thinks "forward" first;
-    a route question ends "Hence, reversing it gives the route.</think> <answer>{route text}</answer>". data.py's
-    CoT pattern reads the opposite ground truth back exactly."""
+    a route question ends "Hence, reversing it gives the route.</think> <answer>{route text}</answer>".
+    reward.COT reads the opposite ground truth back exactly. cot_reverse=False is the forward-only ablation:
+    the same template stating the question's own route ("thinking forward" for a forward question, "Hence, it
+    gives: ...")."""
     q = qs[task, d]
     answer = q['answer']
     if not cot:
@@ -538,13 +543,15 @@ def cot_solution(route, qs, task, d, cot=True, cot_perception=True, cot_turns=Tr
     if cot_turns:  # no left/right words: reward.py would read them as part of the stated route
         head += 'Turns: ' + ', '.join(f"{a} to {b} {'clockwise' if t == 'right' else 'anticlockwise'}"
                                       for a, b, t in zip(hs, hs[1:], route['turns'])) + '. '
+    gives = 'reversing it gives' if cot_reverse else 'it gives'
     conclusion = f'the correct answer is {answer}'
     if task == 'route':
-        conclusion = 'reversing it gives the route.'
+        conclusion = f'{gives} the route.'
     elif cot_answer_text:
         check = f". Check {check_text(q['answer_text'], q['options'])}. So " if cot_check else ', so '
-        conclusion = f"reversing it gives: {q['answer_text']}{check}{conclusion}"
-    return cot_text(d, STEMS[task, o], q['opposite'], STEMS[task, d], conclusion, answer, prefix=head)
+        conclusion = f"{gives}: {q['answer_text']}{check}{conclusion}"
+    thinking, stated = (o, q['opposite']) if cot_reverse else (d, q['answer_text'])
+    return cot_text(thinking, STEMS[task, thinking], stated, STEMS[task, d], conclusion, answer, prefix=head)
 
 
 def check_text(answer_text, options):
@@ -714,16 +721,16 @@ def main():
     check_config(size, frames, key_frames, segments, ood_segments, seg_len, ood_theme, n_options,
                  cot_answer_text, cot_check)
     cot_opts = dict(cot_perception=cot_perception, cot_turns=cot_turns, cot_answer_text=cot_answer_text,
-                    cot_check=cot_check)
+                    cot_check=cot_check, cot_reverse=cot_reverse)
     shared = dict(seed=seed, seg_len=seg_len, n_options=n_options, frames=frames, key_frames=key_frames, size=size)
     if generate if generate is not None else not (contact_sheet or make_model):
         splits = [('train', n_train, 'default', segments), ('test', n_test, 'default', segments),
-                  ('ood', n_ood, ood_theme, ood_segments)]
+                  ('ood', n_ood, ood_theme, ood_segments), ('ood_theme', n_ood_theme, ood_theme, segments)]
         for name, *_ in splits:
             if os.path.exists(os.path.join(out, name, 'routes.jsonl')):
                 raise FileExistsError(f'{os.path.join(out, name)} already holds a split: '
                                       f'pick another --out or delete it')
-        t0, total = time.time(), n_train + n_test + n_ood
+        t0, total = time.time(), sum(n for _, n, _, _ in splits)
         pool = Pool(workers) if workers > 1 else None
         try:
             for idx, (name, n, theme, segs) in enumerate(splits):

@@ -33,7 +33,7 @@ from common import (all_reduce, clip_and_step, compute_dtype_and_autocast, gathe
                     lr_at, make_optimizer, peak_memory, print0, save_checkpoint, shard_model, start_run, target_logits)
 from configurator import configure
 from data import Tokenizer, VisionSettings, encode, greedy_pack, pack, read_samples
-from model import Qwen2VL, filter_logits, rope_positions
+from model import Qwen2VL, filter_logits
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -41,6 +41,7 @@ init_from = 'out/sft-egoworld'   # the policy's start: an SFT checkpoint dir (HF
 ref_from = ''            # the frozen KL reference (only loaded when beta > 0); '' = init_from
 data = 'data_egoworld/train/st_r1_cot.jsonl'  # ST-R1 JSONL or a benchmark folder (only the questions are used)
 video_root = ''          # remaps the JSONL's absolute video paths by basename
+tasks = 'route,direction,landmark,action'  # the tasks whose questions RL trains on (the release: the MCQ ones)
 out_dir = 'out/grpo'
 resume = False           # continue from out_dir/train_state.json (same number of ranks)
 save_interval = 0        # steps between checkpoints; 0: only at the end. Each one is resumable.
@@ -305,22 +306,42 @@ def reward_metrics(rewards):
 # -----------------------------------------------------------------------------
 # the training forward
 
-def completion_item(prompt, completion, cfg):
-    """One training sequence: prompt (data.encode, no target) + completion ids, the stop token included
-    (the policy learns to stop), labelled like data.encode's targets and positioned by rope_positions of
-    the whole sequence, exactly where decoding put them."""
-    ids = torch.cat([prompt['input_ids'], completion.cpu()])
-    labels = torch.full_like(ids, -100)
-    labels[len(prompt['input_ids']):] = completion.cpu()
-    position_ids, next_position = rope_positions(ids, prompt['grid_thw'], cfg)
-    return dict(input_ids=ids, labels=labels, position_ids=position_ids, pixel_values=prompt['pixel_values'],
-                grid_thw=prompt['grid_thw'], id=prompt['id'], next_position=next_position)
+def group_batch(groups):
+    """The training forward's batch for completions grouped by prompt, [(prompt (data.encode, no target),
+    [completion ids, stop token included])]: each prompt is one segment, computed once (its clip through
+    the tower once too), and each completion one more that sees its prompt in full (Qwen2VL.forward's
+    parents), at the positions decoding gave it. A completion's last token is only a target, and the
+    prompt's last token predicts every completion's first. Targets come in completion order, stop tokens
+    included: the policy learns to stop. Equals each prompt + completion as a sequence of its own."""
+    ids, pos, cu, parents, pixels, grids, rows, targets = [], [], [0], [], [], [], [], []
+    for prompt, completions in groups:
+        parent = len(parents)
+        ids.append(prompt['input_ids'])
+        pos.append(prompt['position_ids'])
+        parents.append(-1)
+        cu.append(cu[-1] + len(prompt['input_ids']))
+        pixels.append(prompt['pixel_values'])
+        grids.append(prompt['grid_thw'])
+        for c in completions:
+            c = c.cpu()
+            rows.append(cu[parent + 1] - 1)
+            if len(c) > 1:
+                ids.append(c[:-1])
+                pos.append((prompt['next_position'] + torch.arange(len(c) - 1)).expand(3, -1))
+                parents.append(parent)
+                rows.extend(range(cu[-1], cu[-1] + len(c) - 1))
+                cu.append(cu[-1] + len(c) - 1)
+            targets.append(c)
+    return dict(input_ids=torch.cat(ids), position_ids=torch.cat(pos, 1),
+                cu_seqlens=torch.tensor(cu, dtype=torch.int32), parents=torch.tensor(parents),
+                pixel_values=torch.cat(pixels), grid_thw=torch.cat(grids), target_rows=torch.tensor(rows),
+                targets=torch.cat(targets))
 
 
 def completion_logps(model, batch, temperature, device, banned=None, entropy=False):
-    """Log-probs under policy_logits of every completion token of a packed batch of completion_items,
-    flat (n,) in order: the distribution the tokens were sampled from, before top-k/top-p. With
-    entropy=True also the policy's entropy at each of them (detached)."""
+    """Log-probs under policy_logits of every completion token of a group_batch, flat (n,) in completion
+    order: the distribution the tokens were sampled from, before top-k/top-p. With entropy=True also the
+    policy's entropy at each of them (detached)."""
     logits, target = target_logits(model, batch, device)
     logits = policy_logits(logits, temperature, banned)
     logp = logits.gather(-1, target[:, None])[:, 0] - logits.logsumexp(-1)
@@ -351,29 +372,39 @@ def step_prompts(num_samples, epoch, step_in_epoch, rank, world, prompts_per_ste
 
 
 def plan_updates(keep, seq_len, G, num_minibatches, token_budget, device):
-    """This rank's minibatches as lists of micro-batches (rows, weight). Minibatch k holds generation
-    chunk k of every kept group, so it is the same set of completions for any number of ranks and sees
-    every prompt. Micro-batches pack under token_budget; every rank gets the same number per minibatch
-    (FSDP's collectives pair up), padded with zero-weight copies of its first completion."""
+    """This rank's minibatches: (kept rows, how many rows the minibatch has kept or not, micro-batches as
+    lists of (rows, weight)). Minibatch k holds generation chunk k of every group, so it is the same set of
+    completions for any number of ranks and sees every prompt. Micro-batches pack the kept rows under
+    token_budget; every rank gets the same number per minibatch (FSDP's collectives pair up), padded with
+    zero-weight copies of its first completion."""
     chunks = [set(c.tolist()) for c in np.array_split(np.arange(G), num_minibatches)]
     kept = keep.nonzero().squeeze(1).tolist()
     minibatches = [[j for j in kept if j % G in c] for c in chunks]
+    sizes = [len(keep) // G * len(c) for c in chunks]
     plans = [greedy_pack(mb, seq_len, token_budget) for mb in minibatches]  # consecutive rows
     n_micro = all_reduce([len(p) for p in plans], device, 'max').long().tolist()
-    return minibatches, [[(rows, 1.0) for rows in p] + [([0], 0.0)] * (n - len(p)) for p, n in zip(plans, n_micro)]
+    plans = [[(rows, 1.0) for rows in p] + [([0], 0.0)] * (n - len(p)) for p, n in zip(plans, n_micro)]
+    return minibatches, sizes, plans
 
 
-def train_on_rollouts(model, ref, optimizer, items, lengths, sampler_logp, adv, keep, *, G, num_iterations,
-                      num_minibatches, token_budget, temperature, grad_clip, loss_kw, banned, device, autocast, world):
-    """The updates of one step on this rank's completions (items: completion_item per row; lengths,
-    sampler_logp: the rollout's; adv, keep: per row); loss_kw: grpo_loss's settings. Returns the sums the
-    step's metrics are made of (this rank's; loss and grad norm already global)."""
+def train_on_rollouts(model, ref, optimizer, prompts, tokens, lengths, sampler_logp, adv, keep, *, G,
+                      num_iterations, num_minibatches, token_budget, temperature, grad_clip, loss_kw, banned, device,
+                      autocast, world):
+    """The updates of one step on this rank's rollouts (prompts: data.encode of each prompt; tokens, lengths,
+    sampler_logp: the rollout's, row j a completion of prompt j // G; adv, keep: per row); loss_kw:
+    grpo_loss's settings. Returns the sums the step's metrics are made of (this rank's; loss and grad norm
+    already global)."""
     params = [p for p in model.parameters() if p.requires_grad]
     loss_type = loss_kw['loss_type']
-    seq_len = [len(it['input_ids']) for it in items]
-    minibatches, plans = plan_updates(keep, seq_len, G, num_minibatches, token_budget, device)
-    counts = all_reduce([[len(mb), float(lengths[mb].sum()) if mb else 0.0] for mb in minibatches], device)
-    batches = {tuple(rows): pack([items[r] for r in rows]) for p in plans for rows, _ in p}
+    # the token budget counts every completion with its prompt, as if the prompt were not shared
+    seq_len = [len(prompts[j // G]['input_ids']) + int(lengths[j]) for j in range(len(lengths))]
+    minibatches, sizes, plans = plan_updates(keep, seq_len, G, num_minibatches, token_budget, device)
+    counts = all_reduce([[len(mb), float(lengths[mb].sum()) if mb else 0.0, n]
+                         for mb, n in zip(minibatches, sizes)], device)
+    completion = lambda j: tokens[j, :int(lengths[j])]
+    batches = {tuple(rows): group_batch([(prompts[b], [completion(j) for j in rows if j // G == b])
+                                         for b in dict.fromkeys(j // G for j in rows)])
+               for p in plans for rows, _ in p}
     sums = dict(loss=0.0, norm=0.0, updates=0, train_tokens=0.0, tokens=0.0, clip_low=0.0, clip_high=0.0,
                 clip_region=0.0, ratio=0.0, kl=0.0, entropy=0.0, diag_tokens=0.0, logp_diff=0.0)
 
@@ -408,9 +439,9 @@ def train_on_rollouts(model, ref, optimizer, items, lengths, sampler_logp, adv, 
 
     for it in range(num_iterations):
         for mb, p in enumerate(plans):
-            n_seq, n_tok = counts[mb].tolist()
-            if n_seq == 0:
-                continue  # this minibatch is empty on every rank: nothing to learn from
+            n_kept, n_tok, n_seq = counts[mb].tolist()
+            if n_kept == 0:
+                continue  # nothing kept on any rank: nothing to learn from
             loss_sum = 0.0
             for k, (rows, weight) in enumerate(p):
                 if hasattr(model, 'set_requires_gradient_sync'):  # FSDP: reduce-scatter once, on the last one
@@ -423,8 +454,10 @@ def train_on_rollouts(model, ref, optimizer, items, lengths, sampler_logp, adv, 
                 loss, st = grpo_loss(logp, old_lp, ref_pad, adv[r].to(device), mask, **loss_kw,
                                      num_items=n_tok / world if loss_type == 'dapo' else None)
                 # Normalisers are the minibatch's, over all ranks, so micro-batching and ranks change
-                # nothing: 'dapo' divides by the global token count / world (FSDP averages gradients over
-                # ranks); 'grpo' and 'dr_grpo' scale each micro-batch's mean by its share of the sequences
+                # nothing: 'dapo' divides by the global count of kept tokens / world (FSDP averages gradients
+                # over ranks); 'grpo' and 'dr_grpo' scale each micro-batch's mean by its share of ALL the
+                # minibatch's sequences: a dropped row counts in the denominator with nothing in the sum, as
+                # TRL's zeroed mask does (dividing by the kept rows would scale the step by N / N_kept)
                 scale = weight * (1.0 if loss_type == 'dapo' else len(rows) * world / n_seq)
                 (loss * scale).backward()
                 loss_sum += float(loss.detach()) * scale
@@ -465,6 +498,7 @@ def check_config(c, world):
     """Settings (the dict configure returns) that cannot run fail here, naming the key."""
     G, components = c['num_generations'], list(REWARD_KEYS[1:])
     unknown = sorted(set(c['reward_weights']) - set(components))
+    bad_tasks = sorted(set(c['tasks'].split(',')) - set(reward.TASKS))
     bad = [(c['prompts_per_step'] % world != 0,
             f"prompts_per_step={c['prompts_per_step']} must be a multiple of the {world} ranks"),
            (c['prompts_per_step'] < 1, f"prompts_per_step={c['prompts_per_step']} must be >= 1"),
@@ -479,7 +513,8 @@ def check_config(c, world):
            (c['loss_type'] not in LOSS_TYPES, f"loss_type={c['loss_type']!r}: one of {LOSS_TYPES}"),
            (c['scale_rewards'] not in SCALE_REWARDS, f"scale_rewards={c['scale_rewards']!r}: one of {SCALE_REWARDS}"),
            (c['beta'] < 0, f"beta={c['beta']} must be >= 0"),
-           (unknown, f'reward_weights: unknown component(s) {unknown}; components are {components}')]
+           (unknown, f'reward_weights: unknown component(s) {unknown}; components are {components}'),
+           (bad_tasks, f"tasks={c['tasks']!r}: unknown {bad_tasks}; tasks are {list(reward.TASKS)}")]
     for failed, msg in bad:
         if failed:
             raise ValueError(msg)
@@ -500,6 +535,9 @@ def main(argv=None):
     settings = VisionSettings(nframes=nframes, min_pixels=min_pixels, max_pixels=max_pixels)
     tok = Tokenizer(init_from)
     samples = read_samples(data, **({'video_root': video_root} if video_root and not os.path.isdir(data) else {}))
+    samples = [smp for smp in samples if smp.task in tasks.split(',')]
+    if not samples:
+        raise ValueError(f'{data}: no question of tasks={tasks!r} to train on')
     for smp in samples:  # a ground truth the reward cannot use fails now, naming its file:line, not hours in
         reward.score_completion('', smp, reward_weights)
     steps_per_epoch = len(samples) // prompts_per_step
@@ -572,9 +610,8 @@ def main(argv=None):
             keep &= stopped
         t_train = time.time()
 
-        # the training sequences and the updates
-        items = [completion_item(prompts[j // G], tokens[j, :int(lengths[j])], cfg) for j in range(N)]
-        sums = train_on_rollouts(model, ref, optimizer, items, lengths, sampler_logp, adv, keep, G=G,
+        # the updates, on the completions grouped by prompt (group_batch)
+        sums = train_on_rollouts(model, ref, optimizer, prompts, tokens, lengths, sampler_logp, adv, keep, G=G,
                                  num_iterations=num_iterations, num_minibatches=num_minibatches,
                                  token_budget=train_token_budget, temperature=temperature, grad_clip=grad_clip,
                                  loss_kw=loss_kw, banned=banned, device=device, autocast=autocast, world=world)

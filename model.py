@@ -223,14 +223,17 @@ def apply_rope(x, cos, sin):
 # -----------------------------------------------------------------------------
 # attention
 
-def attention(q, k, v, cu_seqlens, max_seqlen, causal):
+def attention(q, k, v, cu_seqlens, max_seqlen, causal, prefix=None):
     """Packed attention, shared by both towers: q (T, H, D), k/v (T, Hkv, D); rows
     cu_seqlens[i]:cu_seqlens[i+1] attend only among themselves (causally if `causal`). Returns (T, H, D).
 
     On CUDA in fp16/bf16: flash-attn's varlen kernel when installed, else torch's varlen_attn. Otherwise
     (CPU, fp32) SDPA: a plain view when all segments are equally long; else one batched call over the
     segments padded to the longest (a block-diagonal mask without its off-diagonal blocks; on CPU ~10x
-    faster than a call per segment); and a call per segment when padding would more than double the work."""
+    faster than a call per segment); and a call per segment when padding would more than double the work.
+    prefix (prefix_layout): segments that also see all of a parent segment (shared_prefix_attention)."""
+    if prefix is not None:
+        return shared_prefix_attention(q, k, v, cu_seqlens, max_seqlen, prefix)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         if flash_attn_varlen_func is not None:
             return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
@@ -261,6 +264,43 @@ def attention(q, k, v, cu_seqlens, max_seqlen, causal):
                                          is_causal=causal, enable_gqa=gqa).transpose(0, 1)
           for qi, ki, vi in zip(q.split(lens.tolist()), k.split(lens.tolist()), v.split(lens.tolist()))]
     return torch.cat(ys)
+
+def prefix_layout(cu_seqlens, parents, device):
+    """For shared_prefix_attention: segment s's queries (rows cu_seqlens[s]:cu_seqlens[s+1]) see all of
+    segment parents[s] (-1: none) and their own rows causally, e.g. GRPO's G completions of a prompt each
+    seeing the prompt, which is computed once. The gather index of every segment's keys, their cu_seqlens,
+    and for the padded SDPA path the rows and the bottom-right causal mask (the same in every layer)."""
+    cu = cu_seqlens.tolist()
+    spans = [list(range(a, b)) for a, b in zip(cu[:-1], cu[1:])]
+    keys = [(spans[p] if p >= 0 else []) + own for own, p in zip(spans, parents.tolist())]
+    lq, lk = torch.tensor([len(x) for x in spans]), torch.tensor([len(x) for x in keys])
+    B, Lq, Lk = len(spans), int(lq.max()), int(lk.max())
+    rows = lambda lens, L: ((torch.arange(B)[:, None] * L + torch.arange(L))
+                            .masked_select(torch.arange(L) < lens[:, None]))
+    i, j = torch.arange(Lq)[:, None], torch.arange(Lk)
+    # key j of segment b is visible to its query i: a real key, and not after i (offset by the parent's keys)
+    mask = (j < lk[:, None, None]) & (j <= i + (lk - lq)[:, None, None])
+    return dict(key_index=torch.tensor(sum(keys, []), device=device),
+                cu_k=F.pad(lk.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32), max_k=Lk,
+                B=B, Lq=Lq, Lk=Lk, q_rows=rows(lq, Lq).to(device), k_rows=rows(lk, Lk).to(device),
+                mask=mask[:, None].to(device))
+
+
+def shared_prefix_attention(q, k, v, cu_seqlens, max_seqlen, prefix):
+    """Causal attention where each segment also sees its parent segment in full (prefix_layout). flash-attn
+    when installed (its causal mask is aligned to the end of the keys, as needed here); otherwise one
+    batched SDPA call over the segments padded to the longest, with the mask."""
+    k, v = k[prefix['key_index']], v[prefix['key_index']]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_varlen_func is not None:
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, prefix['cu_k'], max_seqlen, prefix['max_k'], causal=True)
+    B, Lq, Lk = prefix['B'], prefix['Lq'], prefix['Lk']
+    pad = lambda x, rows, L: (x.new_zeros(B * L, *x.shape[1:]).index_copy(0, rows, x)
+                              .view(B, L, *x.shape[1:]).transpose(1, 2))
+    y = F.scaled_dot_product_attention(pad(q, prefix['q_rows'], Lq), pad(k, prefix['k_rows'], Lk),
+                                       pad(v, prefix['k_rows'], Lk), attn_mask=prefix['mask'],
+                                       enable_gqa=k.shape[1] != q.shape[1])
+    return y.transpose(1, 2).reshape(B * Lq, *q.shape[1:]).index_select(0, prefix['q_rows'])
+
 
 class KVCache:
     """Pre-allocated keys/values of every layer, k/v (L, B, Hkv, S, D); row b holds lens[b] tokens.
@@ -394,7 +434,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * self.hd)
         self.o_proj = nn.Linear(cfg.num_attention_heads * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer=0):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer=0, prefix=None):
         T = x.shape[0]
         q, k, v = (p(x).view(T, -1, self.hd) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
@@ -403,7 +443,7 @@ class Attention(nn.Module):
         else:
             if cache is not None:
                 cache.write_prompts(layer, k, v, cu_seqlens)
-            y = attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
+            y = attention(q, k, v, cu_seqlens, max_seqlen, causal=True, prefix=prefix)
         return self.o_proj(y.flatten(1))
 
 class MLP(nn.Module):
@@ -424,8 +464,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache, layer)
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer=0, prefix=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache, layer, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 # -----------------------------------------------------------------------------
@@ -472,11 +512,12 @@ class Qwen2VL(nn.Module):
         return x.masked_scatter(is_vis[:, None], feats.to(x.dtype))
 
     def forward(self, input_ids, position_ids, cu_seqlens, pixel_values=None, grid_thw=None, return_hidden=False,
-                cache=None):
+                cache=None, parents=None):
         """Packed batch -> logits (T, vocab), or final normed hidden states (T, hidden) if return_hidden.
         The one input layout: sequences concatenated into input_ids (T,) with position_ids (3, T) from
         rope_positions, and cu_seqlens (B+1,) int32 marking where each starts; no padding, no masks.
-        With `cache`, sequence b's keys/values are also written into cache row b (prefill)."""
+        With `cache`, sequence b's keys/values are also written into cache row b (prefill). parents (B,):
+        segment b continues segment parents[b] (-1: none) and sees it whole (prefix_layout)."""
         T = input_ids.shape[0]
         if position_ids.shape != (3, T) or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
             raise ValueError(f'packed batch of {T} tokens needs position_ids (3, {T}) and cu_seqlens from 0 to {T}; '
@@ -486,8 +527,9 @@ class Qwen2VL(nn.Module):
         cu = cu_seqlens.to(device=x.device, dtype=torch.int32)
         max_seqlen = int((cu[1:] - cu[:-1]).max())
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        prefix = prefix_layout(cu, parents, x.device) if parents is not None else None
         for i, block in enumerate(self.layers):
-            x = run_block(block, ckpt, x, cos, sin, cu, max_seqlen, cache, i)
+            x = run_block(block, ckpt, x, cos, sin, cu, max_seqlen, cache, i, prefix)
         h = self.norm(x)
         return h if return_hidden else self.logits(h)
 

@@ -120,9 +120,11 @@ def format_reward(text):
 
 
 def _check_letter(answer_letter, letters, where='answer_letter'):
-    if not isinstance(answer_letter, str) or answer_letter.strip() not in letters or not answer_letter.strip():
+    """The reference letter, stripped: exactly one of `letters` ('AB' is not a letter of 'ABCD')."""
+    letter = answer_letter.strip() if isinstance(answer_letter, str) else None
+    if not letter or len(letter) != 1 or letter not in letters:
         raise ValueError(f"{where}: expected one of {', '.join(letters)}, got {answer_letter!r}")
-    return answer_letter.strip()
+    return letter
 
 
 def accuracy_reward(text, answer_letter, letters='ABCD'):
@@ -531,9 +533,9 @@ def _actions(steps):
 def route_parts(pred_steps, ref_steps):
     """The parts of route similarity the reference has, each in [0, 1]: a dict with some of
       direction = 1 - lev(D_pred, D_ref) / max(|D_pred|, |D_ref|), D = the move and turn values in order
-      landmark  = 0.5 * recall + 0.5 * LCS(L_pred, L_ref) / |L_ref|, L = landmark steps and action objects,
-                  matched by landmark_match; recall one-to-one (landmark_recall). Extra predicted
-                  landmarks cost nothing (the paper's rubric).
+      landmark  = 1 - lev(L_pred, L_ref) / max(|L_pred|, |L_ref|), L = landmark steps and action objects,
+                  matched by landmark_match. Unlike the paper's rubric (route_rubric), extra and repeated
+                  landmarks cost: a reward must not pay for listing every landmark there could be.
       action    = 1 - normalised lev over action values (verbs equal, objects matching or missing)
     Directions and landmarks are separate sequences, so a landmark's order relative to a turn never matters."""
     parts = {}
@@ -541,10 +543,7 @@ def route_parts(pred_steps, ref_steps):
     if D_ref:
         parts['direction'] = edit_similarity(_directions(pred_steps), D_ref)
     if L_ref:
-        L_pred = _landmarks(pred_steps)
-        recall = landmark_recall(L_pred, L_ref)
-        order = lcs_length(L_pred, L_ref, landmark_match) / len(L_ref)
-        parts['landmark'] = 0.5 * recall + 0.5 * order
+        parts['landmark'] = edit_similarity(_landmarks(pred_steps), L_ref, landmark_match)
     if A_ref:
         parts['action'] = edit_similarity(_actions(pred_steps), A_ref, _action_match)
     return parts
@@ -602,26 +601,24 @@ _ITEM_SPLIT = re.compile(r"[,;.:!?()\[\]\n]+|\b(?:and|then)\b")
 
 
 def list_items(text):
-    """Items of a landmark list, each a list of content words (plurals folded). Split at
-    , ; . : ! ? ( ) [ ] newline "and" "then"; a list without separators is one item per word."""
-    chunks = [c for c in _ITEM_SPLIT.split(text.lower())]
+    """Items of a landmark list, each a list of content words (plurals folded), split at , ; . : ! ? ( ) [ ]
+    newline "and" "then". A chunk without separators is one item: "toy birdhouse" is one landmark."""
     items = []
-    for c in chunks:
+    for c in _ITEM_SPLIT.split(text.lower()):
         words = [_stem(w) for w in _WORD.findall(c) if w not in _STOP and w not in _GENERIC]
         if words:
             items.append(words)
-    if len(items) == 1:
-        items = [[w] for w in items[0]]
     return items
 
 
 def list_similarity(pred_items, ref_items):
-    """Word-level 0.5 * recall + 0.5 * LCS / |ref| of a predicted landmark list against a reference."""
+    """1 - lev / max(len) over the content words of a predicted landmark list and a reference, in order:
+    missing, wrong, extra and repeated words all cost (listing every option does not pay)."""
     pred = [w for item in pred_items for w in item]
     ref = [w for item in ref_items for w in item]
     if not ref:
         raise ValueError("reference landmark list has no content word")
-    return 0.5 * landmark_recall(pred, ref, eq=lambda x, y: x == y) + 0.5 * lcs_length(pred, ref) / len(ref)
+    return edit_similarity(pred, ref)
 
 # -----------------------------------------------------------------------------
 # Reverse thinking
@@ -633,11 +630,11 @@ COT = re.compile(r"Let's start by thinking (forward|reverse) (.*?\?)\s*(.*?)\s*A
                  re.S)
 
 
-def cot_text(direction, opposite_question, opposite, question, conclusion, answer, prefix=''):
-    """<think>{prefix}Let's start by thinking {the other direction} {opposite_question} {opposite} And then
-    think about {question} Hence, {conclusion}</think> <answer>{answer}</answer>"""
-    o = 'reverse' if direction == 'forward' else 'forward'
-    return (f"<think>{prefix}Let's start by thinking {o} {opposite_question} {opposite} And then think about "
+def cot_text(thinking, stated_question, stated, question, conclusion, answer, prefix=''):
+    """<think>{prefix}Let's start by thinking {thinking} {stated_question} {stated} And then think about
+    {question} Hence, {conclusion}</think> <answer>{answer}</answer>. Reverse thinking states the opposite
+    direction's question and route: thinking = the other direction than the question's."""
+    return (f"<think>{prefix}Let's start by thinking {thinking} {stated_question} {stated} And then think about "
             f"{question} Hence, {conclusion}</think> <answer>{answer}</answer>")
 
 
@@ -645,11 +642,16 @@ _CONCLUSION = re.compile(r"\b(?:and then think|hence|therefore|thus|so the answe
 
 
 def _statement(think):
-    """The think text before the first conclusion marker, or all of it. The paper's CoT template is "Let's
-    start by thinking {opposite} {stem} {opposite ground truth} And then think about {stem} Hence, the correct
-    answer is X", so this is the stated opposite route (the stems parse to no step)."""
-    m = _CONCLUSION.search(think.lower())
-    return think if m is None else think[:m.start()]
+    """The stated opposite-direction route: in the template (COT), what follows the opposite question; in any
+    other thought, the text before the first conclusion marker and after its last question mark, so that a
+    restated question is no statement (and perception notes before it, such as EgoWorld's headings, are
+    not part of the route)."""
+    m = COT.search(think)
+    if m:
+        return m.group(3)
+    c = _CONCLUSION.search(think.lower())
+    head = think if c is None else think[:c.start()]
+    return head[head.rfind('?') + 1:]
 
 
 def _with_leading_around(steps, want):

@@ -419,3 +419,16 @@ def test_cli_resume_torchrun_and_logits(world, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     lg = json.loads((tmp_path / 'lg' / 'results.json').read_text())
     assert len(lg['tasks']) == 6 and all(r['parse_fail'] == 0 and r['n'] == 3 for r in lg['tasks'].values())
+
+
+def test_mcnemar_by_hand():
+    """Only MCQs both runs answered count; z = (wrong->right - right->wrong) / sqrt(their sum)."""
+    base = {f'q{i}': dict(task='direction', correct=i < 4) for i in range(10)}        # q0-q3 right
+    new = {f'q{i}': dict(task='landmark', correct=i in (0, 4, 5, 6, 7, 8)) for i in range(10)}
+    new['route'] = dict(task='route', correct=None)
+    new['only_here'] = dict(task='action', correct=True)
+    p = bench.mcnemar(new, base)
+    # q4-q8 wrong -> right (5), q1-q3 right -> wrong (3): z = 2 / sqrt(8)
+    assert (p['n'], p['wrong_to_right'], p['right_to_wrong']) == (10, 5, 3)
+    assert p['z'] == pytest.approx(2 / 8 ** 0.5) and (p['accuracy'], p['baseline_accuracy']) == (60.0, 40.0)
+    assert bench.mcnemar(base, base)['z'] == 0.0

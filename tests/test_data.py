@@ -385,6 +385,20 @@ def test_cot_target_of_a_benchmark_sample_reads_back(tmp_path):
     with pytest.raises(data.DataError, match='--cot=False'):
         data.cot_target(s)
 
+def test_forward_only_cot_reads_with_the_paired_opposite(tmp_path):
+    """A thought that states the question's own route (egoworld's cot_reverse=False, the forward-only
+    ablation) is read, and the sample's opposite comes from the paired opposite-direction question, not
+    from the thought."""
+    import egoworld
+    from reward import COT
+    egoworld.generate_split(str(tmp_path / 'split'), 0, 1, cot_opts=dict(cot_reverse=False))
+    samples = data.read_samples(str(tmp_path / 'split' / 'st_r1_cot.jsonl'))
+    by = {(s.task, s.direction): s for s in samples}
+    for (task, d), s in by.items():
+        other = by[task, 'reverse' if d == 'forward' else 'forward']
+        stated = COT.search(s.solution).group(3)
+        assert f"thinking {d} " in s.solution and stated == s.answer_text and s.opposite == other.answer_text
+
 # ----------------------------------------------------------------------------- bad input
 
 def good_line():

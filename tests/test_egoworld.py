@@ -226,9 +226,9 @@ def test_key_frames_cover_every_segment():
         egoworld.key_times(questions(1, 0, (5, 5))[0][0], egoworld.build_world(questions(1, 0, (5, 5))[0][0]), 4)
 
 
-def _generate(out, seed=0, n=(3, 2, 2)):
+def _generate(out, seed=0, n=(3, 2, 2, 2)):
     cmd = [sys.executable, os.path.join(ROOT, 'egoworld.py'), f'--out={out}', f'--seed={seed}', '--workers=1',
-           f'--n_train={n[0]}', f'--n_test={n[1]}', f'--n_ood={n[2]}']
+           f'--n_train={n[0]}', f'--n_test={n[1]}', f'--n_ood={n[2]}', f'--n_ood_theme={n[3]}']
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
 
 
@@ -237,9 +237,9 @@ def test_cli_output_is_deterministic_and_readable(tmp_path):
     a, b, c = tmp_path / 'a', tmp_path / 'b', tmp_path / 'c'
     _generate(a)
     _generate(b)
-    _generate(c, seed=1, n=(3, 0, 0))
+    _generate(c, seed=1, n=(3, 0, 0, 0))
     assert not (c / "test").exists()
-    for split in ('train', 'test', 'ood'):
+    for split in ('train', 'test', 'ood', 'ood_theme'):
         names = sorted(os.listdir(a / split))
         assert names == sorted(os.listdir(b / split))
         for name in names:
@@ -253,6 +253,8 @@ def test_cli_output_is_deterministic_and_readable(tmp_path):
     # data.py reads every output with no special case, and both layouts agree
     routes = {json.loads(l)['id']: json.loads(l) for l in (a / 'ood' / 'routes.jsonl').read_text().splitlines()}
     assert all(len(r['lengths']) == 5 and r['theme'] == 'dusk' for r in routes.values())
+    theme = [json.loads(l) for l in (a / 'ood_theme' / 'routes.jsonl').read_text().splitlines()]
+    assert all(2 <= len(r['lengths']) <= 4 and r['theme'] == 'dusk' for r in theme)   # training lengths, new look
     bench = data.read_benchmark(str(a / 'ood'))
     want = Counter({(t, d): 2 for t in egoworld.TASKS for d in ('forward', 'reverse')})
     assert Counter((s.task, s.direction) for s in bench) == want
@@ -278,9 +280,9 @@ def test_cli_output_is_deterministic_and_readable(tmp_path):
 
 
 def test_cli_refuses_to_overwrite(tmp_path):
-    _generate(tmp_path, n=(1, 0, 0))
+    _generate(tmp_path, n=(1, 0, 0, 0))
     with pytest.raises(subprocess.CalledProcessError) as e:
-        _generate(tmp_path, n=(1, 0, 0))
+        _generate(tmp_path, n=(1, 0, 0, 0))
     assert b'already holds a split' in e.value.stderr
 
 

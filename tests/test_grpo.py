@@ -32,7 +32,7 @@ import egoworld
 from conftest import make_tiny_world
 import grpo
 import reward
-from model import Qwen2VL, filter_logits
+from model import Qwen2VL, filter_logits, rope_positions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
@@ -86,6 +86,22 @@ def load(world, path=None):
 def banned(tok):
     return torch.tensor([getattr(tok, n) for n in grpo.VISUAL_TOKENS])
 
+
+def groups(prompts, tokens, lengths, G):
+    """grpo.group_batch's input: every prompt with its G completions (row j: prompt j // G)."""
+    return [(p, [tokens[j, :int(lengths[j])] for j in range(b * G, (b + 1) * G)]) for b, p in enumerate(prompts)]
+
+
+def sequence(prompt, completion, cfg):
+    """The plain layout group_batch must equal: prompt + completion as one sequence, labelled like
+    data.encode's targets, at rope_positions of the whole sequence."""
+    ids = torch.cat([prompt['input_ids'], completion])
+    labels = torch.full_like(ids, -100)
+    labels[len(prompt['input_ids']):] = completion
+    pos, nxt = rope_positions(ids, prompt['grid_thw'], cfg)
+    return dict(input_ids=ids, labels=labels, position_ids=pos, pixel_values=prompt['pixel_values'].clone(),
+                grid_thw=prompt['grid_thw'], id=prompt['id'], next_position=nxt)
+
 # -----------------------------------------------------------------------------
 # rollouts
 
@@ -133,19 +149,47 @@ def test_sampler_draws_from_the_truncated_policy():
 
 
 def test_training_forward_reproduces_sampler_logps(world):
-    """Packed prompt+completion sequences (rope_positions of the whole sequence, labels like
-    data.encode's) give the log-probs the KV-cache decode sampled with."""
+    """The training forward (group_batch: each prompt once, its completions seeing it) gives the log-probs
+    the KV-cache decode sampled with."""
     tok, model, samples = load(world)
     prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in samples[:2]]
     G, L = 4, 20
     seeds = [grpo.row_seed(3, 0, i, g) for i in range(2) for g in range(G)]
     tokens, logps, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, L, stop_ids=list(range(60, 70)),
                                              banned=banned(tok), pad_id=tok.pad_id)
-    items = [grpo.completion_item(prompts[j // G], tokens[j, :int(lengths[j])], model.config) for j in range(2 * G)]
-    flat, ent = grpo.completion_logps(model, data.pack(items), 1.0, 'cpu', banned(tok), entropy=True)
+    batch = grpo.group_batch(groups(prompts, tokens, lengths, G))
+    flat, ent = grpo.completion_logps(model, batch, 1.0, 'cpu', banned(tok), entropy=True)
     padded, mask = grpo.pad_rows(flat, lengths)
     assert int(mask.sum()) == int(lengths.sum()) and ((ent > 0) & (ent < 6.3)).all()  # entropy <= log(512)
     assert (padded[mask] - logps[:, :padded.shape[1]][mask]).abs().max() < 1e-5
+
+def test_each_prompt_computed_once_same_logps_and_gradients(world):
+    """group_batch runs each prompt (and its clip) through the model once and lets its G completions see
+    it; log-probs, entropies and every parameter's gradient equal those of each prompt + completion as a
+    sequence of its own (1e-5: the same sums in another order). Completions of 1 token (only a stop token)
+    included; the batch holds 2 prompts + their completions minus their last tokens."""
+    tok, model, samples = load(world)
+    G = 3
+    prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in (samples[0], samples[8])]  # 2 videos
+    seeds = [grpo.row_seed(4, 0, i, g) for i in range(2) for g in range(G)]
+    tokens, _, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, 10, stop_ids=list(range(40, 90)),
+                                         banned=banned(tok), pad_id=tok.pad_id)
+    tokens[1, 0], lengths[1] = tok.im_end_id, 1   # a completion that stops at once
+    shared = grpo.group_batch(groups(prompts, tokens, lengths, G))
+    alone = data.pack([sequence(prompts[j // G], tokens[j, :int(lengths[j])], model.config) for j in range(2 * G)])
+    n_prompt = sum(len(p['input_ids']) for p in prompts)
+    assert len(shared['input_ids']) == n_prompt + int(lengths.sum()) - 2 * G and len(shared['grid_thw']) == 2
+    out = []
+    for batch in (shared, alone):
+        model.zero_grad()
+        logp, ent = grpo.completion_logps(model, batch, 1.0, 'cpu', banned(tok), entropy=True)
+        logp.sum().backward()
+        out.append((logp.detach(), ent, [p.grad.clone() for p in model.parameters()]))
+    (a, ea, ga), (b, eb, gb) = out
+    assert len(a) == int(lengths.sum()) and (a - b).abs().max() < 1e-5 and (ea - eb).abs().max() < 1e-5
+    assert all((x - y).abs().max() <= 1e-5 * y.abs().max() + 1e-8 for x, y in zip(ga, gb))
+    assert ga[0].abs().max() > 0   # the tower's weights have a gradient to compare
+
 
 # -----------------------------------------------------------------------------
 # rewards and the loss plumbing
@@ -182,7 +226,6 @@ def test_normalisers_are_global_across_micro_batches(world, loss_type):
     tokens, logps, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, 12, stop_ids=list(range(60, 90)),
                                              banned=banned(tok), pad_id=tok.pad_id)
     assert len(set(lengths.tolist())) > 1
-    items = [grpo.completion_item(prompts[j // G], tokens[j, :int(lengths[j])], model.config) for j in range(3 * G)]
     adv = torch.randn(3 * G, generator=torch.Generator().manual_seed(0))
     keep = torch.tensor([True] * G + [False] * G + [True] * G)  # group 1 dropped
     ref = Qwen2VL.from_pretrained(str(world / 'tiny'))
@@ -193,7 +236,7 @@ def test_normalisers_are_global_across_micro_batches(world, loss_type):
     for budget in (10**6, 1):
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=1.0)
-        sums = grpo.train_on_rollouts(m, ref, opt, items, lengths, logps, adv, keep, G=G, num_iterations=2,
+        sums = grpo.train_on_rollouts(m, ref, opt, prompts, tokens, lengths, logps, adv, keep, G=G, num_iterations=2,
                                       num_minibatches=2, token_budget=budget, temperature=1.0, grad_clip=0.0,
                                       loss_kw=loss_kw, banned=banned(tok), device='cpu', autocast=nullcontext,
                                       world=1)
@@ -207,23 +250,54 @@ def test_normalisers_are_global_across_micro_batches(world, loss_type):
     assert da.abs().max() > 1e-3 and (da - db).abs().max() < 1e-4 * da.abs().max()
 
 
+@pytest.mark.parametrize('loss_type', grpo.LOSS_TYPES)
+def test_dropped_rows_stay_in_the_normaliser_as_in_trl(world, loss_type):
+    """With rows left out (a zero-std group, a truncated completion), one update equals the gradient of
+    grpo_loss over ALL rows with the left-out rows' mask zeroed, TRL's semantics: 'grpo' and 'dr_grpo'
+    keep them in the denominator (dividing by the kept rows only made the step N / N_kept larger, and
+    dr_grpo's constant normaliser change every step); 'dapo' divides by the kept tokens. SGD at lr 1
+    makes the update the gradient; 1e-5 relative (one kernel shape against another)."""
+    tok, model, samples = load(world)
+    G = 4
+    prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in samples[:3]]
+    seeds = [grpo.row_seed(9, 0, i, g) for i in range(3) for g in range(G)]
+    tokens, logps, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, 12, stop_ids=list(range(60, 90)),
+                                             banned=banned(tok), pad_id=tok.pad_id)
+    adv = torch.randn(3 * G, generator=torch.Generator().manual_seed(1))
+    keep = torch.tensor([True] * G + [False] * G + [True, False, True, True])  # a group and one row out
+    loss_kw = dict(loss_type=loss_type, beta=0.0, epsilon=0.2, epsilon_high=None, max_completion_length=12)
+    m = copy.deepcopy(model)
+    grpo.train_on_rollouts(m, None, torch.optim.SGD(m.parameters(), lr=1.0), prompts, tokens, lengths, logps, adv,
+                           keep, G=G, num_iterations=1, num_minibatches=1, token_budget=10**6, temperature=1.0,
+                           grad_clip=0.0,
+                           loss_kw=loss_kw, banned=banned(tok), device='cpu', autocast=nullcontext, world=1)
+    ref = copy.deepcopy(model)
+    flat, _ = grpo.completion_logps(ref, grpo.group_batch(groups(prompts, tokens, lengths, G)), 1.0, 'cpu', banned(tok))
+    logp, mask = grpo.pad_rows(flat, lengths)
+    loss, _ = grpo.grpo_loss(logp, None, None, adv, mask & keep[:, None], **loss_kw)
+    loss.backward()
+    got = torch.cat([(p0 - p).flatten() for p, p0 in zip(m.parameters(), model.parameters())]).detach()
+    want = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    assert want.abs().max() > 1e-4 and (got - want).abs().max() < 1e-5 * want.abs().max() + 1e-9
+
+
 def test_plan_updates_splits_groups_and_pads_micro_batches():
     """Minibatch k holds generation chunk k of every kept group; micro-batches pack under the budget."""
     keep = torch.tensor([True, True, False, True, False, False, False, False])  # G = 4: group 1 dropped, row 2 too
-    mbs, plans = grpo.plan_updates(keep, [100] * 8, 4, 2, 250, 'cpu')
-    assert mbs == [[0, 1], [3]]
+    mbs, sizes, plans = grpo.plan_updates(keep, [100] * 8, 4, 2, 250, 'cpu')
+    assert mbs == [[0, 1], [3]] and sizes == [4, 4]   # 2 groups x 2 generations each, kept or not
     assert plans == [[([0, 1], 1.0)], [([3], 1.0)]]
-    assert grpo.plan_updates(keep, [100] * 8, 4, 2, 100, 'cpu')[1] == [[([0], 1.0), ([1], 1.0)], [([3], 1.0)]]
+    assert grpo.plan_updates(keep, [100] * 8, 4, 2, 100, 'cpu')[2] == [[([0], 1.0), ([1], 1.0)], [([3], 1.0)]]
 
 
 def test_bad_config_fails_naming_the_key():
     defaults = {k: getattr(grpo, k) for k in ('prompts_per_step', 'num_generations', 'temperature', 'loss_type',
                                               'num_minibatches', 'reward_weights', 'max_completion_length', 'top_p',
-                                              'top_k', 'num_iterations', 'scale_rewards', 'beta')}
+                                              'top_k', 'num_iterations', 'scale_rewards', 'beta', 'tasks')}
     grpo.check_config(defaults, 1)
     for key, value, world_size in (('prompts_per_step', 3, 2), ('num_generations', 1, 1), ('temperature', 0.0, 1),
                                    ('loss_type', 'ppo', 1), ('num_minibatches', 9, 1),
-                                   ('reward_weights', {'acc': 1.0}, 1)):
+                                   ('reward_weights', {'acc': 1.0}, 1), ('tasks', 'direction,routes', 1)):
         with pytest.raises(ValueError, match=key):
             grpo.check_config(dict(defaults, **{key: value}), world_size)
 
@@ -241,7 +315,8 @@ def run(world, out, nproc=1, kill_after=None, **kw):
     """grpo.py with the vowel reward on the fixture: 2 prompts x 4 generations a step."""
     a = dict(init_from=world / 'tiny', data=world / 'train' / 'st_r1_cot.jsonl', out_dir=out, nframes=16,
              min_pixels=56 * 56, max_pixels=56 * 56, prompts_per_step=2, num_generations=4, max_completion_length=12,
-             max_steps=4, lr=1e-2, min_lr=1e-2, activation_checkpointing=False, save_interval=0)
+             max_steps=4, lr=1e-2, min_lr=1e-2, activation_checkpointing=False, save_interval=0, temperature=1.0,
+             tasks='route,direction,landmark,action')  # the trainer's tests, not the EgoWorld preset's choices
     a.update(kw)
     argv = [os.path.join(ROOT, 'config', 'grpo_egoworld.py')] + [f'--{k}={v}' for k, v in a.items()]
     # USE_LIBUV=0: torchrun's libuv TCP store hangs in some sandboxes (gVisor); the classic one works everywhere

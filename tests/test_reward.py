@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import reward
 from reward import (DEFAULT_WEIGHTS, accuracy_reward, format_reward, list_items, list_similarity, parse_answer,
                     parse_answer_text, parse_route, parse_think, reverse_route, reverse_thinking_reward,
                     route_reward, route_rubric, route_text, score_completion, total_reward)
@@ -85,6 +86,10 @@ def test_accuracy_reward():
         accuracy_reward(wrap('A'), 'Z')
     with pytest.raises(ValueError, match='answer_letter'):
         accuracy_reward(wrap('A'), '')
+    # a reference of two letters is bad ground truth, not a letter of 'ABCD' that no answer can match
+    for bad in ('AB', 'BCD', ' AB '):
+        with pytest.raises(ValueError, match='answer_letter'):
+            accuracy_reward(wrap('A'), bad)
 
 # -----------------------------------------------------------------------------
 # format_reward
@@ -238,11 +243,13 @@ def test_route_reward_hand_computed():
 def test_route_reward_landmarks_recall_order_and_extras():
     ref = "Walk past the fountain and the bronze statue, then reach the fireplace."
     # no direction or action part: landmark only. pred has all three ("statue" ~ "bronze statue":
-    # Jaccard 1/2) in reverse order: recall 1, LCS 1 of 3 -> .5 + .5/3
+    # Jaccard 1/2) in reverse order: only the middle one aligns, 2 edits of 3 -> 1/3
     pred = "Pass the fireplace, the statue, the fountain"
-    assert route_reward(pred, ref) == pytest.approx(0.5 + 0.5 / 3)
-    # extra landmarks cost nothing; a different colour is a different place
-    assert route_reward(ref + " Then past the green lamp.", ref) == 1.0
+    assert route_reward(pred, ref) == pytest.approx(1 / 3)
+    # an extra landmark costs one edit of 4 (a reward must not pay for listing more); a repeated list half;
+    # a different colour is a different place
+    assert route_reward(ref + " Then past the green lamp.", ref) == pytest.approx(3 / 4)
+    assert route_reward(ref + " " + ref, ref) == pytest.approx(1 / 2)
     assert route_reward("Go straight past the blue door", "Go straight past the red door") == pytest.approx(0.5 / 0.8)
     # rubric: missing landmarks cost, extra ones do not; extra turns cost
     r = route_rubric("Pass the fountain, turn left, pass the fireplace", ref)
@@ -259,9 +266,14 @@ def test_route_reward_empty_and_bad_reference():
 
 def test_list_items_and_similarity():
     assert list_items("['fireplace', 'couch', 'glass windows']") == [['fireplace'], ['couch'], ['glass', 'window']]
-    assert list_items("glass window mural fireplace") == [['glass'], ['window'], ['mural'], ['fireplace']]
-    # recall 2/3, LCS [fireplace, mural] vs [mural, couch, fireplace] = 1 -> 1/3 + 1/6
-    assert list_similarity(list_items("fireplace, mural"), list_items("mural, couch, fireplace")) == pytest.approx(0.5)
+    # without separators it is one item: a multi-word landmark ("toy birdhouse") must not be split up
+    assert list_items("glass window mural fireplace") == [['glass', 'window', 'mural', 'fireplace']]
+    # word-level edit similarity: a missing item costs, and so do wrong order, extra and repeated items
+    ref = list_items("fireplace, couch, mural")
+    assert list_similarity(list_items("fireplace, couch"), ref) == pytest.approx(2 / 3)
+    assert list_similarity(list_items("fireplace, mural"), list_items("mural, couch, fireplace")) == 0.0
+    assert list_similarity(list_items("fireplace, couch, mural, fireplace, couch, mural"), ref) == pytest.approx(0.5)
+    assert list_similarity(list_items("fireplace, couch, mural, lamp, rug, sofa"), ref) == pytest.approx(0.5)
 
 # -----------------------------------------------------------------------------
 # reverse_thinking_reward
@@ -315,18 +327,19 @@ def test_reverse_thinking_landmark_list():
     think = f"Let's start by thinking forward {stem}['fireplace', 'couch', 'mural'] And then think about it."
     assert reverse_thinking_reward(wrap('A', think), 'reverse', 'fireplace, couch, mural', opts, task='landmark') == 1.0
     assert reverse_thinking_reward(wrap('B', think), 'reverse', 'fireplace, couch, mural', opts, task='landmark') == 0.5
-    # one landmark missing: s = .5 * 2/3 + .5 * 2/3 = 2/3; reversed [mural, fireplace] is closest to A
-    # (symmetrised: (2/3 + 1) / 2 = 5/6) over B ((.5 + .75) / 2 = .625) -> c = 1
+    # one landmark missing: s = 1 - 1/3; reversed [mural, fireplace] is closest to A (2/3) over B (0) -> c = 1
     think = f"{stem} fireplace, mural. Hence A"
     got = reverse_thinking_reward(wrap('A', think), 'reverse', 'fireplace, couch, mural', opts, task='landmark')
     assert got == pytest.approx(2 / 3)
 
 
 def test_reverse_thinking_subset_option_does_not_tie():
-    # option C lists part of the derived list: against C alone it scores 1 (all of C is there), but
-    # the other direction finds 2 of derived's 4 words (recall .5, LCS .5): (1 + .5) / 2 = .75 < 1 for B
+    # option C lists part of the derived list: 2 of its 4 words missing, .5 < 1 for B; the headings before
+    # the template are perception notes, not part of the statement
     opts = ['black banner, orange banner', 'black painting, orange painting', 'black painting', 'white clock']
-    think = "Headings: south, west. Let's start by thinking forward orange painting, black painting And then"
+    stem = "which landmarks (objects or scenery changes) did you pass by to reach your destination?"
+    think = (f"Headings: south, west. Let's start by thinking forward {stem} orange painting, black painting "
+             f"And then think about {stem} Hence")
     for letter, expected in (('B', 1.0), ('C', 0.5)):
         got = reverse_thinking_reward(wrap(letter, think), 'reverse', 'orange painting, black painting', opts,
                                       task='landmark')
@@ -427,3 +440,78 @@ def test_long_adversarial_completions():
                                            task='landmark') <= 1
         assert score_completion('Based ' * (n // 6), _sample()) == {
             'format': 0.0, 'accuracy': 0.0, 'route': None, 'reverse': 0.0, 'total': 0.0}
+
+# -----------------------------------------------------------------------------
+# reward integrity: adversarial thoughts on real EgoWorld questions
+
+def egoworld_mcqs(n=150, seed=123):
+    """(question dict, its reverse-thinking CoT writer) for n EgoWorld videos' six MCQs."""
+    import numpy as np
+    import egoworld
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        _, qs = egoworld.make_questions(rng)
+        for (task, d), q in qs.items():
+            if task != 'route':
+                o = 'reverse' if d == 'forward' else 'forward'
+                write = (lambda text, d=d, o=o, task=task, q=q: reward.cot_text(
+                    o, egoworld.STEMS[task, o], text, egoworld.STEMS[task, d], f"the correct answer is {q['answer']}",
+                    q['answer']))
+                out.append((task, d, q, write))
+    return out
+
+
+def reverse_reward(task, d, q, completion):
+    return reward.reverse_thinking_reward(completion, d, q['opposite'], q['options'], task=task)
+
+
+def similarity(task, stated, truth):
+    """What a stated opposite route is worth at best (the reward is s * (1 + c) / 2 <= s)."""
+    if task == 'landmark':
+        return reward.list_similarity(reward.list_items(stated), reward.list_items(truth))
+    return reward.route_similarity(reward.parse_route(stated), reward.parse_route(truth))
+
+
+def items(text):
+    return [x.strip() for x in text.split(',')]
+
+
+FILLER = {'direction': 'turn left', 'landmark': 'grey statue', 'action': 'press the grey button'}  # wrong items
+# each adversary: (name, thought text from the question, the bound on its mean, the bound on any one question)
+ADVERSARIES = [
+    ('copy every option', lambda q: ', '.join(q['options']), 0.15, 0.5),
+    ('every option, then every option reversed',
+     lambda q: ', '.join(q['options'] + [', '.join(items(o)[::-1]) for o in q['options']]), 0.1, 0.3),
+    ('the right list three times', lambda q: ', '.join([q['opposite']] * 3), 1 / 3, 1 / 3),
+]
+
+
+@pytest.mark.parametrize('name,make,mean_bound,max_bound', ADVERSARIES, ids=[a[0] for a in ADVERSARIES])
+def test_reverse_reward_does_not_pay_for_copying(name, make, mean_bound, max_bound):
+    """Listing more than the route (every option, every option reversed, the right list repeated) is bounded
+    on ~900 real EgoWorld MCQs, and never earns more than the right statement padded with as many wrong
+    items as the adversary adds is worth at best (the similarity counts edits, not what was copied); the
+    honest thought scores 1. (Recall-only similarity paid ~0.55 on average for a copy of the landmark options.)"""
+    got = []
+    for task, d, q, write in egoworld_mcqs():
+        adv = reverse_reward(task, d, q, write(make(q)))
+        honest = reverse_reward(task, d, q, write(q['opposite']))
+        extra = max(0, len(items(make(q))) - len(items(q['opposite'])))
+        padded = similarity(task, ', '.join(items(q['opposite']) + [FILLER[task]] * extra), q['opposite'])
+        assert honest == 1.0 and adv <= max_bound + 1e-9 and adv <= padded + 1e-9, (name, task, q, adv, padded)
+        got.append(adv)
+    assert sum(got) / len(got) <= mean_bound, (name, sum(got) / len(got))
+
+
+def test_reverse_reward_needs_a_statement_from_the_video():
+    """The question restated, an empty thought, and a thought without the template's statement earn 0;
+    another video's route (a guess from the prior, not from this video) earns far less than the truth."""
+    qs = egoworld_mcqs()
+    others = [reverse_reward(task, d, q, write(qs[(i + 7) % len(qs)][2]['opposite']))
+              for i, (task, d, q, write) in enumerate(qs) if qs[(i + 7) % len(qs)][0] == task]
+    assert sum(others) / len(others) < 0.4
+    for task, d, q, _ in qs:
+        letter = q['answer']
+        for thought in (q['question'], '', f"{q['question']} {q['question']}"):
+            assert reverse_reward(task, d, q, f'<think>{thought}</think> <answer>{letter}</answer>') == 0.0
