@@ -31,8 +31,9 @@ warmup_frac = 0.05
 weight_decay = 0.05
 grad_clip = 1.0
 epochs = 1
-# the demo's budget: 1,200 steps took 552-584 s on 2 idle cores (~1.5 epochs). Option matching
-# (the Check block) is learned last: MCQ avg 37.7 at 1,000 steps, 48.5 at 1,400 (README's results)
-max_steps = 1200
+# the demo's budget: 1,000 steps (~1.25 epochs) took 530-560 s on 2 idle cores, leaving GRPO its share of
+# the 15 minutes. Option matching (the Check block) is learned last: MCQ avg 36.2 at 1,000 steps, 44.2 at
+# 1,200 (docs/results.md), so SFT leaves RL room, and more SFT is a measured row of its own
+max_steps = 1000
 # tiny activations: recomputing them would only cost time
 activation_checkpointing = False
