@@ -31,8 +31,8 @@ loss_type = 'grpo'
 scale_rewards = 'group'
 num_iterations = 1
 train_token_budget = 16384
-# 1e-4 is noise-dominated at this batch size: a shuffled-reward null (same steps, rewards permuted across
-# rollouts) drops MCQ 44.2 -> 36.2, the weights' drift alone hurts; at 2e-5 that null costs 1 point
+# 1e-4 is noise-dominated at this batch size: the shuffled-reward null (benchmarks/grpo_null.py: rewards
+# shuffled within each group) drops MCQ 44.2 -> 36.2, the drift alone hurts; at 2e-5 that null costs 1 point
 lr = 2e-5
 min_lr = 2e-6
 warmup_frac = 0.0

@@ -31,7 +31,7 @@ warmup_frac = 0.05
 weight_decay = 0.05
 grad_clip = 1.0
 epochs = 1
-# the demo's budget: 1,000 steps (~1.25 epochs) took 530-560 s on 2 idle cores, leaving GRPO its share of
+# the demo's budget: 1,000 steps (~1.25 epochs) took 571 s on 2 idle cores, leaving GRPO its share of
 # the 15 minutes. Option matching (the Check block) is learned last: MCQ avg 36.2 at 1,000 steps, 44.2 at
 # 1,200 (docs/results.md), so SFT leaves RL room, and more SFT is a measured row of its own
 max_steps = 1000

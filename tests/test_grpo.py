@@ -410,3 +410,15 @@ def test_kill_and_resume_replays_the_run_exactly(world, baseline):
     assert [x['step'] for x in b] == [0, 1, 2, 3]
     for k in ('loss', 'grad_norm', 'reward', 'kl', 'rollout_tokens'):
         assert [x[k] for x in a] == [x[k] for x in b], k
+
+
+def test_null_control_shuffles_rewards_only_within_groups():
+    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+    from grpo_null import shuffle_within_groups
+    r = torch.arange(48, dtype=torch.float32).reshape(24, 2)  # 3 groups of 8, two reward columns
+    s = shuffle_within_groups(r, 8)
+    assert not torch.equal(s, r)
+    for b in range(3):  # the same rows in each group, whole rows moved, never across groups
+        assert sorted(s[b * 8:(b + 1) * 8, 0].tolist()) == r[b * 8:(b + 1) * 8, 0].tolist()
+    assert torch.equal(s[:, 1] - s[:, 0], torch.ones(24))
+    assert torch.equal(shuffle_within_groups(r, 8), s)
