@@ -303,11 +303,13 @@ def shared_prefix_attention(q, k, v, cu_seqlens, max_seqlen, prefix):
 
 
 class KVCache:
-    """Pre-allocated keys/values of every layer, k/v (L, B, Hkv, S, D); row b holds lens[b] tokens.
+    """Pre-allocated keys/values of every layer, k/v (L, B, Hkv, S, D); row b holds lens[b] tokens, max_len =
+    max(lens) is kept on the host so that a decode step needs no device-to-host sync.
     Qwen2VL.prefill fills one row per prompt, `repeat` copies rows for several samples per prompt,
-    Qwen2VL.decode_step appends one token to every row."""
-    def __init__(self, k, v, lens):
-        self.k, self.v, self.lens = k, v, lens
+    Qwen2VL.decode_step appends one token to every row (start_step, attend in every layer, end_step)."""
+    def __init__(self, k, v, lens, max_len=0):
+        self.k, self.v, self.lens, self.max_len = k, v, lens, max_len
+        self.mask, self.spans = None, []
 
     @classmethod
     def empty(cls, cfg, batch, max_len, dtype, device):
@@ -318,23 +320,37 @@ class KVCache:
 
     def repeat(self, n):
         """Each row n times in a row (prompt b -> rows b*n .. b*n+n-1): G samples share one prefill."""
-        return KVCache(self.k.repeat_interleave(n, 1), self.v.repeat_interleave(n, 1), self.lens.repeat_interleave(n))
+        return KVCache(self.k.repeat_interleave(n, 1), self.v.repeat_interleave(n, 1), self.lens.repeat_interleave(n),
+                       self.max_len)
 
-    def write_prompts(self, layer, k, v, cu_seqlens):
-        for b, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+    def write_prompts(self, layer, k, v):
+        """A prefill's packed keys/values into rows 0.. (spans: each prompt's (start, end), set by prefill on
+        the host once, not read back from the device in every layer)."""
+        for b, (s, e) in enumerate(self.spans):
             self.k[layer, b, :, :e - s] = k[s:e].transpose(0, 1)
             self.v[layer, b, :, :e - s] = v[s:e].transpose(0, 1)
 
+    def start_step(self):
+        """The keys each row sees once this step's token is written: (B, n), made once for every layer."""
+        self.mask = torch.arange(self.max_len + 1, device=self.lens.device) <= self.lens[:, None]
+
+    def end_step(self):
+        self.lens += 1
+        self.max_len += 1
+
     def attend(self, layer, q, k, v):
-        """One new token per row: q (B, H, D), k/v (B, Hkv, D) -> (B, H, D)."""
-        rows = torch.arange(q.shape[0], device=q.device)
+        """One new token per row: q (B, H, D), k/v (B, Hkv, D) -> (B, H, D). The query heads of each KV head
+        attend as a group of queries to that one head (query head h uses KV head h // (H / Hkv), as Qwen2's
+        repeat_kv): the cache is never copied out to H heads, and SDPA's fused kernels stay allowed (a boolean
+        mask with enable_gqa rules them out)."""
+        B, H, D = q.shape
+        rows = torch.arange(B, device=q.device)
         self.k[layer, rows, :, self.lens] = k.to(self.k.dtype)
         self.v[layer, rows, :, self.lens] = v.to(self.v.dtype)
-        n = int(self.lens.max()) + 1
-        mask = torch.arange(n, device=q.device) <= self.lens[:, None]  # (B, n): this row's tokens only
-        y = F.scaled_dot_product_attention(q[:, :, None], self.k[layer, :, :, :n], self.v[layer, :, :, :n],
-                                           attn_mask=mask[:, None, None], enable_gqa=k.shape[1] != q.shape[1])
-        return y[:, :, 0]
+        n, Hkv = self.max_len + 1, k.shape[1]
+        y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), self.k[layer, :, :, :n],
+                                           self.v[layer, :, :, :n], attn_mask=self.mask[:, None, None])
+        return y.reshape(B, H, D)
 
 # -----------------------------------------------------------------------------
 # vision tower
@@ -442,7 +458,7 @@ class Attention(nn.Module):
             y = cache.attend(layer, q, k, v)
         else:
             if cache is not None:
-                cache.write_prompts(layer, k, v, cu_seqlens)
+                cache.write_prompts(layer, k, v)
             y = attention(q, k, v, cu_seqlens, max_seqlen, causal=True, prefix=prefix)
         return self.o_proj(y.flatten(1))
 
@@ -545,8 +561,9 @@ class Qwen2VL(nn.Module):
         w = self.embed_tokens.weight  # under autocast keep the cache in the low precision the kernels use
         dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
         cache = KVCache.empty(self.config, len(lens), int(lens.max()) + max_new_tokens, dtype, w.device)
+        cache.spans = list(zip(cu[:-1], cu[1:]))
         h = self.forward(input_ids, position_ids, cu_seqlens, pixel_values, grid_thw, return_hidden=True, cache=cache)
-        cache.lens = lens.to(w.device)
+        cache.lens, cache.max_len = lens.to(w.device), int(lens.max())
         logits = self.logits(h[[e - 1 for e in cu[1:]]]).float()
         # decoding continues after the largest position of the prompt (the released rule of rope_positions)
         next_pos = torch.stack([position_ids[:, s:e].max() + 1 for s, e in zip(cu[:-1], cu[1:])])
@@ -557,9 +574,10 @@ class Qwen2VL(nn.Module):
         """Append one text token to every cache row: tokens, positions (B,) -> logits (B, vocab) fp32."""
         x = self.embed_tokens(tokens)
         cos, sin = mrope_cos_sin(positions.expand(3, -1), self.config, x.dtype)
+        cache.start_step()
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, None, None, cache, i)
-        cache.lens += 1
+        cache.end_step()
         return self.logits(self.norm(x)).float()
 
     @torch.no_grad()

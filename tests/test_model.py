@@ -240,6 +240,28 @@ def test_kv_cache_decode_matches_full_forward(pair):
         assert (torch.stack([st[r] for st in steps]) - full[n - 1:]).abs().max() < TOL
 
 
+def test_decode_attention_groups_query_heads_on_their_kv_head():
+    """KVCache.attend (each KV head's 7 query heads as one group of queries, the 7B's 28 / 4 ratio) equals
+    attention over the cache copied out to every query head with each row's own length, and max_len follows
+    the rows' lengths on the host through repeat and steps."""
+    from model import KVCache
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, D, lens = 3, 28, 4, 12, 8, [3, 9, 5]
+    k, v = torch.randn(1, B, Hkv, S, D, generator=g), torch.randn(1, B, Hkv, S, D, generator=g)
+    cache = KVCache(k.clone(), v.clone(), torch.tensor(lens), max(lens))
+    q, kn, vn = torch.randn(B, H, D, generator=g), torch.randn(B, Hkv, D, generator=g), torch.randn(B, Hkv, D, generator=g)
+    cache.start_step()
+    y = cache.attend(0, q, kn, vn)
+    for b, n in enumerate(lens):
+        keys = torch.cat([k[0, b, :, :n], kn[b, :, None]], 1).repeat_interleave(H // Hkv, 0)  # (H, n + 1, D)
+        vals = torch.cat([v[0, b, :, :n], vn[b, :, None]], 1).repeat_interleave(H // Hkv, 0)
+        att = torch.softmax((keys @ q[b, :, :, None])[..., 0] / D ** 0.5, -1)
+        assert (y[b] - (att[:, None] @ vals)[:, 0]).abs().max() < 1e-5
+    cache.end_step()
+    two = cache.repeat(2)
+    assert cache.lens.tolist() == [4, 10, 6] and cache.max_len == 10 and two.max_len == 10
+
+
 def test_greedy_generate_matches_transformers(pair):
     hf, ours, _ = pair
     seqs = [make_seq(VIDEO, 3), make_seq(TEXT, 4)]  # video rule-agnostic: t <= max(h, w) / 2
