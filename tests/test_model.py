@@ -249,7 +249,8 @@ def test_decode_attention_groups_query_heads_on_their_kv_head():
     B, H, Hkv, S, D, lens = 3, 28, 4, 12, 8, [3, 9, 5]
     k, v = torch.randn(1, B, Hkv, S, D, generator=g), torch.randn(1, B, Hkv, S, D, generator=g)
     cache = KVCache(k.clone(), v.clone(), torch.tensor(lens), max(lens))
-    q, kn, vn = torch.randn(B, H, D, generator=g), torch.randn(B, Hkv, D, generator=g), torch.randn(B, Hkv, D, generator=g)
+    q = torch.randn(B, H, D, generator=g)
+    kn, vn = torch.randn(B, Hkv, D, generator=g), torch.randn(B, Hkv, D, generator=g)
     cache.start_step()
     y = cache.attend(0, q, kn, vn)
     for b, n in enumerate(lens):
