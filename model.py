@@ -17,6 +17,7 @@ Left out on purpose: sliding-window attention and rope scaling (off in Qwen2-VL)
 release), beam search, paged KV cache, decoding new images mid-generation. Qwen2.5-VL would slot in as a
 second vision tower class plus time-scaled temporal positions in `_vision_block_positions`.
 """
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,8 +37,9 @@ except Exception:
     flash_attn_varlen_func = None
 try:
     from torch.nn.attention.varlen import varlen_attn
+    VARLEN_PARAMS = inspect.signature(varlen_attn).parameters  # its signature changed across torch versions
 except Exception:
-    varlen_attn = None
+    varlen_attn, VARLEN_PARAMS = None, {}
 
 # -----------------------------------------------------------------------------
 # config
@@ -237,11 +239,11 @@ def attention(q, k, v, cu_seqlens, max_seqlen, causal, prefix=None):
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         if flash_attn_varlen_func is not None:
             return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
-        if varlen_attn is not None:  # some backends lack GQA, so expand kv heads first
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                               window_size=(-1, 0) if causal else (-1, -1))
+        if varlen_attn is not None:
+            kw, rep = varlen_kwargs(VARLEN_PARAMS, causal, q.shape[1] // k.shape[1])
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
     gqa = k.shape[1] != q.shape[1]
     lens = cu_seqlens.diff().cpu()
     B, L, T = len(lens), int(lens.max()), q.shape[0]
@@ -264,6 +266,16 @@ def attention(q, k, v, cu_seqlens, max_seqlen, causal, prefix=None):
                                          is_causal=causal, enable_gqa=gqa).transpose(0, 1)
           for qi, ki, vi in zip(q.split(lens.tolist()), k.split(lens.tolist()), v.split(lens.tolist()))]
     return torch.cat(ys)
+
+def varlen_kwargs(params, causal, groups):
+    """torch's varlen_attn keywords for its signature (params): newer torch takes window_size ((-1, 0) is
+    causal) and enable_gqa, older torch is_causal and no GQA. Returns (keywords, how many times to repeat
+    the KV heads first: only where the kernel cannot group query heads itself, and never for one head each)."""
+    kw = {'window_size': (-1, 0) if causal else (-1, -1)} if 'window_size' in params else {'is_causal': causal}
+    if groups > 1 and 'enable_gqa' in params:
+        return dict(kw, enable_gqa=True), 1
+    return kw, groups
+
 
 def prefix_layout(cu_seqlens, parents, device):
     """For shared_prefix_attention: segment s's queries (rows cu_seqlens[s]:cu_seqlens[s+1]) see all of

@@ -428,3 +428,31 @@ def test_attention_is_block_diagonal(lens, causal):
     g_ours = torch.autograd.grad((out * w).sum(), (q, k, v))
     g_ref = torch.autograd.grad((ref.transpose(0, 1) * w).sum(), (q, k, v))
     assert all((a - b).abs().max() < 1e-5 for a, b in zip(g_ours, g_ref))
+
+
+def test_varlen_attn_called_right_for_either_torch_signature():
+    """model.attention's call of torch's varlen_attn binds to both signatures it has had (is_causal, no GQA;
+    keyword-only window_size and enable_gqa), passes the causal choice in each one's terms, and repeats KV
+    heads only where the kernel cannot group query heads itself."""
+    import inspect
+    from model import varlen_kwargs
+
+    def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        pass
+
+    def new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+            window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+        pass
+
+    for f in (old, new):
+        params = inspect.signature(f).parameters
+        for causal in (True, False):
+            for groups in (1, 7):
+                kw, rep = varlen_kwargs(params, causal, groups)
+                bound = inspect.signature(f).bind(*range(7), **kw)  # a keyword it lacks would raise here
+                bound.apply_defaults()
+                args = bound.arguments
+                got = args['is_causal'] if f is old else args['window_size'] == (-1, 0)
+                assert got == causal
+                assert rep == (groups if f is old else 1)
+                assert f is old or args['enable_gqa'] == (groups > 1)
