@@ -118,6 +118,17 @@ def compute_dtype_and_autocast(device, dtype):
     return compute, lambda: torch.autocast('cuda', dtype=compute)
 
 
+def matmul_weights_to(model, dtype):
+    """A frozen model for autocast: the weights of its matmuls (nn.Linear, nn.Conv3d) in dtype, as autocast
+    would cast them anyway, everything else (embeddings, norms) as it was. Under the same autocast it then
+    computes exactly what the fp32 model computes, for half the bytes of its matmuls (the GRPO reference:
+    KL = 0 at step 0)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv3d)):
+            m.to(dtype)
+    return model
+
+
 def peak_memory(device):
     """Peak bytes: the CUDA allocator's peak on GPU, the process's peak resident set on CPU."""
     if device.type == 'cuda':

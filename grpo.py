@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 import reward
 from common import (all_reduce, clip_and_step, compute_dtype_and_autocast, gather_rows, init_distributed, log_metrics,
-                    lr_at, make_optimizer, peak_memory, print0, save_checkpoint, shard_model, start_run, target_logits)
+                    lr_at, make_optimizer, matmul_weights_to, peak_memory, print0, save_checkpoint, shard_model,
+                    start_run, target_logits)
 from configurator import configure
 from data import Tokenizer, VisionSettings, encode, greedy_pack, pack, read_samples
 from model import Qwen2VL, filter_logits
@@ -553,8 +554,13 @@ def main(argv=None):
     model.gradient_checkpointing = activation_checkpointing
     model.train()
     ref = None
-    if beta > 0:
-        ref = Qwen2VL.from_pretrained(ref_from or init_from, dtype=compute_dtype, device=device)
+    if beta > 0:  # computing exactly what the policy computes at step 0: one process runs the fp32 policy under
+        # autocast, so the reference keeps fp32 embeddings and norms (its matmuls in the compute dtype); FSDP
+        # gathers every parameter of both in the compute dtype (and wants one dtype a unit)
+        ref = Qwen2VL.from_pretrained(ref_from or init_from, dtype=torch.float32 if world == 1 else compute_dtype,
+                                      device=device)
+        if world == 1:
+            matmul_weights_to(ref, compute_dtype)
         ref.requires_grad_(False)
         ref.eval()
     if world > 1:

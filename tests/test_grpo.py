@@ -422,3 +422,26 @@ def test_null_control_shuffles_rewards_only_within_groups():
         assert sorted(s[b * 8:(b + 1) * 8, 0].tolist()) == r[b * 8:(b + 1) * 8, 0].tolist()
     assert torch.equal(s[:, 1] - s[:, 0], torch.ones(24))
     assert torch.equal(shuffle_within_groups(r, 8), s)
+
+
+def test_reference_in_compute_dtype_equals_the_fp32_policy_under_autocast(world):
+    """One process runs the fp32 policy under autocast: a reference with only its matmul weights in bf16
+    (common.matmul_weights_to, grpo.py's single-process reference) gives exactly the policy's log-probs, so
+    KL = 0 at step 0; a reference cast to bf16 whole (embeddings and norms too) does not."""
+    from common import matmul_weights_to
+    tok, model, samples = load(world)
+    G = 2
+    prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in samples[:3]]
+    seeds = [grpo.row_seed(9, 0, i, g) for i in range(3) for g in range(G)]
+    tokens, _, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, 10, banned=banned(tok),
+                                         pad_id=tok.pad_id)
+    batch = grpo.group_batch(groups(prompts, tokens, lengths, G))
+    ref = matmul_weights_to(copy.deepcopy(model), torch.bfloat16)
+    assert ref.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert ref.embed_tokens.weight.dtype == ref.norm.weight.dtype == torch.float32
+    whole = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        policy, same, other = (grpo.completion_logps(m, batch, 1.0, 'cpu', banned(tok))[0]
+                               for m in (model, ref, whole))
+    assert torch.equal(policy, same)
+    assert not torch.equal(policy, other)
