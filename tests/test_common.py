@@ -120,3 +120,47 @@ def test_start_run_refuses_to_clobber_and_trims_on_resume(world, tmp_path):
         common.start_run(str(out), False, model, opt, dict(lr=1e-2))
     assert common.start_run(str(out), True, model, opt, dict(lr=1e-2))['step'] == 3
     assert [json.loads(line)['step'] for line in open(out / 'metrics.jsonl')] == [0, 1, 2]
+
+
+FSDP_BF16 = '''
+import json, os, sys, torch
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+import data
+from common import shard_model
+from model import Qwen2VL
+d, ckpt = sys.argv[1], sys.argv[2] == '1'
+dist.init_process_group('gloo')
+tok, model = data.Tokenizer(os.path.join(d, 'tiny')), Qwen2VL.from_pretrained(os.path.join(d, 'tiny'))
+samples = data.read_samples(os.path.join(d, 'train', 'st_r1_cot.jsonl'))[:2]
+settings = data.VisionSettings(16, 56 * 56, 56 * 56)
+b = data.pack([data.encode(s, tok, settings, s.solution, model.config) for s in samples])
+model.gradient_checkpointing = ckpt
+shard_model(model, torch.device('cpu'), torch.bfloat16)
+logits = model(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'])
+assert logits.dtype == torch.bfloat16  # FSDP's mixed precision is on
+logits.float().logsumexp(-1).mean().backward()
+grads = {{n: p.grad.full_tensor().float().norm().item() for n, p in model.named_parameters()}}
+if dist.get_rank() == 0:
+    json.dump(grads, open(os.path.join(d, f'grads_{{int(ckpt)}}.json'), 'w'))
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp_bf16_with_checkpointing_and_a_trainable_tower(tmp_path):
+    """FSDP2 with bf16 compute, activation checkpointing and the vision tower training, 2 ranks under
+    torchrun/gloo: the backward runs (the recompute sees what the first pass saw: no CheckpointError from
+    inputs cast differently) and every gradient, the tower's included, equals the run without checkpointing."""
+    import subprocess
+    import sys
+    make_tiny_world(tmp_path, 'train', 0, 1)
+    script = tmp_path / 'fsdp_bf16.py'
+    script.write_text(FSDP_BF16.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = dict(os.environ, OMP_NUM_THREADS='1', USE_LIBUV='0')
+    for ckpt in ('0', '1'):
+        p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
+                            str(script), str(tmp_path), ckpt], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    plain, ckpt = (json.load(open(tmp_path / f'grads_{k}.json')) for k in (0, 1))
+    assert any(n.startswith('visual.blocks') for n in plain) and all(v > 0 for v in plain.values())
+    assert plain == pytest.approx(ckpt, rel=1e-6)
