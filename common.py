@@ -129,6 +129,14 @@ def matmul_weights_to(model, dtype):
     return model
 
 
+def grad_sync(model, last, every_micro_batch):
+    """FSDP: reduce-scatter this micro-batch's gradients now (every_micro_batch, or the step's last one); else
+    they accumulate unsharded in fp32 until the last one: one reduce-scatter a step, but full-size gradients
+    held in between (~33 GB a rank for a full 7B fine-tune, against ~4 GB sharded over 8). No-op unsharded."""
+    if hasattr(model, 'set_requires_gradient_sync'):
+        model.set_requires_gradient_sync(every_micro_batch or last)
+
+
 def peak_memory(device):
     """Peak bytes: the CUDA allocator's peak on GPU, the process's peak resident set on CPU."""
     if device.type == 'cuda':

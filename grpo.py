@@ -29,9 +29,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import reward
-from common import (all_reduce, clip_and_step, compute_dtype_and_autocast, gather_rows, init_distributed, log_metrics,
-                    lr_at, make_optimizer, matmul_weights_to, peak_memory, print0, save_checkpoint, shard_model,
-                    start_run, target_logits)
+from common import (all_reduce, clip_and_step, compute_dtype_and_autocast, gather_rows, grad_sync, init_distributed,
+                    log_metrics, lr_at, make_optimizer, matmul_weights_to, peak_memory, print0, save_checkpoint,
+                    shard_model, start_run, target_logits)
 from configurator import configure
 from data import Tokenizer, VisionSettings, encode, greedy_pack, pack, read_samples
 from model import Qwen2VL, filter_logits
@@ -88,6 +88,8 @@ seed = 1337
 dtype = 'bfloat16'       # compute dtype on GPU (weights stay fp32); CPU always computes in fp32
 save_dtype = 'float32'   # dtype of the exported model.safetensors
 activation_checkpointing = True  # recompute each block in backward: ~1/3 more compute, far less memory
+reduce_every_micro_batch = True  # FSDP: gradients stay sharded between micro-batches (common.grad_sync); False:
+                                 # one reduce-scatter an update, full-size fp32 gradients held until then
 log_interval = 1
 
 LOSS_TYPES = ('grpo', 'dapo', 'dr_grpo')
@@ -390,7 +392,7 @@ def plan_updates(keep, seq_len, G, num_minibatches, token_budget, device):
 
 def train_on_rollouts(model, ref, optimizer, prompts, tokens, lengths, sampler_logp, adv, keep, *, G,
                       num_iterations, num_minibatches, token_budget, temperature, grad_clip, loss_kw, banned, device,
-                      autocast, world):
+                      autocast, world, reduce_every_micro_batch=True):
     """The updates of one step on this rank's rollouts (prompts: data.encode of each prompt; tokens, lengths,
     sampler_logp: the rollout's, row j a completion of prompt j // G; adv, keep: per row); loss_kw:
     grpo_loss's settings. Returns the sums the step's metrics are made of (this rank's; loss and grad norm
@@ -445,8 +447,7 @@ def train_on_rollouts(model, ref, optimizer, prompts, tokens, lengths, sampler_l
                 continue  # nothing kept on any rank: nothing to learn from
             loss_sum = 0.0
             for k, (rows, weight) in enumerate(p):
-                if hasattr(model, 'set_requires_gradient_sync'):  # FSDP: reduce-scatter once, on the last one
-                    model.set_requires_gradient_sync(k == len(p) - 1)
+                grad_sync(model, k == len(p) - 1, reduce_every_micro_batch)
                 r = torch.tensor(rows)
                 flat, ent = logps(model, rows, entropy=not need_old)
                 logp, mask = pad_rows(flat, lengths[r].to(device))
@@ -620,7 +621,8 @@ def main(argv=None):
         sums = train_on_rollouts(model, ref, optimizer, prompts, tokens, lengths, sampler_logp, adv, keep, G=G,
                                  num_iterations=num_iterations, num_minibatches=num_minibatches,
                                  token_budget=train_token_budget, temperature=temperature, grad_clip=grad_clip,
-                                 loss_kw=loss_kw, banned=banned, device=device, autocast=autocast, world=world)
+                                 loss_kw=loss_kw, banned=banned, device=device, autocast=autocast, world=world,
+                                 reduce_every_micro_batch=reduce_every_micro_batch)
         if on_gpu:
             torch.cuda.synchronize()
         t_train = float(all_reduce(time.time() - t_train, device, 'max'))

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce, apply_lora, clip_and_step, compute_dtype_and_autocast, guess_peak_flops,
+from common import (all_reduce, apply_lora, clip_and_step, compute_dtype_and_autocast, grad_sync, guess_peak_flops,
                     init_distributed, log_metrics, lr_at, make_optimizer, peak_memory, print0, rank_world,
                     save_checkpoint, shard_model, start_run, target_logits, target_positions)
 from configurator import configure
@@ -73,6 +73,8 @@ seed = 1337
 dtype = 'bfloat16'       # compute dtype on GPU (weights stay fp32); CPU always computes in fp32
 save_dtype = 'float32'   # dtype of the exported model.safetensors (bfloat16 halves a 7B's files)
 activation_checkpointing = True  # recompute each block in backward: ~1/3 more compute, far less memory
+reduce_every_micro_batch = True  # FSDP: gradients stay sharded between micro-batches (common.grad_sync); False:
+                                 # one reduce-scatter a step, full-size fp32 gradients held until then
 peak_flops = 0.0         # per device, for MFU; 0: guess from the GPU's name (none on CPU)
 
 # -----------------------------------------------------------------------------
@@ -83,15 +85,14 @@ def target_loss(model, batch, device):
     return F.cross_entropy(logits.float(), targets, reduction='sum'), len(targets)
 
 
-def forward_backward(model, micro_batches, device, autocast=nullcontext):
+def forward_backward(model, micro_batches, device, autocast=nullcontext, reduce_every_micro_batch=True):
     """Backward of (sum of CE over every target token of the step, on every rank) / (their global count),
     the count all-reduced before any backward. Returns (the step's mean CE per target token, the count)."""
     n = int(all_reduce(sum(len(target_positions(b['labels'])) for b in micro_batches), device))
     world = rank_world()[1]
     total = torch.zeros((), device=device)
     for i, b in enumerate(micro_batches):
-        if hasattr(model, 'set_requires_gradient_sync'):  # FSDP: reduce-scatter once, on the last micro-batch
-            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        grad_sync(model, i == len(micro_batches) - 1, reduce_every_micro_batch)
         with autocast():
             ce, _ = target_loss(model, b, device)
         # FSDP averages gradients over ranks; * world turns that average back into the sum we want
@@ -206,7 +207,7 @@ def main(argv=None):
         lr_now = lr_at(step, total_steps, lr, warmup, min_lr)
         for g in optimizer.param_groups:
             g['lr'] = lr_now
-        loss, n_targets = forward_backward(model, micro, device, autocast)
+        loss, n_targets = forward_backward(model, micro, device, autocast, reduce_every_micro_batch)
         norm = clip_and_step(optimizer, params, grad_clip)
         tokens = sum(len(b['input_ids']) for b in micro)
         flops = sum(step_flops(model.config, counts, b, len(target_positions(b['labels'])), train_vision)
