@@ -122,75 +122,73 @@ def test_start_run_refuses_to_clobber_and_trims_on_resume(world, tmp_path):
     assert [json.loads(line)['step'] for line in open(out / 'metrics.jsonl')] == [0, 1, 2]
 
 
-FSDP_BF16 = '''
-import json, os, sys, torch
-import torch.distributed as dist
-sys.path.insert(0, {root!r})
-import data
-from common import shard_model
-from model import Qwen2VL
-d, ckpt = sys.argv[1], sys.argv[2] == '1'
-dist.init_process_group('gloo')
-tok, model = data.Tokenizer(os.path.join(d, 'tiny')), Qwen2VL.from_pretrained(os.path.join(d, 'tiny'))
-samples = data.read_samples(os.path.join(d, 'train', 'st_r1_cot.jsonl'))[:2]
-settings = data.VisionSettings(16, 56 * 56, 56 * 56)
-b = data.pack([data.encode(s, tok, settings, s.solution, model.config) for s in samples])
-model.gradient_checkpointing = ckpt
-shard_model(model, torch.device('cpu'), torch.bfloat16)
-logits = model(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'])
-assert logits.dtype == torch.bfloat16  # FSDP's mixed precision is on
-logits.float().logsumexp(-1).mean().backward()
-grads = {{n: p.grad.full_tensor().float().norm().item() for n, p in model.named_parameters()}}
-if dist.get_rank() == 0:
-    json.dump(grads, open(os.path.join(d, f'grads_{{int(ckpt)}}.json'), 'w'))
-dist.destroy_process_group()
-'''
-
-
-def test_fsdp_bf16_with_checkpointing_and_a_trainable_tower(tmp_path):
-    """FSDP2 with bf16 compute, activation checkpointing and the vision tower training, 2 ranks under
-    torchrun/gloo: the backward runs (the recompute sees what the first pass saw: no CheckpointError from
-    inputs cast differently) and every gradient, the tower's included, equals the run without checkpointing."""
-    import subprocess
-    import sys
-    make_tiny_world(tmp_path, 'train', 0, 1)
-    script = tmp_path / 'fsdp_bf16.py'
-    script.write_text(FSDP_BF16.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    env = dict(os.environ, OMP_NUM_THREADS='1', USE_LIBUV='0')
-    for ckpt in ('0', '1'):
-        p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
-                            str(script), str(tmp_path), ckpt], env=env, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
-    plain, ckpt = (json.load(open(tmp_path / f'grads_{k}.json')) for k in (0, 1))
-    assert any(n.startswith('visual.blocks') for n in plain) and all(v > 0 for v in plain.values())
-    assert plain == pytest.approx(ckpt, rel=1e-6)
-
-
-FSDP_ACCUM = '''
+# the start of both FSDP scripts: 2 gloo ranks, the tiny model and samples of the world in argv[1]
+FSDP_HEAD = '''
 import json, os, sys, torch
 import torch.distributed as dist
 sys.path.insert(0, {root!r})
 import data
 from common import grad_sync, shard_model
 from model import Qwen2VL
-d, every = sys.argv[1], sys.argv[2] == '1'
+d, flag = sys.argv[1], sys.argv[2] == '1'
 dist.init_process_group('gloo')
 tok, model = data.Tokenizer(os.path.join(d, 'tiny')), Qwen2VL.from_pretrained(os.path.join(d, 'tiny'))
 samples = data.read_samples(os.path.join(d, 'train', 'st_r1_cot.jsonl'))[:4]
 settings = data.VisionSettings(16, 56 * 56, 56 * 56)
+forward = lambda b: model(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'])
+'''
+
+FSDP_BF16 = '''
+b = data.pack([data.encode(s, tok, settings, s.solution, model.config) for s in samples[:2]])
+model.gradient_checkpointing = flag
+shard_model(model, torch.device('cpu'), torch.bfloat16)
+logits = forward(b)
+assert logits.dtype == torch.bfloat16  # FSDP's mixed precision is on
+logits.float().logsumexp(-1).mean().backward()
+grads = {n: p.grad.full_tensor().float().norm().item() for n, p in model.named_parameters()}
+if dist.get_rank() == 0:
+    json.dump(grads, open(os.path.join(d, f'out_{int(flag)}.json'), 'w'))
+dist.destroy_process_group()
+'''
+
+
+def run_fsdp(tmp_path, body):
+    """The FSDP script FSDP_HEAD + body under torchrun (2 ranks, gloo) with argv[2] = 0 and 1: their out_*.json."""
+    import subprocess
+    import sys
+    make_tiny_world(tmp_path, 'train', 0, 1)
+    script = tmp_path / 'fsdp.py'
+    script.write_text(FSDP_HEAD.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + body)
+    env = dict(os.environ, OMP_NUM_THREADS='1', USE_LIBUV='0')
+    for flag in ('0', '1'):
+        p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
+                            str(script), str(tmp_path), flag], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    return [json.load(open(tmp_path / f'out_{k}.json')) for k in (0, 1)]
+
+
+def test_fsdp_bf16_with_checkpointing_and_a_trainable_tower(tmp_path):
+    """FSDP2 with bf16 compute, activation checkpointing and the vision tower training, 2 ranks under
+    torchrun/gloo: the backward runs (the recompute sees what the first pass saw: no CheckpointError from
+    inputs cast differently) and every gradient, the tower's included, equals the run without checkpointing."""
+    plain, ckpt = run_fsdp(tmp_path, FSDP_BF16)
+    assert any(n.startswith('visual.blocks') for n in plain) and all(v > 0 for v in plain.values())
+    assert plain == pytest.approx(ckpt, rel=1e-6)
+
+
+FSDP_ACCUM = '''
 batches = [data.pack([data.encode(s, tok, settings, s.solution, model.config) for s in pair])
            for pair in (samples[:2], samples[2:])]
 shard_model(model, torch.device('cpu'))
 held = None
 for i, b in enumerate(batches):
-    grad_sync(model, i == len(batches) - 1, every)
-    logits = model(b['input_ids'], b['position_ids'], b['cu_seqlens'], b['pixel_values'], b['grid_thw'])
-    logits.logsumexp(-1).mean().backward()
+    grad_sync(model, i == len(batches) - 1, flag)
+    forward(b).logsumexp(-1).mean().backward()
     if i == 0:  # what a rank holds between micro-batches: sharded gradients, or none yet (kept unsharded inside FSDP)
         held = [None if p.grad is None else [p.grad.to_local().numel(), p.numel()] for p in model.parameters()]
-grads = {{n: p.grad.full_tensor().norm().item() for n, p in model.named_parameters()}}
+grads = {n: p.grad.full_tensor().norm().item() for n, p in model.named_parameters()}
 if dist.get_rank() == 0:
-    json.dump(dict(held=held, grads=grads), open(os.path.join(d, f'accum_{{int(every)}}.json'), 'w'))
+    json.dump(dict(held=held, grads=grads), open(os.path.join(d, f'out_{int(flag)}.json'), 'w'))
 dist.destroy_process_group()
 '''
 
@@ -199,17 +197,7 @@ def test_fsdp_gradients_stay_sharded_between_micro_batches(tmp_path):
     """common.grad_sync under FSDP2 (2 ranks, torchrun/gloo, 2 micro-batches): reducing every micro-batch
     leaves each rank only its shard of every gradient in between (half of each matrix's rows); one reduce a
     step holds none yet (FSDP keeps them unsharded); both end with the same gradients."""
-    import subprocess
-    import sys
-    make_tiny_world(tmp_path, 'train', 0, 1)
-    script = tmp_path / 'fsdp_accum.py'
-    script.write_text(FSDP_ACCUM.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    env = dict(os.environ, OMP_NUM_THREADS='1', USE_LIBUV='0')
-    for every in ('0', '1'):
-        p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
-                            str(script), str(tmp_path), every], env=env, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
-    once, every = (json.load(open(tmp_path / f'accum_{k}.json')) for k in (0, 1))
+    once, every = run_fsdp(tmp_path, FSDP_ACCUM)
     assert all(h is None for h in once['held'])
     assert all(h is not None and h[0] <= (h[1] + 1) // 2 for h in every['held'])
     assert every['grads'] == pytest.approx(once['grads'], rel=1e-5)
