@@ -24,6 +24,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -99,6 +100,22 @@ def all_reduce(values, device, op='sum'):
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == 'max' else dist.ReduceOp.SUM)
     return t.cpu()
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 (a scheduler's warning before a time limit, a preemption) ask a run to stop. The
+    handler only sets a flag; after each step the ranks agree (one all-reduce: did any rank get one?), so all
+    stop after the same step, write a resumable checkpoint and exit 0."""
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.signum = None
+        for s in signals:
+            signal.signal(s, self._set)
+
+    def _set(self, signum, frame):
+        self.signum = signum
+
+    def agreed(self, device):
+        return bool(all_reduce(float(self.signum is not None), device, 'max'))
 
 
 def gather_rows(t):

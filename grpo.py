@@ -31,7 +31,7 @@ from tqdm import tqdm
 import reward
 from common import (all_reduce, clip_and_step, compute_dtype_and_autocast, gather_rows, grad_sync, init_distributed,
                     log_metrics, lr_at, make_optimizer, matmul_weights_to, peak_memory, print0, save_checkpoint,
-                    shard_model, start_run, target_logits)
+                    shard_model, start_run, StopSignals, target_logits)
 from configurator import configure
 from data import Tokenizer, VisionSettings, encode, greedy_pack, pack, read_samples
 from model import Qwen2VL, filter_logits
@@ -584,6 +584,7 @@ def main(argv=None):
            f'updates a step, {"FSDP2 on " if world > 1 else ""}{world} {device.type} process(es)')
 
     pbar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
+    signals = StopSignals()
     while step < total_steps:
         epoch, s = divmod(step, steps_per_epoch)
         t0 = time.time()
@@ -636,14 +637,21 @@ def main(argv=None):
             pbar.set_postfix(reward=f"{m['reward']:.3f}", loss=f"{m['loss']:.4f}", len=f"{m['completion_len']:.0f}",
                              roll_tok_s=f"{m['rollout_tokens_per_s']:.0f}")
         pbar.update(1)
-        if step == total_steps or (save_interval > 0 and step % save_interval == 0):
+        stop = signals.agreed(device)
+        if step == total_steps or stop or (save_interval > 0 and step % save_interval == 0):
             # sampling needs no RNG state: every row's seed is a function of (seed, epoch, prompt, generation)
             state = dict(step=step, epoch=step // steps_per_epoch, step_in_epoch=step % steps_per_epoch,
                          world_size=world)
             save_checkpoint(out_dir, model, init_from, optimizer, state, config, settings.asdict(),
                             getattr(torch, save_dtype))
+        if stop:
+            break
     pbar.close()
-    print0(f'done: {total_steps} steps; model and training state in {out_dir}')
+    if step < total_steps:
+        print0(f'stopped by signal {signals.signum} after step {step}: checkpoint in {out_dir}; to continue, run the '
+               f'same command with --resume=True')
+    else:
+        print0(f'done: {total_steps} steps; model and training state in {out_dir}')
     if dist.is_initialized():
         dist.destroy_process_group()
 

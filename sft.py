@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common import (all_reduce, apply_lora, clip_and_step, compute_dtype_and_autocast, grad_sync, guess_peak_flops,
                     init_distributed, log_metrics, lr_at, make_optimizer, peak_memory, print0, rank_world,
-                    save_checkpoint, shard_model, start_run, target_logits, target_positions)
+                    save_checkpoint, shard_model, start_run, StopSignals, target_logits, target_positions)
 from configurator import configure
 from data import FrameCache, Tokenizer, VisionSettings, batches, cot_target, read_samples
 from model import Qwen2VL
@@ -201,6 +201,7 @@ def main(argv=None):
     batch_iter = step_batches(lambda e: epoch_batches(e, rank, num_workers), grad_accum, num_workers, seed, epoch,
                               start)
     pbar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
+    signals = StopSignals()
     while step < total_steps:
         t0 = time.time()
         epoch, s, micro = next(batch_iter)
@@ -224,12 +225,19 @@ def main(argv=None):
             log_metrics(metrics_path, m)
             pbar.set_postfix(loss=f'{loss:.4f}', lr=f'{lr_now:.2e}', tok_s=f'{tokens / dt:.0f}')
         pbar.update(1)
-        if step == total_steps or (save_interval > 0 and step % save_interval == 0):
+        stop = signals.agreed(device)
+        if step == total_steps or stop or (save_interval > 0 and step % save_interval == 0):
             state = dict(step=step, epoch=epoch, step_in_epoch=s + 1, world_size=world)
             save_checkpoint(out_dir, model, init_from, optimizer, state, config, settings.asdict(),
                             getattr(torch, save_dtype))
+        if stop:
+            break
     pbar.close()
-    print0(f'done: {total_steps} steps; model and training state in {out_dir}')
+    if step < total_steps:
+        print0(f'stopped by signal {signals.signum} after step {step}: checkpoint in {out_dir}; to continue, run the '
+               f'same command with --resume=True')
+    else:
+        print0(f'done: {total_steps} steps; model and training state in {out_dir}')
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -50,18 +50,22 @@ def vowel_rewards(samples, texts, G, weights):
 '''
 exec(REWARD_SRC)
 
-# grpo.py as a user runs it, with the vowel reward; GRPO_KILL_AFTER=k: dies (os._exit) right after logging step k
+# grpo.py as a user runs it, with the vowel reward; GRPO_KILL_AFTER=k: dies (os._exit) right after logging step k;
+# GRPO_SIGTERM_AFTER=k: gets a SIGTERM there instead (the scheduler's warning)
 WRAPPER = '''
-import os, sys, torch
+import os, signal, sys, torch
 sys.path.insert(0, %r)
 import grpo
 ''' % ROOT + REWARD_SRC + '''
 grpo.score_rollouts = vowel_rewards
 log, kill_after = grpo.log_metrics, int(os.environ.get('GRPO_KILL_AFTER', -1))
+term_after = int(os.environ.get('GRPO_SIGTERM_AFTER', -1))
 def log_then_die(path, m):
     log(path, m)
     if m['step'] == kill_after:
         os._exit(9)   # as abrupt as a kill: no cleanup, no final checkpoint
+    if m['step'] == term_after:
+        os.kill(os.getpid(), signal.SIGTERM)
 grpo.log_metrics = log_then_die
 grpo.main(sys.argv[1:])
 '''
@@ -311,7 +315,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(world, out, nproc=1, kill_after=None, **kw):
+def run(world, out, nproc=1, kill_after=None, term_after=None, **kw):
     """grpo.py with the vowel reward on the fixture: 2 prompts x 4 generations a step."""
     a = dict(init_from=world / 'tiny', data=world / 'train' / 'st_r1_cot.jsonl', out_dir=out, nframes=16,
              min_pixels=56 * 56, max_pixels=56 * 56, prompts_per_step=2, num_generations=4, max_completion_length=12,
@@ -321,7 +325,8 @@ def run(world, out, nproc=1, kill_after=None, **kw):
     argv = [os.path.join(ROOT, 'config', 'grpo_egoworld.py')] + [f'--{k}={v}' for k, v in a.items()]
     # USE_LIBUV=0: torchrun's libuv TCP store hangs in some sandboxes (gVisor); the classic one works everywhere
     env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', USE_LIBUV='0',
-               GRPO_KILL_AFTER=str(-1 if kill_after is None else kill_after))
+               GRPO_KILL_AFTER=str(-1 if kill_after is None else kill_after),
+               GRPO_SIGTERM_AFTER=str(-1 if term_after is None else term_after))
     launcher = ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={free_port()}']
     cmd = [sys.executable] + (launcher if nproc > 1 else [])
     p = subprocess.run(cmd + [str(world / 'wrapper.py')] + argv, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -406,6 +411,20 @@ def test_kill_and_resume_replays_the_run_exactly(world, baseline):
     assert p.returncode == 9 and len(metrics(cut)) == 3
     assert json.load(open(cut / 'train_state.json'))['step'] == 2
     run(world, cut, resume=True, save_interval=2, **KW)
+    a, b = metrics(baseline), metrics(cut)
+    assert [x['step'] for x in b] == [0, 1, 2, 3]
+    for k in ('loss', 'grad_norm', 'reward', 'kl', 'rollout_tokens'):
+        assert [x[k] for x in a] == [x[k] for x in b], k
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(world, baseline):
+    """A SIGTERM during step 1: the step finishes, a resumable checkpoint is written (save_interval=0: none
+    would be otherwise), the process exits 0 saying how to resume, and --resume replays the rest exactly."""
+    cut = world / 'term'
+    p = run(world, cut, term_after=1, **KW)
+    assert p.returncode == 0 and 'stopped by signal' in p.stdout + p.stderr
+    assert json.load(open(cut / 'train_state.json'))['step'] == 2 and len(metrics(cut)) == 2
+    run(world, cut, resume=True, **KW)
     a, b = metrics(baseline), metrics(cut)
     assert [x['step'] for x in b] == [0, 1, 2, 3]
     for k in ('loss', 'grad_norm', 'reward', 'kl', 'rollout_tokens'):

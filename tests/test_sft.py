@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 os.environ['HF_HUB_OFFLINE'] = '1'
 import pytest
@@ -239,3 +240,43 @@ def test_flop_count_by_hand():
     frozen = 2 * (200 * 32 + 50 * 32 / 4) + 2 * 2 * 1 * 32 * (2 * 16 ** 2)
     assert sft.step_flops(cfg, counts, b, 5, True) == lm + trained
     assert sft.step_flops(cfg, counts, b, 5, False) == lm + frozen
+
+
+SIGNAL_WRAPPER = '''
+import os, sys
+sys.path.insert(0, %r)
+import sft
+open(os.path.join(%r, 'pid_' + os.environ['RANK']), 'w').write(str(os.getpid()))
+sft.main(sys.argv[1:])
+'''
+
+
+def test_sigterm_on_one_rank_stops_all_after_the_same_step_and_resumes_exactly(world, tmp_path):
+    """The scheduler's SIGTERM reaching one rank of a 2-rank torchrun run: both ranks finish that step, write a
+    resumable checkpoint and exit 0, saying how to resume; --resume=True then ends with the weights of an
+    uninterrupted run."""
+    steps = 30
+    full, cut = world / 'sig_full', world / 'sig_cut'
+    run(args(world, full, max_steps=steps, grad_accum=1), nproc=2)
+    wrapper = tmp_path / 'wrapper.py'
+    wrapper.write_text(SIGNAL_WRAPPER % (ROOT, str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
+                          str(wrapper)] + args(world, cut, max_steps=steps, grad_accum=1), cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        while not (cut / 'metrics.jsonl').exists() or len(metrics(cut)) < 3:
+            assert p.poll() is None, 'the run ended before the signal'
+            time.sleep(0.05)
+        os.kill(int((tmp_path / 'pid_1').read_text()), signal.SIGTERM)  # rank 1 only: rank 0 must follow
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, err[-3000:]
+    stopped = json.load(open(cut / 'train_state.json'))['step']
+    assert 3 <= stopped < steps and f'after step {stopped}' in out + err and '--resume=True' in out + err
+    assert len(metrics(cut)) == stopped
+    run(args(world, cut, max_steps=steps, grad_accum=1, resume=True), nproc=2)
+    a, b = load_file(str(full / 'model.safetensors')), load_file(str(cut / 'model.safetensors'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
