@@ -117,6 +117,13 @@ class StopSignals:
     def agreed(self, device):
         return bool(all_reduce(float(self.signum is not None), device, 'max'))
 
+    def report(self, step, total_steps, out_dir):
+        if step < total_steps:
+            print0(f'stopped by SIGTERM/SIGUSR1 after step {step}: checkpoint in {out_dir}; to continue, run the '
+                   f'same command with --resume=True')
+        else:
+            print0(f'done: {total_steps} steps; model and training state in {out_dir}')
+
 
 def gather_rows(t):
     """Every rank's rows (the same count on each) concatenated in rank order; t when alone."""

@@ -537,7 +537,8 @@ def main(argv=None):
     settings = VisionSettings(nframes=nframes, min_pixels=min_pixels, max_pixels=max_pixels)
     tok = Tokenizer(init_from)
     samples = read_samples(data, **({'video_root': video_root} if video_root and not os.path.isdir(data) else {}))
-    samples = [smp for smp in samples if smp.task in tasks.split(',')]
+    rl_tasks = tasks.split(',')
+    samples = [smp for smp in samples if smp.task in rl_tasks]
     if not samples:
         raise ValueError(f'{data}: no question of tasks={tasks!r} to train on')
     for smp in samples:  # a ground truth the reward cannot use fails now, naming its file:line, not hours in
@@ -647,11 +648,7 @@ def main(argv=None):
         if stop:
             break
     pbar.close()
-    if step < total_steps:
-        print0(f'stopped by signal {signals.signum} after step {step}: checkpoint in {out_dir}; to continue, run the '
-               f'same command with --resume=True')
-    else:
-        print0(f'done: {total_steps} steps; model and training state in {out_dir}')
+    signals.report(step, total_steps, out_dir)
     if dist.is_initialized():
         dist.destroy_process_group()
 

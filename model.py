@@ -252,20 +252,27 @@ def attention(q, k, v, cu_seqlens, max_seqlen, causal, prefix=None):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         return y.transpose(1, 2).flatten(0, 1)
     if B * L <= 2 * T:  # pad every segment to L: one batched call
-        # valid: where each real row sits in the padded (B * L) layout
-        valid = ((torch.arange(B)[:, None] * L + torch.arange(L))
-                 .masked_select(torch.arange(L) < lens[:, None]).to(q.device))
-        pad = lambda x: (x.new_zeros(B * L, *x.shape[1:]).index_copy(0, valid, x)
-                         .view(B, L, *x.shape[1:]).transpose(1, 2))
+        valid = padded_rows(lens, L).to(q.device)
         # causal: a real row never sees the padding after it; bidirectional: mask the padded keys
         mask = None if causal else (torch.arange(L) < lens[:, None])[:, None, None, :].to(q.device)
-        y = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal,
-                                           enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(*(pad_segments(x, valid, B, L) for x in (q, k, v)), attn_mask=mask,
+                                           is_causal=causal, enable_gqa=gqa)
         return y.transpose(1, 2).reshape(B * L, *q.shape[1:]).index_select(0, valid)
     ys = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
                                          is_causal=causal, enable_gqa=gqa).transpose(0, 1)
           for qi, ki, vi in zip(q.split(lens.tolist()), k.split(lens.tolist()), v.split(lens.tolist()))]
     return torch.cat(ys)
+
+def padded_rows(lens, L):
+    """Where each real row of segments of lengths `lens`, packed back to back, sits once every segment is
+    padded to L rows: (sum(lens),) indices into B * L."""
+    return (torch.arange(len(lens))[:, None] * L + torch.arange(L)).masked_select(torch.arange(L) < lens[:, None])
+
+
+def pad_segments(x, rows, B, L):
+    """Packed (T, H, D) -> (B, H, L, D), segment b's rows first in row b, zeros after (rows: padded_rows)."""
+    return x.new_zeros(B * L, *x.shape[1:]).index_copy(0, rows, x).view(B, L, *x.shape[1:]).transpose(1, 2)
+
 
 def varlen_kwargs(params, causal, groups):
     """torch's varlen_attn keywords for its signature (params): newer torch takes window_size ((-1, 0) is
@@ -283,18 +290,16 @@ def prefix_layout(cu_seqlens, parents, device):
     seeing the prompt, which is computed once. The gather index of every segment's keys, their cu_seqlens,
     and for the padded SDPA path the rows and the bottom-right causal mask (the same in every layer)."""
     cu = cu_seqlens.tolist()
-    spans = [list(range(a, b)) for a, b in zip(cu[:-1], cu[1:])]
-    keys = [(spans[p] if p >= 0 else []) + own for own, p in zip(spans, parents.tolist())]
+    spans = [torch.arange(a, b) for a, b in zip(cu[:-1], cu[1:])]
+    keys = [torch.cat([spans[p], own]) if p >= 0 else own for own, p in zip(spans, parents.tolist())]
     lq, lk = torch.tensor([len(x) for x in spans]), torch.tensor([len(x) for x in keys])
     B, Lq, Lk = len(spans), int(lq.max()), int(lk.max())
-    rows = lambda lens, L: ((torch.arange(B)[:, None] * L + torch.arange(L))
-                            .masked_select(torch.arange(L) < lens[:, None]))
     i, j = torch.arange(Lq)[:, None], torch.arange(Lk)
     # key j of segment b is visible to its query i: a real key, and not after i (offset by the parent's keys)
     mask = (j < lk[:, None, None]) & (j <= i + (lk - lq)[:, None, None])
-    return dict(key_index=torch.tensor(sum(keys, []), device=device),
+    return dict(key_index=torch.cat(keys).to(device),
                 cu_k=F.pad(lk.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32), max_k=Lk,
-                B=B, Lq=Lq, Lk=Lk, q_rows=rows(lq, Lq).to(device), k_rows=rows(lk, Lk).to(device),
+                B=B, Lq=Lq, Lk=Lk, q_rows=padded_rows(lq, Lq).to(device), k_rows=padded_rows(lk, Lk).to(device),
                 mask=mask[:, None].to(device))
 
 
@@ -306,10 +311,9 @@ def shared_prefix_attention(q, k, v, cu_seqlens, max_seqlen, prefix):
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_varlen_func is not None:
         return flash_attn_varlen_func(q, k, v, cu_seqlens, prefix['cu_k'], max_seqlen, prefix['max_k'], causal=True)
     B, Lq, Lk = prefix['B'], prefix['Lq'], prefix['Lk']
-    pad = lambda x, rows, L: (x.new_zeros(B * L, *x.shape[1:]).index_copy(0, rows, x)
-                              .view(B, L, *x.shape[1:]).transpose(1, 2))
-    y = F.scaled_dot_product_attention(pad(q, prefix['q_rows'], Lq), pad(k, prefix['k_rows'], Lk),
-                                       pad(v, prefix['k_rows'], Lk), attn_mask=prefix['mask'],
+    y = F.scaled_dot_product_attention(pad_segments(q, prefix['q_rows'], B, Lq),
+                                       pad_segments(k, prefix['k_rows'], B, Lk),
+                                       pad_segments(v, prefix['k_rows'], B, Lk), attn_mask=prefix['mask'],
                                        enable_gqa=k.shape[1] != q.shape[1])
     return y.transpose(1, 2).reshape(B * Lq, *q.shape[1:]).index_select(0, prefix['q_rows'])
 

@@ -484,17 +484,6 @@ def edit_similarity(a, b, eq=None):
     return 1.0 if m == 0 else 1.0 - edit_distance(a, b, eq) / m
 
 
-def lcs_length(a, b, eq=None):
-    eq = eq or (lambda x, y: x == y)
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0] * (len(b) + 1)
-        for j, y in enumerate(b, 1):
-            cur[j] = prev[j - 1] + 1 if eq(x, y) else max(prev[j], cur[j - 1])
-        prev = cur
-    return prev[-1]
-
-
 def landmark_recall(pred, ref, eq=landmark_match):
     """Fraction of ref items matched one-to-one (greedy, in ref order) by pred items; 1.0 if ref is empty."""
     if not ref:

@@ -233,11 +233,7 @@ def main(argv=None):
         if stop:
             break
     pbar.close()
-    if step < total_steps:
-        print0(f'stopped by signal {signals.signum} after step {step}: checkpoint in {out_dir}; to continue, run the '
-               f'same command with --resume=True')
-    else:
-        print0(f'done: {total_steps} steps; model and training state in {out_dir}')
+    signals.report(step, total_steps, out_dir)
     if dist.is_initialized():
         dist.destroy_process_group()
 
