@@ -142,14 +142,17 @@ def compute_dtype_and_autocast(device, dtype):
     return compute, lambda: torch.autocast('cuda', dtype=compute)
 
 
-def matmul_weights_to(model, dtype):
-    """A frozen model for autocast: the weights of its matmuls (nn.Linear, nn.Conv3d) in dtype, as autocast
-    would cast them anyway, everything else (embeddings, norms) as it was. Under the same autocast it then
-    computes exactly what the fp32 model computes, for half the bytes of its matmuls (the GRPO reference:
-    KL = 0 at step 0)."""
+def frozen_matmul_weights_to(model, dtype):
+    """One process under autocast: the frozen weights of the matmuls (nn.Linear, nn.Conv3d; a frozen tower,
+    LoRA's base, the whole GRPO reference) in dtype, as autocast casts them anyway, so they are not re-cast on
+    every forward and recompute and take half the memory; trainable weights stay fp32 masters, embeddings and
+    norms as they were. Under the same autocast the model computes exactly what it computed before (the GRPO
+    reference: KL = 0 at step 0). A checkpoint saves the frozen weights as rounded (exact for a bf16 release)."""
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv3d)):
-            m.to(dtype)
+            for p in m.parameters(recurse=False):
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
     return model
 
 
@@ -268,11 +271,12 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=('q_proj', 'k_proj', 'v_
 
 def merge_lora_weights(state_dict, scalings):
     """W <- W + scaling * B @ A (in fp32) in a state dict, lora_A/lora_B dropped; a new dict.
-    scalings: {module name: alpha/r}."""
+    scalings: {module name: alpha/r}. A bf16 base (frozen_matmul_weights_to) merges into fp32: rounding the
+    merged weight back to bf16 would lose most of a small update."""
     sd = dict(state_dict)
     for name, s in scalings.items():
         A, B, W = sd.pop(f'{name}.lora_A'), sd.pop(f'{name}.lora_B'), sd[f'{name}.weight']
-        sd[f'{name}.weight'] = (W.float() + s * (B.float() @ A.float())).to(W.dtype)
+        sd[f'{name}.weight'] = (W.float() + s * (B.float() @ A.float())).to(torch.promote_types(W.dtype, A.dtype))
     return sd
 
 # -----------------------------------------------------------------------------
@@ -281,7 +285,9 @@ def merge_lora_weights(state_dict, scalings):
 def shard_model(model, device, param_dtype=None):
     """Every block of every nn.ModuleList (decoder layers, vision blocks) is one FSDP2 unit, then the
     root (embeddings, merger, norm, head). param_dtype (bf16) is the all-gather and compute dtype;
-    gradients are reduced in fp32 and the sharded master weights stay fp32."""
+    gradients are reduced in fp32 and the sharded master weights stay fp32. The residual stream is then bf16
+    (each unit casts its inputs), as in a bf16 model; one process under autocast keeps it fp32 (fp32
+    embeddings, bf16 matmul outputs added into it): the two differ by bf16 rounding, not in kind."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import reward
 from common import (all_reduce, clip_and_step, compute_dtype_and_autocast, gather_rows, grad_sync, init_distributed,
-                    log_metrics, lr_at, make_optimizer, matmul_weights_to, peak_memory, print0, save_checkpoint,
+                    log_metrics, lr_at, make_optimizer, frozen_matmul_weights_to, peak_memory, print0, save_checkpoint,
                     shard_model, start_run, StopSignals, target_logits)
 from configurator import configure
 from data import Tokenizer, VisionSettings, encode, greedy_pack, pack, read_samples
@@ -561,10 +561,12 @@ def main(argv=None):
         # gathers every parameter of both in the compute dtype (and wants one dtype a unit)
         ref = Qwen2VL.from_pretrained(ref_from or init_from, dtype=torch.float32 if world == 1 else compute_dtype,
                                       device=device)
-        if world == 1:
-            matmul_weights_to(ref, compute_dtype)
         ref.requires_grad_(False)
         ref.eval()
+    if world == 1 and compute_dtype != torch.float32:
+        for m in (model, ref):
+            if m is not None:
+                frozen_matmul_weights_to(m, compute_dtype)
     if world > 1:
         from torch.distributed.fsdp import register_fsdp_forward_method
         shard_model(model, device, compute_dtype if compute_dtype != torch.float32 else None)

@@ -24,9 +24,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce, apply_lora, clip_and_step, compute_dtype_and_autocast, grad_sync, guess_peak_flops,
-                    init_distributed, log_metrics, lr_at, make_optimizer, peak_memory, print0, rank_world,
-                    save_checkpoint, shard_model, start_run, StopSignals, target_logits, target_positions)
+from common import (all_reduce, apply_lora, clip_and_step, compute_dtype_and_autocast, frozen_matmul_weights_to,
+                    grad_sync, guess_peak_flops, init_distributed, log_metrics, lr_at, make_optimizer, peak_memory,
+                    print0, rank_world, save_checkpoint, shard_model, start_run, StopSignals, target_logits,
+                    target_positions)
 from configurator import configure
 from data import FrameCache, Tokenizer, VisionSettings, batches, cot_target, read_samples
 from model import Qwen2VL
@@ -180,6 +181,8 @@ def main(argv=None):
     model.train()
     if world > 1:
         shard_model(model, device, compute_dtype if compute_dtype != torch.float32 else None)
+    elif compute_dtype != torch.float32:
+        frozen_matmul_weights_to(model, compute_dtype)
     optimizer = make_optimizer(model, lr, weight_decay, (beta1, beta2))
 
     # schedule: the number of steps is known up front (lengths come from video headers)

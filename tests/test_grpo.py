@@ -443,19 +443,22 @@ def test_null_control_shuffles_rewards_only_within_groups():
     assert torch.equal(shuffle_within_groups(r, 8), s)
 
 
-def test_reference_in_compute_dtype_equals_the_fp32_policy_under_autocast(world):
-    """One process runs the fp32 policy under autocast: a reference with only its matmul weights in bf16
-    (common.matmul_weights_to, grpo.py's single-process reference) gives exactly the policy's log-probs, so
-    KL = 0 at step 0; a reference cast to bf16 whole (embeddings and norms too) does not."""
-    from common import matmul_weights_to
-    tok, model, samples = load(world)
-    G = 2
-    prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in samples[:3]]
-    seeds = [grpo.row_seed(9, 0, i, g) for i in range(3) for g in range(G)]
+def rollout_batch(tok, model, samples, G=2, n=3):
+    prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in samples[:n]]
+    seeds = [grpo.row_seed(9, 0, i, g) for i in range(n) for g in range(G)]
     tokens, _, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, 10, banned=banned(tok),
                                          pad_id=tok.pad_id)
-    batch = grpo.group_batch(groups(prompts, tokens, lengths, G))
-    ref = matmul_weights_to(copy.deepcopy(model), torch.bfloat16)
+    return grpo.group_batch(groups(prompts, tokens, lengths, G))
+
+
+def test_reference_in_compute_dtype_equals_the_fp32_policy_under_autocast(world):
+    """One process runs the fp32 policy under autocast: a frozen reference with only its matmul weights in bf16
+    (common.frozen_matmul_weights_to, as grpo.py makes it) gives exactly the policy's log-probs, so KL = 0 at
+    step 0; a reference cast to bf16 whole (embeddings and norms too) does not."""
+    from common import frozen_matmul_weights_to
+    tok, model, samples = load(world)
+    batch = rollout_batch(tok, model, samples)
+    ref = frozen_matmul_weights_to(copy.deepcopy(model).requires_grad_(False), torch.bfloat16)
     assert ref.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert ref.embed_tokens.weight.dtype == ref.norm.weight.dtype == torch.float32
     whole = copy.deepcopy(model).to(torch.bfloat16)
@@ -464,3 +467,37 @@ def test_reference_in_compute_dtype_equals_the_fp32_policy_under_autocast(world)
                                for m in (model, ref, whole))
     assert torch.equal(policy, same)
     assert not torch.equal(policy, other)
+
+
+def test_frozen_weights_in_compute_dtype_change_nothing_under_autocast(world):
+    """One process, frozen tower + LoRA (sft.py / grpo.py under autocast): the frozen matmul weights go to bf16,
+    the trainable ones stay fp32, and the log-probs and every trainable gradient are exactly what they were."""
+    from common import apply_lora, frozen_matmul_weights_to, merge_lora_weights
+    tok, model, samples = load(world)
+    batch = rollout_batch(tok, model, samples)
+    torch.manual_seed(0)
+    model.visual.requires_grad_(False)
+    apply_lora(model, 4, 8.0, targets=('q_proj', 'v_proj', 'gate_proj'))
+    for m in model.modules():  # adapters away from zero, so the gradients reach through them
+        if hasattr(m, 'lora_B'):
+            torch.nn.init.normal_(m.lora_B, std=0.02)
+    cast = frozen_matmul_weights_to(copy.deepcopy(model), torch.bfloat16)
+    attn, merger = cast.layers[0].self_attn, cast.visual.merger.mlp[0]
+    assert attn.q_proj.weight.dtype == attn.k_proj.weight.dtype == merger.weight.dtype == torch.bfloat16
+    assert attn.q_proj.lora_A.dtype == attn.q_proj.lora_B.dtype == cast.embed_tokens.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in cast.parameters() if p.requires_grad)
+    out = []
+    for m in (model, cast):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            logp = grpo.completion_logps(m, batch, 1.0, 'cpu', banned(tok))[0]
+        logp.sum().backward()
+        out.append((logp.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    assert torch.equal(out[0][0], out[1][0])
+    assert out[0][1].keys() == out[1][1].keys() and len(out[0][1]) > 0
+    assert all(torch.equal(out[0][1][n], out[1][1][n]) for n in out[0][1])
+    # the saved model merges a bf16 base into fp32: the adapters' update is not rounded away
+    scalings = {n: m.scaling for n, m in cast.named_modules() if hasattr(m, 'lora_B')}
+    merged, base = merge_lora_weights(cast.state_dict(), scalings), 'layers.0.self_attn.q_proj'
+    delta = scalings[base] * attn.q_proj.lora_B @ attn.q_proj.lora_A
+    assert merged[f'{base}.weight'].dtype == torch.float32
+    assert torch.allclose(merged[f'{base}.weight'] - attn.q_proj.weight.float(), delta, atol=1e-7)
