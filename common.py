@@ -125,6 +125,16 @@ class StopSignals:
             print0(f'done: {total_steps} steps; model and training state in {out_dir}')
 
 
+def gather_ids(ids, device):
+    """Every rank's list of non-negative ints, concatenated in rank order, on every rank."""
+    if not dist.is_initialized():
+        return list(ids)
+    n = int(all_reduce(len(ids), device, 'max'))
+    t = torch.full((n,), -1, dtype=torch.long)
+    t[:len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return [i for i in gather_rows(t.to(device)).tolist() if i >= 0]
+
+
 def gather_rows(t):
     """Every rank's rows (the same count on each) concatenated in rank order; t when alone."""
     if not dist.is_initialized():
@@ -223,12 +233,34 @@ def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
     return torch.optim.AdamW([g for g in groups if g['params']], lr=lr, betas=betas, eps=eps, fused=fused)
 
 
-def clip_and_step(optimizer, params, grad_clip):
-    """Clip the global grad norm (0: off), step, zero the grads. Returns the norm before clipping."""
+def clip_and_step(optimizer, params, grad_clip, loss=0.0):
+    """Clip the global grad norm (0: off) and step, unless the (global) loss or the norm is NaN/inf: then no
+    weight and no optimizer state is touched. Zero the grads. Returns (the norm before clipping, stepped);
+    every rank sees the same norm and loss, so all skip together."""
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
-    optimizer.step()
+    norm = float(norm.full_tensor() if hasattr(norm, 'full_tensor') else norm)  # FSDP: a DTensor
+    stepped = math.isfinite(norm) and math.isfinite(loss)
+    if stepped:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm.full_tensor() if hasattr(norm, 'full_tensor') else norm)  # FSDP: a DTensor
+    return norm, stepped
+
+
+class NonFiniteSteps:
+    """Skipped (non-finite) steps in a row: each is reported with its samples; max_in_a_row of them stop the
+    run with an error naming them all (a corrupt sample or a diverged run, not a one-off overflow)."""
+    def __init__(self, max_in_a_row):
+        self.max_in_a_row, self.run = max_in_a_row, []
+
+    def update(self, step, stepped, samples):
+        if stepped:
+            self.run = []
+            return
+        self.run.append(f"step {step} (samples {', '.join(samples)})")
+        print0(f'step {step}: non-finite loss or gradient norm, update skipped; samples: {", ".join(samples)}')
+        if len(self.run) >= self.max_in_a_row:
+            raise FloatingPointError(f'{len(self.run)} steps in a row with a non-finite loss or gradient norm '
+                                     f'(max_nonfinite_steps={self.max_in_a_row}): ' + '; '.join(self.run))
 
 # -----------------------------------------------------------------------------
 # LoRA

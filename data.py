@@ -695,8 +695,9 @@ class PackedBatches(torch.utils.data.Dataset):
         return len(self.plan)
 
     def __getitem__(self, i):
-        return pack([encode(s, self.tok, self.settings, target_text(s, self.target), self.cfg, self.cache)
-                     for s in (self.samples[j] for j in self.plan[i])])
+        batch = pack([encode(s, self.tok, self.settings, target_text(s, self.target), self.cfg, self.cache)
+                      for s in (self.samples[j] for j in self.plan[i])])
+        return dict(batch, sample_index=torch.tensor(self.plan[i]))  # which samples: logged with each step
 
 def batches(samples, tok, settings, token_budget, seed=0, rank=None, world_size=None, num_workers=2,
             target='solution', epoch=0, cfg=None, cache=None):

@@ -29,9 +29,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import reward
-from common import (all_reduce, clip_and_step, compute_dtype_and_autocast, gather_rows, grad_sync, init_distributed,
-                    log_metrics, lr_at, make_optimizer, frozen_matmul_weights_to, peak_memory, print0, save_checkpoint,
-                    shard_model, start_run, StopSignals, target_logits)
+from common import (all_reduce, clip_and_step, compute_dtype_and_autocast, frozen_matmul_weights_to, gather_ids,
+                    gather_rows, grad_sync, init_distributed, log_metrics, lr_at, make_optimizer, NonFiniteSteps,
+                    peak_memory, print0, save_checkpoint, shard_model, start_run, StopSignals, target_logits)
 from configurator import configure
 from data import Tokenizer, VisionSettings, encode, greedy_pack, pack, read_samples
 from model import Qwen2VL, filter_logits
@@ -80,6 +80,7 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0          # max global grad norm per update; 0 = off
+max_nonfinite_steps = 3  # a NaN/inf loss or grad norm skips the update; steps with one, this many in a row, stop
 freeze_vision = False    # the release trains everything
 epochs = 1
 max_steps = -1           # > 0: stop after this many steps instead (epochs repeat as needed)
@@ -93,6 +94,7 @@ reduce_every_micro_batch = True  # FSDP: gradients stay sharded between micro-ba
 log_interval = 1
 
 LOSS_TYPES = ('grpo', 'dapo', 'dr_grpo')
+MAX_LOG_GAP = 20.0  # exp(20) ~ 5e8: far past any clip range, far from fp32's overflow at exp(88)
 SCALE_REWARDS = ('group', 'batch', 'none')
 REWARD_KEYS = ('total', 'accuracy', 'format', 'reverse', 'route')
 # never sampled: a completion is text, and a pad token in it would be fed video features in the
@@ -166,12 +168,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.0, epsilon=0.2,
     old = logp.detach() if old_logp is None else torch.where(m, old_logp.detach().float(), zero)
     A = advantages.detach().float().unsqueeze(1)
 
-    ratio = torch.exp(logp - old)
+    # log-ratios and KL gaps clamped to +-MAX_LOG_GAP: exp of an extreme gap (a token the reference or the
+    # sampler found ~impossible) would overflow to inf, and inf * 0 to nan; a clamped token gets no gradient
+    ratio = torch.exp((logp - old).clamp(-MAX_LOG_GAP, MAX_LOG_GAP))
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     per_token = -torch.min(ratio * A, clipped * A)
     kl = None
     if ref_logp is not None:
-        delta = torch.where(m, ref_logp.detach().float(), zero) - logp
+        delta = (torch.where(m, ref_logp.detach().float(), zero) - logp).clamp(-MAX_LOG_GAP, MAX_LOG_GAP)
         kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
         if beta > 0:
             per_token = per_token + beta * kl
@@ -408,7 +412,7 @@ def train_on_rollouts(model, ref, optimizer, prompts, tokens, lengths, sampler_l
     batches = {tuple(rows): group_batch([(prompts[b], [completion(j) for j in rows if j // G == b])
                                          for b in dict.fromkeys(j // G for j in rows)])
                for p in plans for rows, _ in p}
-    sums = dict(loss=0.0, norm=0.0, updates=0, train_tokens=0.0, tokens=0.0, clip_low=0.0, clip_high=0.0,
+    sums = dict(loss=0.0, norm=0.0, updates=0, skipped=0, train_tokens=0.0, tokens=0.0, clip_low=0.0, clip_high=0.0,
                 clip_region=0.0, ratio=0.0, kl=0.0, entropy=0.0, diag_tokens=0.0, logp_diff=0.0)
 
     def logps(net, rows, entropy=False):
@@ -470,9 +474,12 @@ def train_on_rollouts(model, ref, optimizer, prompts, tokens, lengths, sampler_l
                     sums[key] += float(st.get(key, 0.0)) * w
                 if not need_old and weight:
                     diagnose(flat, ent, rows)
-            sums['norm'] += clip_and_step(optimizer, params, grad_clip)
-            sums['loss'] += float(all_reduce(loss_sum, device)) / world
+            loss_mb = float(all_reduce(loss_sum, device)) / world
+            norm, stepped = clip_and_step(optimizer, params, grad_clip, loss_mb)
+            sums['norm'] += norm
+            sums['loss'] += loss_mb
             sums['updates'] += 1
+            sums['skipped'] += not stepped
     return sums
 
 
@@ -487,6 +494,7 @@ def step_metrics(sums, rewards, lengths, stopped, keep, zero_std, with_kl, t_rol
     n_kept = float(all_reduce(float(keep.sum()), device))
     ntok, ndiag, nup = max(red['tokens'], 1.0), max(red['diag_tokens'], 1.0), max(sums['updates'], 1)
     return dict(loss=sums['loss'] / nup, grad_norm=sums['norm'] / nup, updates=sums['updates'],
+                skipped_updates=sums['skipped'],
                 **reward_metrics(rewards), kl=red['kl'] / ntok if with_kl else None,
                 clip_low=red['clip_low'] / ntok, clip_high=red['clip_high'] / ntok,
                 clip_region=red['clip_region'] / ntok, ratio=red['ratio'] / ntok, entropy=red['entropy'] / ndiag,
@@ -587,7 +595,7 @@ def main(argv=None):
            f'updates a step, {"FSDP2 on " if world > 1 else ""}{world} {device.type} process(es)')
 
     pbar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
-    signals = StopSignals()
+    signals, nonfinite = StopSignals(), NonFiniteSteps(max_nonfinite_steps)
     while step < total_steps:
         epoch, s = divmod(step, steps_per_epoch)
         t0 = time.time()
@@ -631,15 +639,17 @@ def main(argv=None):
             torch.cuda.synchronize()
         t_train = float(all_reduce(time.time() - t_train, device, 'max'))
 
+        ids = [samples[i].id for i in gather_ids(idx, device)]
         m = dict(step=step, epoch=epoch, lr=lr_now, **step_metrics(sums, rewards, lengths, stopped, keep, zero_all,
                                                                     ref is not None, t_roll, t_train, device),
-                 dt=time.time() - t0, peak_mem_gb=peak_memory(device) / 2**30)
+                 dt=time.time() - t0, peak_mem_gb=peak_memory(device) / 2**30, samples=ids)
         step += 1
-        if master and (step % log_interval == 0 or step == total_steps):
+        if master and (step % log_interval == 0 or step == total_steps or sums['skipped']):
             log_metrics(metrics_path, m)
             pbar.set_postfix(reward=f"{m['reward']:.3f}", loss=f"{m['loss']:.4f}", len=f"{m['completion_len']:.0f}",
                              roll_tok_s=f"{m['rollout_tokens_per_s']:.0f}")
         pbar.update(1)
+        nonfinite.update(step - 1, sums['skipped'] == 0, ids)
         stop = signals.agreed(device)
         if step == total_steps or stop or (save_interval > 0 and step % save_interval == 0):
             # sampling needs no RNG state: every row's seed is a function of (seed, epoch, prompt, generation)

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (all_reduce, apply_lora, clip_and_step, compute_dtype_and_autocast, frozen_matmul_weights_to,
-                    grad_sync, guess_peak_flops, init_distributed, log_metrics, lr_at, make_optimizer, peak_memory,
-                    print0, rank_world, save_checkpoint, shard_model, start_run, StopSignals, target_logits,
-                    target_positions)
+                    gather_ids, grad_sync, guess_peak_flops, init_distributed, log_metrics, lr_at, make_optimizer,
+                    NonFiniteSteps, peak_memory, print0, rank_world, save_checkpoint, shard_model, start_run,
+                    StopSignals, target_logits, target_positions)
 from configurator import configure
 from data import FrameCache, Tokenizer, VisionSettings, batches, cot_target, read_samples
 from model import Qwen2VL
@@ -67,6 +67,7 @@ weight_decay = 0.0       # HF Trainer's default, which the release used
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 0.3          # max global grad norm; 0 = off
+max_nonfinite_steps = 3  # a NaN/inf loss or grad norm skips the update; this many in a row stop the run
 epochs = 1
 max_steps = -1           # > 0: stop after this many steps instead (epochs repeat as needed)
 seed = 1337
@@ -204,7 +205,7 @@ def main(argv=None):
     batch_iter = step_batches(lambda e: epoch_batches(e, rank, num_workers), grad_accum, num_workers, seed, epoch,
                               start)
     pbar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
-    signals = StopSignals()
+    signals, nonfinite = StopSignals(), NonFiniteSteps(max_nonfinite_steps)
     while step < total_steps:
         t0 = time.time()
         epoch, s, micro = next(batch_iter)
@@ -212,7 +213,8 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g['lr'] = lr_now
         loss, n_targets = forward_backward(model, micro, device, autocast, reduce_every_micro_batch)
-        norm = clip_and_step(optimizer, params, grad_clip)
+        norm, stepped = clip_and_step(optimizer, params, grad_clip, loss)
+        ids = [samples[i].id for i in gather_ids([i for b in micro for i in b['sample_index'].tolist()], device)]
         tokens = sum(len(b['input_ids']) for b in micro)
         flops = sum(step_flops(model.config, counts, b, len(target_positions(b['labels'])), train_vision)
                     for b in micro)
@@ -222,12 +224,14 @@ def main(argv=None):
         dt = time.time() - t0
         step += 1
         if master:
-            m = dict(step=step - 1, loss=loss, lr=lr_now, grad_norm=norm, target_tokens=n_targets, tokens=int(tokens),
-                     tokens_per_s=tokens / dt, mfu=flops / dt / (peak * world) if peak else None,
-                     peak_mem_gb=peak_memory(device) / 2**30, dt=dt)
+            m = dict(step=step - 1, epoch=epoch, loss=loss, lr=lr_now, grad_norm=norm, skipped=not stepped,
+                     target_tokens=n_targets, tokens=int(tokens), tokens_per_s=tokens / dt,
+                     mfu=flops / dt / (peak * world) if peak else None, peak_mem_gb=peak_memory(device) / 2**30,
+                     dt=dt, samples=ids)
             log_metrics(metrics_path, m)
             pbar.set_postfix(loss=f'{loss:.4f}', lr=f'{lr_now:.2e}', tok_s=f'{tokens / dt:.0f}')
         pbar.update(1)
+        nonfinite.update(step - 1, stepped, ids)
         stop = signals.agreed(device)
         if step == total_steps or stop or (save_interval > 0 and step % save_interval == 0):
             state = dict(step=step, epoch=epoch, step_in_epoch=s + 1, world_size=world)

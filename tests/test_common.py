@@ -85,6 +85,35 @@ def test_training_state_round_trip(world, tmp_path):
         common.load_training_state(str(tmp_path), bad, common.make_optimizer(bad, 1e-2))
 
 
+def test_a_non_finite_step_touches_no_weight_and_no_optimizer_state(world):
+    """clip_and_step with a NaN gradient (or an inf loss) skips the update: weights and AdamW state exactly as
+    before, gradients cleared; the next finite step steps. NonFiniteSteps stops the run after N in a row,
+    naming every step and its samples, and a finite step in between resets the count."""
+    model = Qwen2VL.from_pretrained(str(world / 'tiny'))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = common.make_optimizer(model, 1e-2)
+    for poison, loss in ((None, 1.0), ('nan', 1.0), (None, float('inf')), (None, 2.0)):
+        sum(p.pow(2).sum() for p in params).backward()
+        if poison:
+            params[3].grad[0] = float(poison)
+        before = ([p.detach().clone() for p in params],
+                  {i: {k: v.clone() for k, v in st.items()} for i, st in opt.state_dict()['state'].items()})
+        norm, stepped = common.clip_and_step(opt, params, 1.0, loss)
+        assert stepped == (poison is None and loss != float('inf'))
+        assert all(p.grad is None for p in params)
+        same = all(torch.equal(a, p) for a, p in zip(before[0], params))
+        after = opt.state_dict()['state']
+        assert same == (not stepped) and (before[1] == {} or
+                                          all(torch.equal(before[1][i][k], after[i][k]) for i in after
+                                              for k in after[i]) == (not stepped))
+    bad = common.NonFiniteSteps(2)
+    bad.update(0, False, ['a', 'b'])
+    bad.update(1, True, ['c'])
+    bad.update(2, False, ['d'])
+    with pytest.raises(FloatingPointError, match=r'2 steps in a row .*step 2 \(samples d\); step 3 \(samples e, f\)'):
+        bad.update(3, False, ['e', 'f'])
+
+
 def test_schedule():
     lrs = [common.lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11) and lrs[10] == 1.0

@@ -177,6 +177,21 @@ def test_padding_garbage_does_not_leak():
     assert torch.isfinite(loss) and torch.isfinite(bad.grad).all() and bad.grad[0, 2] == 0
     assert loss.item() == pytest.approx(-0.37 + 0.1 * ((K_LN2 / 2) + (0.5 / 3)) / 2, abs=1e-6)
 
+def test_extreme_log_prob_gaps_stay_finite():
+    """A token the sampler or the reference found ~impossible (a gap of 1e4 nats either way): exp would overflow
+    to inf and inf * 0 to nan; the clamped gap keeps the loss and the gradient finite, the KL large."""
+    logp = torch.tensor([[-1e4, -0.5, 0.0], [0.0, -3.0, -1e4]], requires_grad=True)
+    old = torch.tensor([[0.0, -0.5, -1e4], [-1e4, -3.0, 0.0]])
+    ref = torch.tensor([[0.0, -1e4, 0.0], [-1e4, 0.0, -1e4]])
+    m = torch.ones(2, 3, dtype=torch.bool)
+    for A in (torch.tensor([1.0, -1.0]), torch.tensor([0.0, -2.0])):
+        for loss_type in ('grpo', 'dapo', 'dr_grpo'):
+            logp.grad = None
+            loss, stats = grpo_loss(logp, old, ref, A, m, beta=0.04, loss_type=loss_type, max_completion_length=3)
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), (A, loss_type, loss)
+            assert torch.isfinite(stats['ratio']) and stats['kl'] > 1e6
+
 # -----------------------------------------------------------------------------
 # gradients against autograd through a plain per-token reference
 

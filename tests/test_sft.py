@@ -46,14 +46,15 @@ def args(world, out, **kw):
     return [os.path.join(ROOT, 'config', 'sft_egoworld.py')] + [f'--{k}={v}' for k, v in a.items()]
 
 
-def run(argv, nproc=1, kill_after=None, check=True):
-    """sft.py as a user runs it. kill_after=k: the process dies (os._exit) right after logging step k."""
+def run(argv, nproc=1, kill_after=None, check=True, script=None):
+    """sft.py as a user runs it. kill_after=k: the process dies (os._exit) right after logging step k.
+    script: one process running this Python source instead (a wrapper around sft.main)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
     if nproc > 1:
         cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--standalone',
                os.path.join(ROOT, 'sft.py')]
     else:
-        cmd = [sys.executable, '-c', KILLER % (kill_after if kill_after is not None else -1)]
+        cmd = [sys.executable, '-c', script or KILLER % (kill_after if kill_after is not None else -1)]
     p = subprocess.Popen(cmd + argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
@@ -74,6 +75,19 @@ def log_then_die(path, m):
     if m['step'] == %d:
         os._exit(9)   # as abrupt as a kill: no cleanup, no final checkpoint
 sft.log_metrics = log_then_die
+sft.main(sys.argv[1:])
+'''
+
+NAN_INJECTOR = '''
+import sys, sft
+steps, calls, forward_backward = {%s}, [0], sft.forward_backward
+def poisoned(model, *args, **kw):  # a NaN gradient at the chosen steps, as an overflow would leave it
+    loss, n = forward_backward(model, *args, **kw)
+    if calls[0] in steps:
+        next(p for p in model.parameters() if p.requires_grad).grad.fill_(float('nan'))
+    calls[0] += 1
+    return loss, n
+sft.forward_backward = poisoned
 sft.main(sys.argv[1:])
 '''
 
@@ -280,3 +294,23 @@ def test_sigterm_on_one_rank_stops_all_after_the_same_step_and_resumes_exactly(w
     run(args(world, cut, max_steps=steps, grad_accum=1, resume=True), nproc=2)
     a, b = load_file(str(full / 'model.safetensors')), load_file(str(cut / 'model.safetensors'))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_step_is_skipped_and_logged_and_too_many_in_a_row_stop_the_run(world, baseline):
+    """A NaN gradient at step 2: the update is skipped (common.clip_and_step; its test shows nothing is
+    touched), the step is logged with its samples, the run finishes; steps before it equal the clean run's.
+    NaN at steps 2, 3, 4 with max_nonfinite_steps=3: the run stops with an error naming the three steps."""
+    out = world / 'nan_once'
+    p = run(args(world, out), script=NAN_INJECTOR % '2')
+    m, clean = metrics(out), metrics(baseline)
+    assert [x['skipped'] for x in m] == [i == 2 for i in range(STEPS)]
+    assert m[2]['grad_norm'] != m[2]['grad_norm'] and m[2]['samples'] == clean[2]['samples']
+    assert f"step 2: non-finite loss or gradient norm, update skipped; samples: {', '.join(m[2]['samples'])}" \
+        in p.stdout_text + p.stderr_text
+    assert [x['loss'] for x in m[:3]] == [x['loss'] for x in clean[:3]] and m[3]['loss'] != clean[3]['loss']
+    out = world / 'nan_thrice'
+    p = run(args(world, out, max_nonfinite_steps=3), script=NAN_INJECTOR % '2, 3, 4', check=False)
+    assert p.returncode != 0 and len(metrics(out)) == 5
+    err = p.stderr_text
+    assert 'FloatingPointError: 3 steps in a row with a non-finite loss or gradient norm' in err
+    assert all(f"step {k} (samples {', '.join(metrics(out)[k]['samples'])})" in err for k in (2, 3, 4))
