@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import reward
-from common import barrier, init_distributed, write_text
+from common import barrier, init_distributed, StopSignals, write_text
 from data import PROMPT_VERSION, DataError, Tokenizer, VisionSettings, encode, pack, read_jsonl_log, read_samples
 from model import Qwen2VL, rope_positions
 
@@ -300,12 +300,14 @@ def _record(s, raw, err, judge):
 
 
 def evaluate(samples, answer_fn, out_dir, settings, prepare=None, batch_size=8, num_workers=0,
-             judge=None, reader_errors=(), rank=0, world_size=1, progress=True, paired_with=''):
+             judge=None, reader_errors=(), rank=0, world_size=1, progress=True, paired_with='', signals=None,
+             device='cpu'):
     """Answer and score every sample not yet in out_dir/predictions.jsonl; rank 0 merges and writes
     results.json and results.md. answer_fn(samples, inputs) -> raw output strings; prepare(sample)
     -> inputs, run in DataLoader workers (raising marks the sample bad); judge(prediction,
     reference) -> dict with 'score' and 'error', for route samples; paired_with: another run's out_dir to
-    compare MCQ answers with (mcnemar). Returns the summary on rank 0."""
+    compare MCQ answers with (mcnemar); signals: a common.StopSignals, after which every rank finishes its batch
+    and the run ends without a table (a re-run evaluates the rest). Returns the summary on rank 0."""
     os.makedirs(out_dir, exist_ok=True)
     ids = [s.id for s in samples]
     read_predictions(out_dir, settings)  # every rank validates first, so a mismatch fails on all alike
@@ -334,7 +336,14 @@ def evaluate(samples, answer_fn, out_dir, settings, prepare=None, batch_size=8, 
                 f.write(json.dumps(rec) + '\n')
                 f.flush()  # an interruption loses at most the line being written
             bar.update(len(batch))
+            if signals is not None and signals.signum is not None:
+                break
     bar.close()
+    if signals is not None and signals.agreed(device):
+        if rank == 0:
+            print(f'bench: stopped by SIGTERM/SIGUSR1; the predictions so far are kept in {out_dir}; run the same '
+                  f'command again to evaluate the rest')
+        return None
     barrier()
     if rank != 0:
         return None
@@ -580,10 +589,11 @@ def main(argv=None):
             prepare = functools.partial(prepare_sample, tok, vs, model.config)
             summary = evaluate(samples, answer_fn, out, settings, prepare=prepare,
                                batch_size=batch_size, num_workers=num_workers, judge=judge, reader_errors=errors,
-                               rank=rank, world_size=world, paired_with=paired_with)
+                               rank=rank, world_size=world, paired_with=paired_with, signals=StopSignals(),
+                               device=dev)
     except DataError as e:  # an unusable predictions file: say which line and why, no traceback
         raise SystemExit(f"bench: {e}")
-    if rank == 0:
+    if rank == 0 and summary is not None:
         print(markdown(summary), end='')
         print(f"bench: {out}/predictions.jsonl, results.json, results.md")
     if dist.is_initialized():

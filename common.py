@@ -381,40 +381,68 @@ def save_checkpoint(out_dir, model, tokenizer_src_dir, optimizer, state, config,
     """The HF-layout model, run_config.json and vision_settings.json in out_dir; with an optimizer also
     the resumable state: state-<step>/ {trainable.safetensors, optimizer.safetensors + .json,
     rng-rank<r>.json}, made current by atomically replacing train_state.json (`state` + its folder).
+    All of it is written into state-<step>.tmp/ first and published only once every rank's part is there, so
+    a save that fails (disk full, quota, an I/O error) leaves the previous checkpoint whole and current, and
+    raises saying what failed; older states are removed only after the new one is published.
     Collective when sharded: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     rank = rank_world()[0]
-    os.makedirs(out_dir, exist_ok=True)
-    sd = full_state_dict(model)
-    save_model(out_dir, model, tokenizer_src_dir, save_dtype, sd)
-    if rank == 0:
-        write_json(os.path.join(out_dir, 'run_config.json'), config)
-        if vision_settings is not None:
-            write_json(os.path.join(out_dir, 'vision_settings.json'), vision_settings)
-    if optimizer is None:
-        return
-    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     name = f"state-{state['step']:06d}"
-    tmp = os.path.join(out_dir, name + '.tmp')
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        save_file({k: v.contiguous() for k, v in sd.items() if k in trainable},
-                  os.path.join(tmp, 'trainable.safetensors'))
-        save_file({f'{fqn}/{k}': v.contiguous() for fqn, s in osd['state'].items() for k, v in s.items()},
-                  os.path.join(tmp, 'optimizer.safetensors'))
-        write_json(os.path.join(tmp, 'optimizer.json'), dict(param_groups=osd['param_groups']))
+    stage = os.path.join(out_dir, name + '.tmp')
+    sd = full_state_dict(model)  # the collectives first, so that a failed write cannot leave a rank waiting
+    osd = None if optimizer is None else \
+        get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    error = None
+    try:  # failures are caught and reported below, on every rank
+        if rank == 0:
+            shutil.rmtree(stage, ignore_errors=True)
+            os.makedirs(os.path.join(stage, 'model'))
+            save_model(os.path.join(stage, 'model'), model, tokenizer_src_dir, save_dtype, sd)
+            write_json(os.path.join(stage, 'model', 'run_config.json'), config)
+            if vision_settings is not None:
+                write_json(os.path.join(stage, 'model', 'vision_settings.json'), vision_settings)
+            if osd is not None:
+                trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+                save_file({k: v.contiguous() for k, v in sd.items() if k in trainable},
+                          os.path.join(stage, 'trainable.safetensors'))
+                save_file({f'{fqn}/{k}': v.contiguous() for fqn, s in osd['state'].items() for k, v in s.items()},
+                          os.path.join(stage, 'optimizer.safetensors'))
+                write_json(os.path.join(stage, 'optimizer.json'), dict(param_groups=osd['param_groups']))
+    except Exception as e:
+        error = f'{type(e).__name__}: {e}'
     barrier()
-    write_json(os.path.join(tmp, f'rng-rank{rank}.json'), _rng_state())
-    barrier()
-    if rank == 0:
-        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-        os.replace(tmp, os.path.join(out_dir, name))
-        write_json(os.path.join(out_dir, 'train_state.json'), dict(state, dir=name))
-        for old in os.listdir(out_dir):  # earlier states are superseded once the pointer moved
-            if old.startswith('state-') and old != name:
-                shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+    try:
+        if osd is not None and error is None:
+            write_json(os.path.join(stage, f'rng-rank{rank}.json'), _rng_state())
+    except Exception as e:
+        error = f'{type(e).__name__}: {e}'
+    failed = all_reduce([float(error is not None)], next(model.parameters()).device)
+    if float(failed.sum()):
+        if rank == 0:
+            shutil.rmtree(stage, ignore_errors=True)
+        pointer = os.path.join(out_dir, 'train_state.json')
+        prev = f"step {json.load(open(pointer))['step']}" if os.path.exists(pointer) else 'none yet'
+        raise RuntimeError(f"saving step {state['step']} to {stage} failed on {int(failed.sum())} rank(s)"
+                           f"{f' (rank {rank}: {error})' if error else ''}; the previous checkpoint ({prev}) in "
+                           f"{out_dir} is untouched and current")
+    if rank == 0:  # publish: the model files, then the state and its pointer, then prune
+        model_dir = os.path.join(stage, 'model')
+        new = os.listdir(model_dir)
+        for f in sorted(new, key=lambda f: (f.endswith('.json'), f)):  # weights before index and config
+            os.replace(os.path.join(model_dir, f), os.path.join(out_dir, f))
+        for f in os.listdir(out_dir):  # weights of another shard layout would confuse loaders
+            if f.startswith('model') and f.endswith(('.safetensors', '.safetensors.index.json')) and f not in new:
+                os.remove(os.path.join(out_dir, f))
+        os.rmdir(model_dir)
+        if osd is None:
+            os.rmdir(stage)
+        else:
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+            os.replace(stage, os.path.join(out_dir, name))
+            write_json(os.path.join(out_dir, 'train_state.json'), dict(state, dir=name))
+            for old in os.listdir(out_dir):  # earlier states are superseded once the pointer moved
+                if old.startswith('state-') and old != name:
+                    shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
     barrier()
 
 

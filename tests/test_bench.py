@@ -356,20 +356,22 @@ def _cli(world, out, *extra, nproc=1, kill_after=None, ckpt='noisy'):
     if nproc > 1:
         cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--standalone',
                os.path.join(ROOT, 'bench.py')]
-    else:  # kill_after=k: the process dies (os._exit) right after writing its k-th record
-        cmd = [sys.executable, '-c', KILLER % (kill_after or -1)]
+    else:  # kill_after=k: the process dies (os._exit) right after writing its k-th record; -k: SIGTERM then
+        cmd = [sys.executable, '-c', KILLER % (kill_after or -999)]
     p = subprocess.run(cmd + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return p
 
 
 KILLER = """
-import os, sys
+import os, signal, sys
 sys.argv = ['bench.py'] + sys.argv[1:]
 import bench
 k, n, record = %d, [0], bench._record
 def dies(*a):
     if n[0] == k:  # k records are written and flushed: die like a kill -9
         os._exit(3)
+    if n[0] == -k:  # a scheduler's SIGTERM arrives while record -k is made
+        os.kill(os.getpid(), signal.SIGTERM)
     n[0] += 1
     return record(*a)
 bench._record = dies
@@ -407,6 +409,15 @@ def test_cli_resume_torchrun_and_logits(world, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert '16 of 24 samples to evaluate (8 done by an earlier run)' in p.stdout
     assert (tmp_path / 'kill' / 'predictions.jsonl').read_text() == one
+    # SIGTERM while the 7th record is written: the batch in flight (4 records) is finished, the run exits 0
+    # without a table, and the re-run evaluates the 16 others
+    p = _cli(world, tmp_path / 'term', kill_after=-6)
+    assert p.returncode == 0 and 'stopped by SIGTERM/SIGUSR1' in p.stdout, p.stderr[-3000:]
+    assert len((tmp_path / 'term' / 'predictions.rank0.jsonl').read_text().splitlines()) == 8
+    assert not (tmp_path / 'term' / 'results.json').exists()
+    p = _cli(world, tmp_path / 'term')
+    assert p.returncode == 0 and '16 of 24 samples to evaluate (8 done by an earlier run)' in p.stdout
+    assert (tmp_path / 'term' / 'predictions.jsonl').read_text() == one
     # two ranks (gloo): disjoint shards, rank 0 merges; the same predictions and table as one process
     p = _cli(world, tmp_path / 'two', nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -114,6 +114,59 @@ def test_a_non_finite_step_touches_no_weight_and_no_optimizer_state(world):
         bad.update(3, False, ['e', 'f'])
 
 
+def partial_then_full_disk(real, target):
+    """A writer that fails as a full disk does: for paths containing `target` it writes some bytes, then raises."""
+    def write(*args, **kw):
+        path = next(a for a in args + tuple(kw.values()) if isinstance(a, str) and os.sep in a)
+        if target not in path:
+            return real(*args, **kw)
+        with open(path, 'wb') as f:
+            f.write(b'\0' * 1000)
+        raise OSError(28, 'No space left on device', path)
+    return write
+
+
+@pytest.mark.parametrize('where', ['weights', 'optimizer', 'rng'])
+def test_a_failed_save_leaves_the_previous_checkpoint_current(world, tmp_path, monkeypatch, where):
+    """Step 2's save fails half way (a full disk) in the model weights, the optimizer state or a rank's RNG file:
+    the error names the step and the cause, train_state.json still points at step 1, whose model files and
+    resumable state load as saved, and nothing of step 2 is left; a later save publishes and prunes as usual."""
+    import model as model_py
+    model = Qwen2VL.from_pretrained(str(world / 'tiny'))
+    opt = common.make_optimizer(model, 1e-2)
+    out, tiny = str(tmp_path / 'run'), str(world / 'tiny')
+
+    def train_and_save(step):
+        sum(p.float().pow(2).sum() for p in model.parameters() if p.requires_grad).backward()
+        opt.step()
+        opt.zero_grad()
+        common.save_checkpoint(out, model, tiny, opt, dict(step=step, epoch=0, step_in_epoch=step), dict(lr=1e-2))
+
+    train_and_save(1)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    files = {f: open(os.path.join(out, f), 'rb').read() for f in os.listdir(out)
+             if os.path.isfile(os.path.join(out, f))}
+    writers = dict(weights=(model_py, 'save_file', 'model.tmp'),
+                   optimizer=(common, 'save_file', 'optimizer.safetensors'),
+                   rng=(common, 'write_text', 'rng-rank0'))
+    module, fn, target = writers[where]
+    monkeypatch.setattr(module, fn, partial_then_full_disk(getattr(module, fn), target))
+    with pytest.raises(RuntimeError, match=r'saving step 2 .* failed .*OSError: \[Errno 28\] No space left on device.*'
+                                           r'the previous checkpoint \(step 1\) .* is untouched and current'):
+        train_and_save(2)
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == sorted(list(files) + ['state-000001'])
+    assert all(open(os.path.join(out, f), 'rb').read() == b for f, b in files.items())
+    assert json.load(open(os.path.join(out, 'train_state.json')))['dir'] == 'state-000001'
+    again = Qwen2VL.from_pretrained(out)
+    assert all(torch.equal(saved[k], v) for k, v in again.state_dict().items())
+    again = Qwen2VL.from_pretrained(tiny)
+    assert common.load_training_state(out, again, common.make_optimizer(again, 1e-2))['step'] == 1
+    assert all(torch.equal(saved[k], v) for k, v in again.state_dict().items())
+    train_and_save(3)
+    assert sorted(f for f in os.listdir(out) if f.startswith('state-')) == ['state-000003']
+
+
 def test_schedule():
     lrs = [common.lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11) and lrs[10] == 1.0
