@@ -13,9 +13,12 @@ state-<step>/ folder (trainable tensors unmerged, AdamW state, every rank's RNG)
 when train_state.json is atomically replaced: a kill at any moment leaves the previous state whole.
 safetensors and JSON only; nothing is pickled.
 
+Every part is written into state-<step>.tmp/ first: a save that fails leaves the previous checkpoint current.
+The state is full tensors, so a run resumes on another number of ranks (sft.py keeps its global batch).
+
 Left out on purpose: sharded (per-rank) checkpoint files (the full state is gathered to rank 0: fine
-for LoRA, ~3x the fp32 model in host RAM for a full 7B), resuming on another number of ranks, tensor
-or sequence parallelism, QLoRA's 4-bit base (LoRA on a bf16/fp32 base fits 8x80 GB).
+for LoRA, ~3x the fp32 model in host RAM for a full 7B), tensor or sequence parallelism, QLoRA's 4-bit
+base (LoRA on a bf16/fp32 base fits 8x80 GB).
 """
 import inspect
 import json
@@ -458,9 +461,6 @@ def load_training_state(out_dir, model, optimizer):
     with open(pointer) as f:
         state = json.load(f)
     rank, world = rank_world()
-    if state.get('world_size', world) != world:
-        raise ValueError(f"{pointer}: saved with {state['world_size']} ranks, resuming with {world}: the data "
-                         f"shards and RNG streams would differ; resume with the same number of ranks")
     folder = os.path.join(out_dir, state['dir'])
     sharded = dist.is_initialized()
     load = rank == 0 or not sharded  # when sharded, rank 0 reads and broadcasts
@@ -483,8 +483,14 @@ def load_training_state(out_dir, model, optimizer):
         StateDictOptions(strict=False)
     set_model_state_dict(model, trainable, options=opts)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=osd, options=opts)
-    with open(os.path.join(folder, f'rng-rank{rank}.json')) as f:
-        _set_rng_state(json.load(f))
+    saved_world = state.get('world_size', world)
+    if saved_world != world:  # the full (gathered) tensors load on any number of ranks; RNG streams are per rank
+        print0(f'{pointer}: saved on {saved_world} rank(s), resuming on {world}: ranks below {min(saved_world, world)} '
+               f'continue their random streams, others start fresh (only dropout draws from them)')
+    rng = os.path.join(folder, f'rng-rank{rank}.json')
+    if rank < saved_world:
+        with open(rng) as f:
+            _set_rng_state(json.load(f))
     return state
 
 

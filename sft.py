@@ -15,6 +15,7 @@ fall into batches. fp32 master weights; bf16 autocast on GPU; LoRA, FSDP2, check
 Left out on purpose: a Trainer or callbacks, evaluation during training (bench.py does that),
 sequence packing across steps, tensor/sequence parallelism.
 """
+import json
 import os
 import time
 from contextlib import nullcontext
@@ -134,6 +135,21 @@ def answer_target(sample):
     return f'<answer>{sample.answer}</answer>'
 
 
+def accum_for_world(state, grad_accum, world, source):
+    """grad_accum on `world` ranks for a run saved as `state` (train_state.json): the saved global batch
+    (its grad_accum x its ranks packed batches a step), shared out anew; grad_accum as given on the same ranks."""
+    saved_world, saved_accum = state.get('world_size', world), state.get('grad_accum', grad_accum)
+    if saved_world == world:
+        return grad_accum
+    n = saved_world * saved_accum
+    if n % world:
+        raise ValueError(f'{source}: saved on {saved_world} rank(s) x grad_accum {saved_accum} = {n} packed batches '
+                         f'a step, which {world} ranks cannot share evenly; resume on a number of ranks dividing {n}')
+    print0(f'resuming on {world} rank(s), saved on {saved_world}: grad_accum {saved_accum} -> {n // world} keeps '
+           f'the global batch of {n} packed batches a step')
+    return n // world
+
+
 def step_batches(loader_for_epoch, grad_accum, num_workers, seed, epoch, start):
     """Yield (epoch, step in epoch, [grad_accum packed batches]) from step `start` of `epoch` on, forever
     (epochs reshuffle); loader_for_epoch(e) is data.batches of epoch e. The tail batches of an epoch
@@ -186,12 +202,17 @@ def main(argv=None):
         frozen_matmul_weights_to(model, compute_dtype)
     optimizer = make_optimizer(model, lr, weight_decay, (beta1, beta2))
 
+    # resumed on another number of ranks: the same global batch of packed batches a step, so every step sees the
+    # samples it saw before (data.batches deals global batch j to rank j % world)
+    pointer, accum = os.path.join(out_dir, 'train_state.json'), grad_accum
+    if resume and os.path.exists(pointer):
+        accum = accum_for_world(json.load(open(pointer)), grad_accum, world, pointer)
     # schedule: the number of steps is known up front (lengths come from video headers)
     target = cot_target if cot else answer_target
     cache = FrameCache(frame_cache_mb * 2**20) if frame_cache_mb > 0 else None
     epoch_batches = lambda e, r, workers: batches(samples, tok, settings, token_budget, seed, r, world, workers,
                                                   target, e, model.config, cache)
-    total_steps = max_steps if max_steps > 0 else sum(len(epoch_batches(e, 0, 0)) // grad_accum for e in range(epochs))
+    total_steps = max_steps if max_steps > 0 else sum(len(epoch_batches(e, 0, 0)) // accum for e in range(epochs))
     warmup = int(warmup_frac * total_steps)
     torch.manual_seed(seed + rank)  # LoRA dropout: a stream per rank (a resumed run restores its own)
     state = start_run(out_dir, resume, model, optimizer, config)
@@ -199,10 +220,10 @@ def main(argv=None):
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
     peak = peak_flops or guess_peak_flops(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    print0(f'{total_steps} steps of {grad_accum} x {world} packed batches (<= {token_budget} tokens), '
+    print0(f'{total_steps} steps of {accum} x {world} packed batches (<= {token_budget} tokens), '
            f'warmup {warmup}, lr {lr}, {"FSDP2 on " if world > 1 else ""}{world} {device.type} process(es)')
 
-    batch_iter = step_batches(lambda e: epoch_batches(e, rank, num_workers), grad_accum, num_workers, seed, epoch,
+    batch_iter = step_batches(lambda e: epoch_batches(e, rank, num_workers), accum, num_workers, seed, epoch,
                               start)
     pbar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
     signals, nonfinite = StopSignals(), NonFiniteSteps(max_nonfinite_steps)
@@ -234,7 +255,7 @@ def main(argv=None):
         nonfinite.update(step - 1, stepped, ids)
         stop = signals.agreed(device)
         if step == total_steps or stop or (save_interval > 0 and step % save_interval == 0):
-            state = dict(step=step, epoch=epoch, step_in_epoch=s + 1, world_size=world)
+            state = dict(step=step, epoch=epoch, step_in_epoch=s + 1, world_size=world, grad_accum=accum)
             save_checkpoint(out_dir, model, init_from, optimizer, state, config, settings.asdict(),
                             getattr(torch, save_dtype))
         if stop:

@@ -431,6 +431,28 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(worl
         assert [x[k] for x in a] == [x[k] for x in b], k
 
 
+@pytest.mark.parametrize('before, after', [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks(world, baseline, before, after):
+    """SIGTERM during step 1 on `before` ranks, --resume=True on `after`: each step's prompts are a slice of the
+    global batch (step_prompts) and each row's seed its own, so every step rolls out the prompts of the
+    uninterrupted run, none twice in the epoch, and the numbers follow it within the 2-rank test's tolerance."""
+    cut = world / f'ranks_{before}_to_{after}'
+    p = run(world, cut, nproc=before, term_after=1, **KW)
+    assert p.returncode == 0 and json.load(open(cut / 'train_state.json'))['step'] == 2
+    p = run(world, cut, nproc=after, resume=True, **KW)
+    assert f'saved on {before} rank(s), resuming on {after}' in p.stdout + p.stderr
+    a, b = metrics(baseline), metrics(cut)
+    assert [x['step'] for x in b] == [0, 1, 2, 3] and {x['epoch'] for x in b} == {0}
+    assert [sorted(x['samples']) for x in a] == [sorted(x['samples']) for x in b]
+    seen = [i for x in b for i in x['samples']]
+    assert len(seen) == len(set(seen)) == 8
+    for x, y in zip(a, b):
+        assert x['rollout_tokens'] == y['rollout_tokens']
+        tol = dict(rel=1e-5, abs=1e-6) if x['step'] == 0 else dict(rel=1e-3, abs=1e-4)
+        for k in ('loss', 'grad_norm', 'kl', 'reward'):
+            assert y[k] == pytest.approx(x[k], **tol), (k, x[k], y[k])
+
+
 def test_null_control_shuffles_rewards_only_within_groups():
     sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
     from grpo_null import shuffle_within_groups

@@ -314,3 +314,33 @@ def test_a_nan_step_is_skipped_and_logged_and_too_many_in_a_row_stop_the_run(wor
     err = p.stderr_text
     assert 'FloatingPointError: 3 steps in a row with a non-finite loss or gradient norm' in err
     assert all(f"step {k} (samples {', '.join(metrics(out)[k]['samples'])})" in err for k in (2, 3, 4))
+
+
+@pytest.mark.parametrize('before, after', [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks_sees_every_sample_once(world, baseline, tmp_path, before, after):
+    """Killed after step 4 (checkpoint at step 3) on `before` ranks, resumed with the same command on `after`:
+    grad_accum is rescaled to keep the global batch (2 packed batches a step), so every step sees exactly the
+    samples the uninterrupted run saw, no sample twice in an epoch, and the weights end within 1e-5 of it
+    (the same sums in another order)."""
+    out, ga = world / f'ranks_{before}_to_{after}', 2 // before
+    kw = dict(grad_accum=ga, save_interval=3)
+    if before == 1:
+        p = run(args(world, out, **kw), kill_after=4, check=False)
+    else:
+        killer = tmp_path / 'killer.py'
+        killer.write_text(f'import sys; sys.path.insert(0, {ROOT!r})' + KILLER % 4)
+        p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={before}',
+                            '--standalone', str(killer)] + args(world, out, **kw), cwd=ROOT, capture_output=True,
+                           text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1'))
+    assert p.returncode != 0 and json.load(open(out / 'train_state.json'))['step'] == 3
+    p = run(args(world, out, resume=True, **kw), nproc=after)
+    assert f'grad_accum {ga} -> {2 // after}' in p.stdout_text + p.stderr_text
+    a, b = metrics(baseline), metrics(out)
+    assert [x['step'] for x in b] == list(range(STEPS))
+    assert [sorted(x['samples']) for x in a] == [sorted(x['samples']) for x in b]
+    for e in {x['epoch'] for x in b}:
+        seen = [i for x in b if x['epoch'] == e for i in x['samples']]
+        assert len(seen) == len(set(seen))
+    assert all(abs(x['loss'] - y['loss']) < 1e-5 for x, y in zip(a, b))
+    wa, wb = load_file(str(baseline / 'model.safetensors')), load_file(str(out / 'model.safetensors'))
+    assert wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max() < 1e-5 for k in wa)
