@@ -337,7 +337,7 @@ def test_logits_mode_matches_per_candidate_forward(world, samples, merging):
             scores = []
             for e in encs:  # each candidate alone, whole: the sum of its own tokens' log-probs after the shared part
                 ids = torch.cat([x['input_ids'], torch.tensor(e)])
-                pos, _ = rope_positions(ids, x['grid_thw'], m.config)
+                pos, _ = rope_positions(ids, x['grid_thw'], m.config, x['second_per_grid_ts'])
                 lp = m(ids, pos, torch.tensor([0, len(ids)], dtype=torch.int32), x['pixel_values'],
                        x['grid_thw']).log_softmax(-1)
                 n = len(e) - k
