@@ -330,9 +330,11 @@ def evaluate(samples, answer_fn, out_dir, settings, prepare=None, batch_size=8, 
             answers = _answer(answer_fn, [s for s, _ in good], [x for _, x in good], not answered) if good else []
             answered = answered or any(err is None for _, err in answers)
             answers = iter(answers)
-            for s, _, err in batch:
+            for s, x, err in batch:
                 raw, err = next(answers) if err is None else (None, err)
                 rec = dict(_record(s, raw, err, judge), settings=settings)
+                if isinstance(x, dict) and 'second_per_grid_ts' in x:  # this clip's own time base
+                    rec['second_per_grid_ts'] = float(x['second_per_grid_ts'][0])
                 f.write(json.dumps(rec) + '\n')
                 f.flush()  # an interruption loses at most the line being written
             bar.update(len(batch))
@@ -498,7 +500,7 @@ def letter_logprobs(model, tok, prefix, samples, inputs, device='cpu'):
         for tail in tails:
             if tuple(tail[:-1]) not in ctx:
                 x = torch.cat([inp['input_ids'], torch.tensor(shared + tail[:-1], dtype=torch.long)])
-                pos, nxt = rope_positions(x, inp['grid_thw'], model.config)
+                pos, nxt = rope_positions(x, inp['grid_thw'], model.config, inp['second_per_grid_ts'])
                 ctx[tuple(tail[:-1])] = (len(seqs), len(x))
                 seqs.append(dict(inp, input_ids=x, labels=torch.full_like(x, -100), position_ids=pos,
                                  next_position=nxt))
@@ -567,7 +569,7 @@ def main(argv=None):
     rank, world, _, dev = init_distributed(torch.device(device).type)
     samples, errors = load_samples(data, tasks, directions, parts, limit)
     vs = vision_settings(model_dir, data, dict(nframes=nframes, min_pixels=min_pixels, max_pixels=max_pixels))
-    settings = dict(vs.asdict(), checkpoint=os.path.abspath(model_dir), mode=mode, max_new_tokens=max_new_tokens,
+    settings = dict(vs.record(samples), checkpoint=os.path.abspath(model_dir), mode=mode, max_new_tokens=max_new_tokens,
                     temperature=temperature, logits_prefix=logits_prefix if mode == 'logits' else None,
                     judge_model=judge_model if judge_url else None)
     tok = Tokenizer(model_dir)

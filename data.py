@@ -2,7 +2,7 @@
 Everything between files on disk and a packed batch: Ego-ST samples, Qwen2-VL's video and prompt
 pipeline, the reverse-thinking CoT, and the loader. SFT, GRPO and bench all go through `encode`, so
 frames, pixel budget and prompt are decided once (VisionSettings, PROMPT_VERSION) and written into every
-output with `settings.asdict()`.
+output with `settings.record(samples)` (with the range of Qwen2.5-VL's second_per_grid_ts over the clips).
 
     samples = read_samples('data_egoworld/train/st_r1_cot.jsonl')     # or a benchmark-layout folder
     item = encode(samples[0], Tokenizer(ckpt), VisionSettings(), target=samples[0].solution)
@@ -10,8 +10,9 @@ output with `settings.asdict()`.
     loader = batches(samples, tok, settings, token_budget=4096)       # packed, seeded, a share per rank
 
 Video: decord decodes only the sampled frames; pixel_values and grid_thw equal transformers' Qwen2-VL
-processors (the tests' oracle). Text: tokenizer.json through `tokenizers`, Qwen2-VL's chat template
-with its default system prompt, the loss on the assistant's tokens only. Bad input raises DataError
+processors (the tests' oracle); second_per_grid_ts comes from the frames actually sampled (seconds_per_grid).
+Text: tokenizer.json through `tokenizers`, Qwen2-VL's chat template with its default system prompt, the
+loss on the assistant's tokens only. Bad input raises DataError
 naming file:line or file#id and what is wrong; readers with strict=False return (samples, errors).
 
 Left out on purpose: fps-based sampling and per-video pixel budgets (the paper uses 8 frames a clip),
@@ -51,6 +52,13 @@ class VisionSettings:
     def asdict(self):
         return asdict(self)
 
+    def record(self, samples):
+        """asdict() plus [min, max] of the clips' second_per_grid_ts (None without videos), from the clips'
+        headers (no decoding): what checkpoints, predictions and metrics carry, so that a train/eval
+        difference in the sampled frame rate shows."""
+        secs = sorted({second_per_grid(s, self) for s in samples if not is_image(s.video)})
+        return dict(self.asdict(), second_per_grid_ts=[secs[0], secs[-1]] if secs else None)
+
 PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2     # Qwen2-VL's vision tower; the tests compare against it
 FACTOR = PATCH * MERGE                      # frame sides are multiples of 28
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -68,6 +76,22 @@ def frame_indices(num_frames, nframes):
     """N indices spread uniformly over the whole clip, first and last frame included (rounded: the
     release truncated, which drifts towards the start)."""
     return np.round(np.linspace(0, num_frames - 1, nframes)).astype(np.int64)
+
+def seconds_per_grid(indices, fps):
+    """Qwen2.5-VL's second_per_grid_ts: the seconds between two consecutive frame groups of the frames
+    actually sampled = temporal_patch_size * mean spacing of the sampled indices / the clip's fps, a float
+    (never rounded: the M-RoPE time ids are floor(group * tokens_per_second * this), model.rope_positions).
+    transformers' processor and qwen-vl-utils use temporal_patch_size * total frames / (N * fps) instead,
+    which equals this only when the N indices are total / N apart (first in, last out)."""
+    spacing = (indices[-1] - indices[0]) / (len(indices) - 1) if len(indices) > 1 else 1  # one frame: unused
+    return float(TEMPORAL_PATCH * spacing / fps)
+
+def second_per_grid(sample, settings):
+    """seconds_per_grid of a sample's clip as encode samples it; 0.0 for a still image (one frame, no time)."""
+    if is_image(sample.video):
+        return 0.0
+    num_frames, _, _, fps = video_info(sample.video)
+    return seconds_per_grid(frame_indices(num_frames, settings.nframes), fps)
 
 def _open_video(path):
     if not os.path.isfile(path):
@@ -104,17 +128,21 @@ def is_image(path):
 
 _VIDEO_INFO = {}
 def video_info(path):
-    """(num_frames, height, width) without decoding the clip (frame 0 only); cached per path."""
+    """(num_frames, height, width, fps) without decoding the clip (frame 0 only); cached per path.
+    An image: (1, height, width, None)."""
     if path not in _VIDEO_INFO:
         if is_image(path):
             try:
                 with Image.open(path) as im:
-                    _VIDEO_INFO[path] = (1, im.height, im.width)
+                    _VIDEO_INFO[path] = (1, im.height, im.width, None)
             except OSError as e:
                 raise DataError(f'{path}: cannot read image ({e})') from e
         else:  # decord exposes no header size; frame 0 is a key frame, cheap to decode
             vr = _open_video(path)
-            _VIDEO_INFO[path] = (len(vr), *_decode(path, vr, [0]).shape[1:3])
+            fps = vr.get_avg_fps()
+            if not fps > 0:  # the M-RoPE time base needs it (seconds_per_grid)
+                raise DataError(f'{path}: video header has no frame rate ({fps})')
+            _VIDEO_INFO[path] = (len(vr), *_decode(path, vr, [0]).shape[1:3], float(fps))
     return _VIDEO_INFO[path]
 
 def smart_resize(height, width, min_pixels, max_pixels, factor=FACTOR):
@@ -622,21 +650,23 @@ class FrameCache:
         return x
 
 def encode(sample, tok, settings, target=None, cfg=None, cache=None):
-    """Sample -> dict(input_ids (T,), labels (T,), position_ids (3, T), pixel_values, grid_thw, id,
-    next_position). target None: prompt only, ending with "<|im_start|>assistant\\n". cache: a
-    FrameCache to decode through."""
+    """Sample -> dict(input_ids (T,), labels (T,), position_ids (3, T), pixel_values, grid_thw,
+    second_per_grid_ts (1,) float64, id, next_position). target None: prompt only, ending with
+    "<|im_start|>assistant\\n". cache: a FrameCache to decode through."""
     image = is_image(sample.video)
     load = (lambda: load_image(sample.video)) if image else (lambda: load_frames(sample.video, settings.nframes))
     try:
         frames = load() if cache is None else cache.get((sample.video, 1 if image else settings.nframes), load)
+        secs = torch.tensor([second_per_grid(sample, settings)], dtype=torch.float64)
     except DataError as e:
         raise DataError(f'{sample.source} ({sample.id}): {e}') from e
     pixel_values, grid_thw = preprocess_frames(frames, settings)
     ids, labels = chat_tokens(tok, build_user_text(sample), int(grid_thw.prod()) // MERGE**2, target, image)
     input_ids = torch.tensor(ids)
-    position_ids, next_position = rope_positions(input_ids, grid_thw, _config(tok, cfg))
+    position_ids, next_position = rope_positions(input_ids, grid_thw, _config(tok, cfg), secs)
     return dict(input_ids=input_ids, labels=torch.tensor(labels), position_ids=position_ids,
-                pixel_values=pixel_values, grid_thw=grid_thw, id=sample.id, next_position=next_position)
+                pixel_values=pixel_values, grid_thw=grid_thw, second_per_grid_ts=secs, id=sample.id,
+                next_position=next_position)
 
 def pack(items):
     """Concatenate encoded samples into one packed batch with cu_seqlens (B+1,) int32."""
@@ -650,6 +680,7 @@ def pack(items):
                 position_ids=torch.cat([it['position_ids'] for it in items], 1), cu_seqlens=cu,
                 pixel_values=torch.cat([it['pixel_values'] for it in items]),
                 grid_thw=torch.cat([it['grid_thw'] for it in items]),
+                second_per_grid_ts=torch.cat([it['second_per_grid_ts'] for it in items]),
                 ids=[it['id'] for it in items], next_positions=[it['next_position'] for it in items])
 
 def target_text(sample, target):
@@ -663,7 +694,7 @@ def target_text(sample, target):
 
 def sample_length(sample, tok, settings, target=None):
     """Exact token count of encode(sample) without decoding the video."""
-    image, (_, h, w) = is_image(sample.video), video_info(sample.video)
+    image, (_, h, w, _) = is_image(sample.video), video_info(sample.video)
     t, gh, gw = visual_grid(1 if image else settings.nframes, h, w, settings)
     ids, _ = chat_tokens(tok, build_user_text(sample), t * gh * gw // MERGE**2, target_text(sample, target), image)
     return len(ids)

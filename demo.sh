@@ -4,6 +4,7 @@
 # with the SFT one (McNemar), tables and curves.
 #     bash demo.sh                  # ~15 minutes on 2 cores (README: the measured stage times)
 #     QUICK=1 bash demo.sh          # the same code path in ~1 minute (what CI runs as a test)
+#     FAMILY=qwen2_5_vl bash demo.sh   # the same on a tiny Qwen2.5-VL (default: qwen2_vl)
 # DATA / OUT choose where data and checkpoints go; SETUP=0 skips the pip install.
 # Every stage is a plain command (printed before it runs), so any of them can be re-run alone.
 set -euo pipefail
@@ -13,11 +14,12 @@ OUT=${OUT:-out}
 PY=${PYTHON:-python3}
 if [ "${QUICK:-0}" = 1 ]; then  # tiny sizes, same code: a smoke test of the whole pipeline
   GEN="--n_train=8 --n_test=2 --n_ood=2 --n_ood_theme=2"
+  MODEL="--tiny_corpus=200"
   SFT="--max_steps=4 --token_budget=2048"
   GRPO="--max_steps=2 --prompts_per_step=2 --num_generations=2 --max_completion_length=24 --save_interval=0"
   BENCH="--max_new_tokens=24"
 else
-  GEN=""; SFT=""; GRPO=""; BENCH=""
+  GEN=""; MODEL=""; SFT=""; GRPO=""; BENCH=""
 fi
 mkdir -p "$OUT"
 : > "$OUT/demo_times.txt"
@@ -37,7 +39,8 @@ done_or() {  # done_or DIR NAME CMD...: run a training stage once; a finished on
 T0=$(date +%s)
 [ "${SETUP:-1}" = 0 ] || stage setup $PY -m pip install -q -r requirements.txt
 [ -f "$DATA/test/routes.jsonl" ] || stage data $PY egoworld.py --out="$DATA" $GEN
-[ -f "$OUT/egoworld-tiny/config.json" ] || stage model $PY egoworld.py --make_model="$OUT/egoworld-tiny"
+[ -f "$OUT/egoworld-tiny/config.json" ] || stage model $PY egoworld.py --make_model="$OUT/egoworld-tiny" \
+  --family="${FAMILY:-qwen2_vl}" $MODEL
 done_or "$OUT/sft-egoworld" sft $PY sft.py config/sft_egoworld.py --init_from="$OUT/egoworld-tiny" \
   --data="$DATA/train/st_r1_cot.jsonl" --out_dir="$OUT/sft-egoworld" $SFT
 stage bench_sft $PY bench.py "$OUT/sft-egoworld" config/bench_egoworld.py --data="$DATA/test" \

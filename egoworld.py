@@ -6,6 +6,7 @@ Qwen2-VL learns it on a CPU in minutes.
     python egoworld.py --out=data_egoworld --seed=0            # train/ test/ ood/ splits
     python egoworld.py --contact_sheet=egoworld.png            # frames of a few samples, for eyes
     python egoworld.py --make_model=out/egoworld-tiny          # tokenizer.json + tiny checkpoint
+    python egoworld.py --make_model=out/egoworld-tiny25 --family=qwen2_5_vl   # the same, a tiny Qwen2.5-VL
 
 A video walks a one-cell corridor: straight segments joined by in-place turns, landmarks painted on the walls,
 actions on the way (a door, stairs, an item picked up). Its eight questions (route, direction, landmark, action,
@@ -65,6 +66,7 @@ cot_check = True        # then compare it with every option item by item: "Check
 # extras
 contact_sheet = ''      # a PNG path: frames of a few train samples with their route text
 make_model = ''         # a directory: tokenizer.json + tiny random Qwen2-VL checkpoint
+family = 'qwen2_vl'     # its model_type: 'qwen2_vl' or 'qwen2_5_vl' (Qwen2.5-VL's tower and time-scaled M-RoPE)
 # the tiny model (--make_model): PROBE.md's size, ~2M parameters, learns EgoWorld on 2 cores
 vocab_size = 1024       # BPE vocabulary, Qwen2-VL's 14 special tokens included
 tiny_phrases = True     # phrase tokens (data.PHRASE_SPLIT): samples ~2.2x shorter, ~2x faster training on a CPU
@@ -669,10 +671,12 @@ def corpus_texts(n, seed=0, segments=(2, 4), seg_len=(2, 4), n_options=4, cot_op
 def make_tiny_model(path, vocab_size=1024, key_frames=16, size=56, seed=0, segments=(2, 4), seg_len=(2, 4),
                     n_options=4, cot_opts=None, tiny_corpus=2000, tiny_phrases=True, tiny_hidden=128, tiny_layers=4,
                     tiny_heads=4, tiny_kv_heads=2, tiny_intermediate=512, tiny_init_std=0.06, tiny_tied=False,
-                    tiny_embed_std=1.0, tiny_vision_depth=2, tiny_vision_dim=128, tiny_vision_heads=4):
+                    tiny_embed_std=1.0, tiny_vision_depth=2, tiny_vision_dim=128, tiny_vision_heads=4,
+                    family='qwen2_vl'):
     """tokenizer.json (+ chat template, preprocessor config with this world's pixel budget) trained on the text
-    of tiny_corpus train videos (corpus_texts), and a random-initialised Qwen2-VL of PROBE.md's size on it, in
-    the HF layout. The tiny_* arguments are the settings of the same name."""
+    of tiny_corpus train videos (corpus_texts), and a random-initialised Qwen2-VL (family 'qwen2_vl') or
+    Qwen2.5-VL ('qwen2_5_vl') of PROBE.md's size on it, in the HF layout. The tiny_* arguments are the
+    settings of the same name."""
     texts = corpus_texts(tiny_corpus, seed, segments, seg_len, n_options, cot_opts)
     settings = VisionSettings(nframes=key_frames, min_pixels=size * size, max_pixels=size * size)
     tok = build_tokenizer(texts, vocab_size, path, settings, phrases=tiny_phrases)
@@ -682,7 +686,11 @@ def make_tiny_model(path, vocab_size=1024, key_frames=16, size=56, seed=0, segme
                             num_hidden_layers=tiny_layers, num_attention_heads=tiny_heads,
                             num_key_value_heads=tiny_kv_heads, mrope_section=mrope, tie_word_embeddings=tiny_tied,
                             max_position_embeddings=4096, vision_depth=tiny_vision_depth,
-                            vision_embed_dim=tiny_vision_dim, vision_num_heads=tiny_vision_heads, **tok.model_ids())
+                            vision_embed_dim=tiny_vision_dim, vision_num_heads=tiny_vision_heads, **tok.model_ids(),
+                            # Qwen2.5-VL: its SwiGLU width ratio (3420 / 1280), full attention in the last
+                            # block as in the release's every 8th; windows and time base as released
+                            model_type=family, vision_intermediate_size=tiny_vision_dim * 8 // 3,
+                            fullatt_block_indexes=[tiny_vision_depth - 1])
     torch.manual_seed(seed)
     m = model.Qwen2VL(cfg)
     for name, p in m.named_parameters():   # the settings' comment above tiny_init_std says why
@@ -751,7 +759,8 @@ def main():
     if make_model:
         tiny = {k: v for k, v in globals().items() if k.startswith('tiny_')}   # the tiny_* settings by name
         make_tiny_model(make_model, vocab_size=vocab_size, key_frames=key_frames, size=size, seed=seed,
-                        segments=segments, seg_len=seg_len, n_options=n_options, cot_opts=cot_opts, **tiny)
+                        segments=segments, seg_len=seg_len, n_options=n_options, cot_opts=cot_opts, family=family,
+                        **tiny)
 
 
 if __name__ == '__main__':

@@ -1,21 +1,23 @@
 """
-Qwen2-VL in raw PyTorch: the vision tower, the Qwen2 decoder with multimodal rotary (M-RoPE), a packed
-training forward, KV-cache generation, and Hugging Face checkpoints in and out.
+Qwen2-VL and Qwen2.5-VL in raw PyTorch: the vision tower, the Qwen2 decoder with multimodal rotary
+(M-RoPE), a packed training forward, KV-cache generation, and Hugging Face checkpoints in and out.
+The checkpoint's config.json picks the family (model_type 'qwen2_vl' or 'qwen2_5_vl'). The decoder is the
+same; Qwen2.5-VL's vision tower has RMSNorm + SwiGLU blocks, window attention except in
+fullatt_block_indexes, an RMSNorm merger, and its video positions count absolute time (rope_positions).
 
 Usage
     model = Qwen2VL.from_pretrained('ckpt/Qwen2-VL-7B-Instruct', dtype=torch.bfloat16, device='cuda')
-    pos, next_pos = rope_positions(ids, grid_thw, model.config)             # one sequence
+    pos, next_pos = rope_positions(ids, grid_thw, model.config, second_per_grid_ts)  # one sequence
     logits = model(ids, pos, torch.tensor([0, len(ids)], dtype=torch.int32), pixel_values, grid_thw)
     tokens, logprobs, lengths = model.generate(ids, pos, cu, pixel_values, grid_thw,
         max_new_tokens=512, temperature=1.0, stop_tokens=[im_end_id], num_samples=8)
     cache, logits, next_pos = model.prefill(ids, pos, cu, pixel_values, grid_thw, max_new_tokens=512)
     cache = cache.repeat(8)                # 8 rows per prompt: b*8 .. b*8+7
     logits = model.decode_step(tokens, next_pos.repeat_interleave(8) + step, cache)   # one token per row
-    model.save_pretrained('out/ckpt')     # transformers' Qwen2VLForConditionalGeneration loads it
+    model.save_pretrained('out/ckpt')     # transformers' Qwen2(_5)VLForConditionalGeneration loads it
 
-Left out on purpose: sliding-window attention and rope scaling (off in Qwen2-VL), dropout (0 in the
-release), beam search, paged KV cache, decoding new images mid-generation. Qwen2.5-VL would slot in as a
-second vision tower class plus time-scaled temporal positions in `_vision_block_positions`.
+Left out on purpose: sliding-window attention and rope scaling (off in both releases), dropout (0 in the
+release), beam search, paged KV cache, decoding new images mid-generation.
 """
 import inspect
 import json
@@ -44,8 +46,11 @@ except Exception:
 # -----------------------------------------------------------------------------
 # config
 
+FAMILIES = ('qwen2_vl', 'qwen2_5_vl')
+
 @dataclass
 class ModelConfig:
+    model_type: str = 'qwen2_vl'  # the family, FAMILIES; the decoder is the same in both
     # language model (defaults: Qwen2-VL-7B-Instruct)
     vocab_size: int = 152064
     hidden_size: int = 3584
@@ -75,18 +80,34 @@ class ModelConfig:
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     in_channels: int = 3
+    # Qwen2.5-VL only (defaults: Qwen2.5-VL-7B-Instruct); Qwen2-VL's MLP width is vision_mlp_ratio * embed_dim
+    vision_intermediate_size: int = 3420
+    window_size: int = 112            # side of an attention window in pixels (8 x 8 patches)
+    fullatt_block_indexes: list = field(default_factory=lambda: [7, 15, 23, 31])  # blocks with full attention
+    tokens_per_second: int = 2        # temporal M-RoPE ids per second of video (rope_positions)
+
+    @property
+    def qwen25(self):
+        return self.model_type == 'qwen2_5_vl'
 
     def __post_init__(self):
         hd = self.hidden_size // self.num_attention_heads
         if hd * self.num_attention_heads != self.hidden_size or sum(self.mrope_section) * 2 != hd:
             raise ValueError(f'hidden_size {self.hidden_size} / {self.num_attention_heads} heads must give a head_dim '
                              f'of 2 * sum(mrope_section {self.mrope_section})')
+        if self.model_type not in FAMILIES:
+            raise ValueError(f'model_type {self.model_type!r} is not supported (only {", ".join(FAMILIES)})')
+        if self.qwen25 and self.window_size < self.patch_size * self.spatial_merge_size:
+            raise ValueError(f'window_size {self.window_size} is below one merged token '
+                             f'({self.patch_size * self.spatial_merge_size} pixels)')
 
     @classmethod
     def from_hf(cls, d, source='config.json'):
         """Read the flat layout of the released checkpoints or transformers 5's nested one."""
-        if d.get('model_type', 'qwen2_vl') != 'qwen2_vl':
-            raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not supported (only qwen2_vl)")
+        family = d.get('model_type', 'qwen2_vl')
+        if family not in FAMILIES:
+            raise ValueError(f"{source}: model_type {family!r} is not supported (only {', '.join(FAMILIES)})")
+        q25 = family == 'qwen2_5_vl'
         t = {**d, **(d.get('text_config') or {})}  # nested text_config wins over top-level keys
         v = d.get('vision_config') or {}
         rope = t.get('rope_parameters') or t.get('rope_scaling') or {}
@@ -94,15 +115,24 @@ class ModelConfig:
             raise ValueError(f"{source}: rope type {rope!r} is not supported (only mrope)")
         if t.get('use_sliding_window'):
             raise ValueError(f'{source}: use_sliding_window=true is not supported')
-        if v.get('hidden_size', t.get('hidden_size')) != t.get('hidden_size'):
-            raise ValueError(f"{source}: vision_config.hidden_size {v['hidden_size']} "
-                             f"!= hidden_size {t.get('hidden_size')}")
+        # the vision width and the merger's output width: Qwen2.5-VL renamed both keys
+        width, out = ('hidden_size', 'out_hidden_size') if q25 else ('embed_dim', 'hidden_size')
+        if v.get(out, t.get('hidden_size')) != t.get('hidden_size'):
+            raise ValueError(f"{source}: vision_config.{out} {v[out]} != hidden_size {t.get('hidden_size')}")
+        act = 'silu' if q25 else 'quick_gelu'
+        if v.get('hidden_act', act) != act:
+            raise ValueError(f"{source}: vision_config.hidden_act {v['hidden_act']!r} (a {family} tower uses {act!r})")
         def need(src, key, where):
             if key not in src:
                 raise KeyError(f'{source}: missing {where}{key}')
             return src[key]
         D = cls()
+        q25_keys = dict(vision_intermediate_size=need(v, 'intermediate_size', 'vision_config.'),
+                        window_size=need(v, 'window_size', 'vision_config.'),
+                        fullatt_block_indexes=list(need(v, 'fullatt_block_indexes', 'vision_config.')),
+                        tokens_per_second=need(v, 'tokens_per_second', 'vision_config.')) if q25 else {}
         return cls(
+            model_type=family,
             vocab_size=need(t, 'vocab_size', ''),
             hidden_size=need(t, 'hidden_size', ''),
             intermediate_size=need(t, 'intermediate_size', ''),
@@ -120,19 +150,31 @@ class ModelConfig:
             bos_token_id=t.get('bos_token_id', D.bos_token_id),
             eos_token_id=t.get('eos_token_id', D.eos_token_id),
             vision_depth=need(v, 'depth', 'vision_config.'),
-            vision_embed_dim=need(v, 'embed_dim', 'vision_config.'),
+            vision_embed_dim=need(v, width, 'vision_config.'),
             vision_num_heads=need(v, 'num_heads', 'vision_config.'),
             vision_mlp_ratio=v.get('mlp_ratio', D.vision_mlp_ratio),
             vision_rope_theta=(v.get('rope_parameters') or {}).get('rope_theta', D.vision_rope_theta),
             patch_size=v.get('patch_size', D.patch_size),
             temporal_patch_size=v.get('temporal_patch_size', D.temporal_patch_size),
             spatial_merge_size=v.get('spatial_merge_size', D.spatial_merge_size),
-            in_channels=v.get('in_channels', v.get('in_chans', D.in_channels)))
+            in_channels=v.get('in_channels', v.get('in_chans', D.in_channels)), **q25_keys)
 
     def to_hf(self):
         """config.json in the released (flat) layout; transformers 4.x/5.x and vLLM read it."""
+        vision = dict(depth=self.vision_depth, num_heads=self.vision_num_heads, patch_size=self.patch_size,
+                      temporal_patch_size=self.temporal_patch_size, spatial_merge_size=self.spatial_merge_size,
+                      in_channels=self.in_channels)
+        if self.qwen25:
+            vision.update(hidden_size=self.vision_embed_dim, out_hidden_size=self.hidden_size, hidden_act='silu',
+                          intermediate_size=self.vision_intermediate_size, window_size=self.window_size,
+                          fullatt_block_indexes=list(self.fullatt_block_indexes),
+                          tokens_per_second=self.tokens_per_second)
+        else:
+            vision.update(embed_dim=self.vision_embed_dim, hidden_size=self.hidden_size, hidden_act='quick_gelu',
+                          mlp_ratio=self.vision_mlp_ratio)
         return dict(
-            architectures=['Qwen2VLForConditionalGeneration'], model_type='qwen2_vl', hidden_act='silu',
+            architectures=['Qwen2_5_VLForConditionalGeneration' if self.qwen25 else 'Qwen2VLForConditionalGeneration'],
+            model_type=self.model_type, hidden_act='silu',
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
@@ -141,29 +183,33 @@ class ModelConfig:
             use_sliding_window=False, attention_dropout=0.0, image_token_id=self.image_token_id,
             video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
             vision_end_token_id=self.vision_end_token_id,
-            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
-            vision_config=dict(depth=self.vision_depth, embed_dim=self.vision_embed_dim, hidden_size=self.hidden_size,
-                               num_heads=self.vision_num_heads, mlp_ratio=self.vision_mlp_ratio,
-                               hidden_act='quick_gelu',
-                               patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
-                               spatial_merge_size=self.spatial_merge_size, in_channels=self.in_channels))
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, vision_config=vision)
 
 # -----------------------------------------------------------------------------
 # positions
 
-def _vision_block_positions(t, gh, gw, start):
-    """(3, t*gh*gw) positions of one image/video over its merged grid, raster order (t, h, w)."""
-    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing='ij')
+def _vision_block_positions(t, gh, gw, start, step=1):
+    """(3, t*gh*gw) positions of one image/video over its merged grid, raster order (t, h, w); frame group k
+    has temporal id floor(k * step) (rope_positions)."""
+    tt, hh, ww = torch.meshgrid((torch.arange(t) * step).long(), torch.arange(gh), torch.arange(gw), indexing='ij')
     return torch.stack([tt, hh, ww]).flatten(1) + start
 
-def rope_positions(input_ids, grid_thw, cfg):
+def rope_positions(input_ids, grid_thw, cfg, second_per_grid_ts=None):
     """M-RoPE ids for ONE sequence -> (position_ids (3, T) long, next_position int).
-    Each run of image/video pad tokens is one visual block and takes the next grid_thw row. The model
-    never computes positions itself: data.py calls this per sample and packs the results.
+    Each run of image/video pad tokens is one visual block and takes the next grid_thw row (and the
+    same row of second_per_grid_ts). The model never computes positions itself: data.py calls this per
+    sample and packs the results.
+
+    Time (Qwen2.5-VL videos only): frame group k gets temporal id start + floor(k * tokens_per_second *
+    second_per_grid_t), the product taken in float32 as transformers does. second_per_grid_t is the seconds
+    between two consecutive frame groups of the frames actually sampled (data.seconds_per_grid:
+    temporal_patch_size * mean index spacing / clip fps), so one id is 1 / tokens_per_second seconds of
+    video whatever the fps and frame count (the 7B: 0.5 s). Qwen2-VL and all images: k itself.
 
     Text after a visual block continues at max(block positions) + 1: the released rule (transformers
     4.4x, vLLM) that the weights were trained with. transformers 5.x instead advances by max(h, w) / merge
-    and ignores grid_t; the two differ when grid_t > max(h, w) / merge (long, low-resolution videos)."""
+    and ignores the temporal ids; the two differ when the last temporal id >= max(h, w) / merge (long or
+    slow-sampled, low-resolution videos)."""
     ids = input_ids.tolist()
     grids = grid_thw.tolist() if grid_thw is not None else []
     vis = {cfg.image_token_id, cfg.video_token_id}
@@ -181,7 +227,15 @@ def rope_positions(input_ids, grid_thw, cfg):
             t, h, w = grids[g]
             if h % m or w % m:
                 raise ValueError(f'grid_thw row {g} {grids[g]}: h and w must be multiples of {m}')
-            block = _vision_block_positions(t, h // m, w // m, start)
+            step = 1
+            if cfg.qwen25 and ids[i] == cfg.video_token_id:
+                given = second_per_grid_ts is not None and g < len(second_per_grid_ts)
+                secs = float(second_per_grid_ts[g]) if given else float('nan')
+                if not secs > 0:  # never a silent default: a wrong time base shifts every frame
+                    raise ValueError(f'grid_thw row {g} {grids[g]}: a Qwen2.5-VL video needs second_per_grid_ts[{g}] '
+                                     f'> 0 seconds, got {secs if given else second_per_grid_ts}')
+                step = cfg.tokens_per_second * torch.tensor(secs, dtype=torch.float32)
+            block = _vision_block_positions(t, h // m, w // m, start, step)
             if block.shape[1] != j - i:
                 raise ValueError(f'token {i}: visual block has {j - i} pad tokens, '
                                  f'grid_thw row {g} {grids[g]} needs {block.shape[1]}')
@@ -393,13 +447,19 @@ class VisionMLP(nn.Module):
         x = self.fc1(x)
         return self.fc2(x * torch.sigmoid(1.702 * x))  # QuickGELU
 
+def vision_norm(cfg):
+    """Qwen2-VL's vision tower normalises with LayerNorm, Qwen2.5-VL's with RMSNorm."""
+    d = cfg.vision_embed_dim
+    return RMSNorm(d, 1e-6) if cfg.qwen25 else nn.LayerNorm(d, eps=1e-6)
+
 class VisionBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.vision_embed_dim, eps=1e-6)
+        self.norm1 = vision_norm(cfg)
         self.attn = VisionAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.vision_embed_dim, eps=1e-6)
-        self.mlp = VisionMLP(cfg)
+        self.norm2 = vision_norm(cfg)
+        # Qwen2.5-VL: the decoder's SwiGLU MLP with biases; Qwen2-VL: fc1, QuickGELU, fc2
+        self.mlp = MLP(cfg.vision_embed_dim, cfg.vision_intermediate_size, bias=True) if cfg.qwen25 else VisionMLP(cfg)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
         x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, max_seqlen)
@@ -410,7 +470,7 @@ class PatchMerger(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.vision_embed_dim * cfg.spatial_merge_size ** 2
-        self.ln_q = nn.LayerNorm(cfg.vision_embed_dim, eps=1e-6)
+        self.ln_q = vision_norm(cfg)
         self.mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.hidden_size))
 
     def forward(self, x):
@@ -437,10 +497,34 @@ class VisionTower(nn.Module):
         # packed like the decoder's input: attention stays inside one temporal slice of one image/video
         # (grid_t segments of h*w patches each), which is how the official tower confines it
         seg = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
-        cu = F.pad(seg.cumsum(0), (1, 0)).to(device=x.device, dtype=torch.int32)
-        for blk in self.blocks:
-            x = run_block(blk, ckpt, x, cos, sin, cu, int(seg.max()))
-        return self.merger(x)
+        full = windows = (F.pad(seg.cumsum(0), (1, 0)).to(device=x.device, dtype=torch.int32), int(seg.max()))
+        if self.cfg.qwen25:  # regroup patches window by window; frames stay contiguous, so `full` still holds
+            order, lens = window_order(grid_thw, self.cfg)
+            order = order.to(x.device)
+            x, cos, sin = (a.view(len(order), -1, a.shape[-1])[order].flatten(0, 1) for a in (x, cos, sin))
+            windows = (F.pad(lens.cumsum(0), (1, 0)).to(device=x.device, dtype=torch.int32), int(lens.max()))
+        for i, blk in enumerate(self.blocks):
+            x = run_block(blk, ckpt, x, cos, sin, *(full if i in self.cfg.fullatt_block_indexes else windows))
+        x = self.merger(x)  # one row per merged token
+        return x[torch.argsort(order)] if self.cfg.qwen25 else x  # back to raster order
+
+def window_order(grid_thw, cfg):
+    """Qwen2.5-VL's window attention layout. Each frame's merged tokens (m*m patches each) are tiled by
+    windows of window_size pixels a side (the 7B: 4 x 4 merged tokens), the last row and column of windows
+    cut short at the frame's edge; windows in raster order, frames in order. Returns (order: the merged
+    token at each new position (N,), long; each window's length in patches (n_windows,))."""
+    m = cfg.spatial_merge_size
+    k = cfg.window_size // (m * cfg.patch_size)  # merged tokens a side of a window
+    order, lens, base = [], [], 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // m, w // m
+        nh, nw = -(-gh // k), -(-gw // k)
+        idx = F.pad(torch.arange(t * gh * gw).view(t, gh, gw), (0, nw * k - gw, 0, nh * k - gh), value=-1)
+        win = idx.view(t, nh, k, nw, k).transpose(2, 3).reshape(t * nh * nw, k * k)  # a row per window
+        order.append(win[win >= 0] + base)
+        lens.append((win >= 0).sum(1) * m * m)
+        base += t * gh * gw
+    return torch.cat(order), torch.cat(lens)
 
 def run_block(block, ckpt, *args):
     """Activation checkpointing switch: recompute the block in backward instead of storing it."""
@@ -479,11 +563,12 @@ class Attention(nn.Module):
         return self.o_proj(y.flatten(1))
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    """SwiGLU: the decoder's (no biases) and Qwen2.5-VL's vision blocks' (biases)."""
+    def __init__(self, dim, hidden, bias=False):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -494,7 +579,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer=0, prefix=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache, layer, prefix)

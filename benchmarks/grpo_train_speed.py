@@ -36,9 +36,8 @@ def alone_item(prompt, completion, cfg):
     ids = torch.cat([prompt['input_ids'], completion])
     labels = torch.full_like(ids, -100)
     labels[len(prompt['input_ids']):] = completion
-    position_ids, next_position = rope_positions(ids, prompt['grid_thw'], cfg)
-    return dict(input_ids=ids, labels=labels, position_ids=position_ids, pixel_values=prompt['pixel_values'],
-                grid_thw=prompt['grid_thw'], id=prompt['id'], next_position=next_position)
+    position_ids, next_position = rope_positions(ids, prompt['grid_thw'], cfg, prompt['second_per_grid_ts'])
+    return dict(prompt, input_ids=ids, labels=labels, position_ids=position_ids, next_position=next_position)
 
 
 def timed(model, batch, banned):

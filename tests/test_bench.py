@@ -337,7 +337,7 @@ def test_logits_mode_matches_per_candidate_forward(world, samples, merging):
             scores = []
             for e in encs:  # each candidate alone, whole: the sum of its own tokens' log-probs after the shared part
                 ids = torch.cat([x['input_ids'], torch.tensor(e)])
-                pos, _ = rope_positions(ids, x['grid_thw'], m.config)
+                pos, _ = rope_positions(ids, x['grid_thw'], m.config, x['second_per_grid_ts'])
                 lp = m(ids, pos, torch.tensor([0, len(ids)], dtype=torch.int32), x['pixel_values'],
                        x['grid_thw']).log_softmax(-1)
                 n = len(e) - k
@@ -392,7 +392,10 @@ def test_cli_complete_table_on_the_tiny_checkpoint(world, tmp_path):
         for d in ('forward', 'reverse'):
             assert sum(l.startswith(f'| {t} | {d} | 3 | 0 | ') for l in table.splitlines()) == 1
     assert summ['settings']['nframes'] == 16 and summ['settings']['max_new_tokens'] == 6
-    assert len((tmp_path / 'one' / 'predictions.jsonl').read_text().splitlines()) == 24
+    preds = [json.loads(l) for l in (tmp_path / 'one' / 'predictions.jsonl').read_text().splitlines()]
+    assert len(preds) == 24
+    # EgoWorld clips: 16 frames at 8 fps, all 16 sampled -> 2 / 8 s a frame group, in the settings and each record
+    assert summ['settings']['second_per_grid_ts'] == [0.25, 0.25] and {r['second_per_grid_ts'] for r in preds} == {0.25}
 
 
 def test_cli_resume_torchrun_and_logits(world, tmp_path):

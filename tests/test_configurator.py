@@ -32,3 +32,19 @@ def test_type_mismatch_rejected():
         configure(_globals(), ['--steps=1.5'])
     with pytest.raises(TypeError, match='flag'):
         configure(_globals(), ['--flag=3'])
+
+
+@pytest.mark.parametrize('script,family', [('sft', 'sft_qwen25vl_7b'), ('grpo', 'grpo_qwen25vl_7b')])
+def test_qwen25_presets_are_the_qwen2_recipe_at_video_r1_frames(script, family, monkeypatch):
+    """The Qwen2.5-VL-7B presets (run from the repository root, as the usage lines say) take the Qwen2-VL
+    preset's recipe and change only the model, the output and the frames: 16 at 128*28*28 pixels."""
+    import importlib
+    import os
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    mod = importlib.import_module(script)
+    base = configure(dict(vars(mod)), [f'config/{script}_qwen2vl_7b.py'])
+    new = configure(dict(vars(mod)), [f'config/{family}.py'])
+    changed = {k for k in base if base[k] != new[k]}
+    assert changed <= {'init_from', 'out_dir', 'nframes', 'min_pixels', 'max_pixels', 'token_budget'}
+    assert (new['nframes'], new['min_pixels'], new['max_pixels']) == (16, 128 * 28 * 28, 128 * 28 * 28)
+    assert 'qwen25vl' in new['out_dir'] and ('2.5-VL' in new['init_from'] or 'qwen25vl' in new['init_from'])

@@ -31,8 +31,8 @@ def write_video(path, n=16, h=64, w=64, fps=8):
         s = c.add_stream('libx264', rate=fps)
         s.width, s.height, s.pix_fmt = w, h, 'yuv420p'
         for i in range(n):
-            img = np.full((h, w, 3), 10 + 15 * i, np.uint8)
-            img[: h // 2, : w // 2, 0] = 255 - 15 * i  # some structure so resizing is not trivial
+            img = np.full((h, w, 3), (10 + 15 * i) % 256, np.uint8)  # past 16 frames the levels wrap
+            img[: h // 2, : w // 2, 0] = (255 - 15 * i) % 256  # some structure so resizing is not trivial
             for p in s.encode(av.VideoFrame.from_ndarray(img, format='rgb24')):
                 c.mux(p)
         for p in s.encode():
@@ -237,6 +237,96 @@ def test_image_sample_ids_match_processor(processor, tmp_path):
     out = data.encode(s, tok, data.VisionSettings())
     assert out['input_ids'].tolist() == ref['input_ids'][0].tolist()
     assert (out['pixel_values'] - ref['pixel_values']).abs().max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL's time base
+
+def test_seconds_per_grid_from_the_frames_sampled():
+    """temporal_patch_size * mean spacing of the sampled indices / fps, a float: 8 of 16 frames at 8 fps are
+    15/7 frames apart -> 2 * 15/7 / 8 s a group (sampled fps 3.73, not the clip's 8, nor 8 / 16 * 8 = 4)."""
+    assert data.seconds_per_grid(data.frame_indices(16, 8), 8.0) == pytest.approx(2 * 15 / 7 / 8, abs=1e-15)
+    assert data.seconds_per_grid(data.frame_indices(16, 16), 8.0) == 0.25       # every frame: 2 frames / 8 fps
+    assert data.seconds_per_grid(data.frame_indices(9, 4), 3.0) == 2 * (8 / 3) / 3  # 0, 3, 5, 8: never an int
+    assert isinstance(data.seconds_per_grid(np.array([0, 4]), 8), float)
+    assert data.seconds_per_grid(data.frame_indices(5, 8), 8.0) == 2 * (4 / 7) / 8  # a short clip repeats frames
+
+
+def qwen25_cfg(tok):
+    return ModelConfig(model_type='qwen2_5_vl', tokens_per_second=2, **tok.model_ids())
+
+
+def test_encode_qwen25_time_ids_and_recorded(tok, vids):
+    """Clip a: 16 frames at 8 fps; 4 sampled (0, 5, 10, 15) -> 2 * 5 / 8 = 1.25 s a group, temporal ids
+    floor(k * 2 * 1.25) = 0, 2; the same item for Qwen2-VL numbers them 0, 1. The value travels with the
+    item, the packed batch and settings.record."""
+    s = mcq(vids['a'])
+    out = data.encode(s, tok, SMALL, None, qwen25_cfg(tok))
+    assert out['second_per_grid_ts'].tolist() == [1.25] and out['grid_thw'].tolist() == [[2, 4, 4]]
+    video = out['input_ids'] == tok.video_pad_id
+    t_ids = out['position_ids'][0, video]
+    assert (t_ids - t_ids[0]).unique().tolist() == [0, 2]
+    q2 = data.encode(s, tok, SMALL, None, ModelConfig(**tok.model_ids()))
+    assert (q2['position_ids'][0, video] - t_ids[0]).unique().tolist() == [0, 1]
+    r = data.Sample('r', vids['b'], 'route', 'reverse', 'Back?', answer='x', answer_text='x')
+    b = data.encode(r, tok, SMALL, None, qwen25_cfg(tok))  # 11 frames at 8 fps, 4 sampled: 0, 3, 7, 10
+    assert b['second_per_grid_ts'].tolist() == [2 * (10 / 3) / 8]
+    assert data.pack([out, b])['second_per_grid_ts'].tolist() == [1.25, 2 * (10 / 3) / 8]
+    assert SMALL.record([s, r]) == dict(SMALL.asdict(), second_per_grid_ts=[2 * (10 / 3) / 8, 1.25])
+    assert data.VisionSettings(nframes=16).record([s])['second_per_grid_ts'] == [0.25, 0.25]
+    with pytest.raises(ValueError, match='needs second_per_grid_ts'):  # a position rule without the time base
+        rope_positions(out['input_ids'], out['grid_thw'], qwen25_cfg(tok))
+
+
+def test_qwen25_processor_and_rope_index_match(tok, vids, tmp_path, monkeypatch):
+    """transformers' Qwen2_5_VLProcessor (its video processor a stand-in running the oracle pipeline above, as
+    for Qwen2-VL) and Qwen2_5_VLModel.get_rope_index on a clip of 29 frames at 6 fps with 8 sampled: frames
+    0, 4, ..., 28, sampled at 1.5 fps, not the clip's 6. Ids, pixels, grid, second_per_grid_ts = 2 * 4 / 6 s
+    and every position equal. transformers derives second_per_grid_ts from metadata as temporal_patch_size *
+    total / (N * fps): given the 32 frames that the 8 tile at 4 apart it agrees; given the clip's true 29 it
+    says 1.21 s although the frames are 4 / 6 s apart (pinned below; data.seconds_per_grid)."""
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.processing_utils import ProcessorMixin
+    from transformers.video_utils import VideoMetadata
+    monkeypatch.setattr(ProcessorMixin, 'check_argument_for_proper_class', lambda self, name, arg: type(arg))
+    clip, settings = write_video(tmp_path / 'c.mp4', n=29, fps=6), data.VisionSettings()
+    assert data.frame_indices(29, 8).tolist() == list(range(0, 29, 4))
+
+    class Video:
+        merge_size, temporal_patch_size, total = 2, 2, 32
+
+        def __call__(self, videos, **kwargs):
+            pv, grid = hf_video(np.asarray(videos[0]), settings)
+            meta = VideoMetadata(total_num_frames=self.total, fps=6.0, frames_indices=list(range(0, 29, 4)))
+            return {'pixel_values_videos': pv, 'video_grid_thw': grid, 'video_metadata': [meta]}
+    d = os.path.dirname(tok.path)
+    p = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(d),
+                            tokenizer=AutoTokenizer.from_pretrained(d), video_processor=Video(),
+                            chat_template=data.CHAT_TEMPLATE)
+    s = mcq(clip)
+    conv = [{'role': 'user', 'content': [{'type': 'video'}, {'type': 'text', 'text': data.build_user_text(s)}]}]
+    text = p.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    frames = data.load_frames(clip, 8)
+    ref = p(text=[text], videos=[frames], return_tensors='pt')
+    cfg = qwen25_cfg(tok)
+    out = data.encode(s, tok, settings, None, cfg)
+    assert out['input_ids'].tolist() == ref['input_ids'][0].tolist()
+    assert out['grid_thw'].tolist() == ref['video_grid_thw'].tolist() == [[4, 24, 24]]
+    assert (out['pixel_values'] - ref['pixel_values_videos']).abs().max() <= 1e-5
+    assert out['second_per_grid_ts'].tolist() == [2 * 4 / 6]
+    assert torch.equal(out['second_per_grid_ts'].float(), ref['second_per_grid_ts'])  # its float32
+    small = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3], vision_depth=1,
+                 vision_embed_dim=32, vision_num_heads=2, vision_intermediate_size=32)
+    hf = Qwen2_5_VLModel(Qwen2_5_VLConfig(**ModelConfig(**{**cfg.__dict__, **small}).to_hf()))
+    pos, _ = hf.get_rope_index(ref['input_ids'], ref['mm_token_type_ids'], video_grid_thw=ref['video_grid_thw'],
+                               second_per_grid_ts=ref['second_per_grid_ts'])
+    assert torch.equal(out['position_ids'], pos[:, 0])  # ids 0, 2, 5, 8 then text: both text rules agree here
+    t_ids = out['position_ids'][0, out['input_ids'] == tok.video_pad_id]
+    assert (t_ids - t_ids[0]).unique().tolist() == [0, 2, 5, 8]
+    Video.total = 29  # the clip's true length: transformers' metadata rule
+    assert p(text=[text], videos=[frames], return_tensors='pt')['second_per_grid_ts'].tolist() == [
+        pytest.approx(2 * 29 / (8 * 6), rel=1e-6)]
 
 
 def test_labels_cover_answer_and_im_end_only(tok, vids):

@@ -37,3 +37,25 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert 'sft: done before' in p.stdout and 'grpo: done before' in p.stdout
     assert re.search(r'\b0 of \d+ samples to evaluate', p.stdout + p.stderr)
+
+
+def test_demo_quick_on_a_tiny_qwen25(tmp_path):
+    """The same QUICK path with FAMILY=qwen2_5_vl: egoworld.py makes a tiny Qwen2.5-VL and sft.py, bench.py,
+    grpo.py run on it unchanged; every output records the clips' time base (16 of 16 frames at 8 fps: 0.25 s
+    a frame group)."""
+    env = dict(os.environ, QUICK='1', SETUP='0', FAMILY='qwen2_5_vl', DATA=str(tmp_path / 'data'),
+               OUT=str(tmp_path / 'out'), PYTHON=sys.executable, HF_HUB_OFFLINE='1')
+    p = subprocess.run(['bash', os.path.join(ROOT, 'demo.sh')], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = tmp_path / 'out'
+    for ckpt in ('egoworld-tiny', 'sft-egoworld', 'grpo-egoworld'):
+        cfg = json.loads((out / ckpt / 'config.json').read_text())
+        assert cfg['model_type'] == 'qwen2_5_vl' and cfg['vision_config']['tokens_per_second'] == 2
+    for ckpt in ('sft-egoworld', 'grpo-egoworld'):
+        assert json.loads((out / ckpt / 'vision_settings.json').read_text())['second_per_grid_ts'] == [0.25, 0.25]
+    res = json.loads((out / 'bench' / 'grpo-egoworld_test' / 'results.json').read_text())
+    assert res['evaluated'] == 16 and res['settings']['second_per_grid_ts'] == [0.25, 0.25]
+    preds = (out / 'bench' / 'grpo-egoworld_test' / 'predictions.jsonl').read_text().splitlines()
+    assert {json.loads(l)['second_per_grid_ts'] for l in preds} == {0.25}
+    tail = p.stdout[p.stdout.index('== SFT(CoT) on EgoWorld: test split'):]
+    assert tail.count('| route | direction | landmark | action |') == 2 and 'McNemar z =' in tail

@@ -102,9 +102,10 @@ def sequence(prompt, completion, cfg):
     ids = torch.cat([prompt['input_ids'], completion])
     labels = torch.full_like(ids, -100)
     labels[len(prompt['input_ids']):] = completion
-    pos, nxt = rope_positions(ids, prompt['grid_thw'], cfg)
+    pos, nxt = rope_positions(ids, prompt['grid_thw'], cfg, prompt['second_per_grid_ts'])
     return dict(input_ids=ids, labels=labels, position_ids=pos, pixel_values=prompt['pixel_values'].clone(),
-                grid_thw=prompt['grid_thw'], id=prompt['id'], next_position=nxt)
+                grid_thw=prompt['grid_thw'], second_per_grid_ts=prompt['second_per_grid_ts'], id=prompt['id'],
+                next_position=nxt)
 
 # -----------------------------------------------------------------------------
 # rollouts

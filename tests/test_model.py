@@ -12,7 +12,8 @@ os.environ['HF_HUB_OFFLINE'] = '1'
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration)
 from transformers.utils import logging as hf_logging
 
 from model import ModelConfig, Qwen2VL, filter_logits, rope_positions
@@ -28,8 +29,13 @@ TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_la
 PATCH = 3 * 2 * 14 * 14
 
 
+HF_CLASSES = {'qwen2_vl': (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+              'qwen2_5_vl': (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}
+
+
 def hf_random(cfg, seed=0):
-    hf = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf())).eval()
+    config_cls, model_cls = HF_CLASSES[cfg.model_type]
+    hf = model_cls(config_cls(**cfg.to_hf())).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in hf.named_parameters():
@@ -49,19 +55,24 @@ def pair(tmp_path_factory):
 
 
 def make_seq(parts, seed):
-    """parts: ints (that many random text tokens) or (kind, (t, h, w)) visual blocks."""
+    """parts: ints (that many random text tokens) or (kind, (t, h, w)[, second_per_grid_t]) visual blocks
+    (seconds default 1.0; Qwen2-VL ignores them)."""
     g = torch.Generator().manual_seed(seed)
-    ids, grids, pixels, kinds = [], [], [], []
+    ids, grids, pixels, kinds, secs = [], [], [], [], []
     for p in parts:
         if isinstance(p, int):
             ids += torch.randint(0, 150, (p,), generator=g).tolist()
         else:
-            kind, (t, h, w) = p
+            kind, (t, h, w), *sec = p
             ids += [VS] + [IMG if kind == 'image' else VID] * (t * h * w // 4) + [VE]
-            grids.append([t, h, w]); kinds.append(kind)
+            grids.append([t, h, w]); kinds.append(kind); secs.append(sec[0] if sec else 1.0)
             pixels.append(torch.randn(t * h * w, PATCH, generator=g))
     return dict(ids=torch.tensor(ids), grid=torch.tensor(grids, dtype=torch.long).view(-1, 3), kinds=kinds,
-                pixels=torch.cat(pixels) if pixels else None)
+                pixels=torch.cat(pixels) if pixels else None, secs=secs)
+
+
+def positions(model, s):
+    return rope_positions(s['ids'], s['grid'], model.config, s['secs'])
 
 
 def hf_forward(hf, s, pos):
@@ -78,7 +89,7 @@ def hf_forward(hf, s, pos):
 
 def ours_forward(model, seqs):
     """Pack the sequences and run our model once."""
-    pos = [rope_positions(s['ids'], s['grid'], model.config)[0] for s in seqs]
+    pos = [positions(model, s)[0] for s in seqs]
     lens = [len(s['ids']) for s in seqs]
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
     pixels = [s['pixels'] for s in seqs if s['pixels'] is not None]
@@ -151,8 +162,8 @@ def test_config_released_flat_layout_and_round_trip():
     assert hc.text_config.rope_parameters['mrope_section'] == [16, 24, 24] and hc.vision_config.embed_dim == 1280
     with pytest.raises(KeyError, match='vision_config.depth'):
         ModelConfig.from_hf({**RELEASED_7B_CONFIG, 'vision_config': {'embed_dim': 1280}})
-    with pytest.raises(ValueError, match='qwen2_5_vl'):
-        ModelConfig.from_hf({**RELEASED_7B_CONFIG, 'model_type': 'qwen2_5_vl'})
+    with pytest.raises(ValueError, match="model_type 'qwen3_vl' is not supported"):
+        ModelConfig.from_hf({**RELEASED_7B_CONFIG, 'model_type': 'qwen3_vl'})
 
 
 # ----- the M-RoPE position rule -----
@@ -209,7 +220,7 @@ def test_forward_bad_input(pair):
 
 def extended(model, s, new):
     """The prompt plus `new` text tokens, as one packed sequence for a full forward."""
-    pos, nxt = rope_positions(s['ids'], s['grid'], model.config)
+    pos, nxt = positions(model, s)
     pos = torch.cat([pos, torch.arange(nxt, nxt + len(new)).expand(3, -1)], 1)
     ids = torch.cat([s['ids'], torch.as_tensor(new, dtype=torch.long)])
     with torch.no_grad():
@@ -218,7 +229,7 @@ def extended(model, s, new):
 
 
 def pack_prompts(model, seqs):
-    pos = torch.cat([rope_positions(s['ids'], s['grid'], model.config)[0] for s in seqs], 1)
+    pos = torch.cat([positions(model, s)[0] for s in seqs], 1)
     cu = torch.tensor([0] + [len(s['ids']) for s in seqs]).cumsum(0).to(torch.int32)
     pix = [s['pixels'] for s in seqs if s['pixels'] is not None]
     return (torch.cat([s['ids'] for s in seqs]), pos, cu, torch.cat(pix) if pix else None,

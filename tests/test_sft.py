@@ -142,7 +142,8 @@ def test_training_lowers_loss_and_checkpoint_loads_in_transformers(world, baseli
     # the tokenizer, chat template and run records travel with the checkpoint
     hf_tok = AutoTokenizer.from_pretrained(str(baseline))
     assert hf_tok('go straight, turn left')['input_ids'] == tok.encode('go straight, turn left')
-    assert json.load(open(baseline / 'vision_settings.json')) == data.VisionSettings(16, 56 * 56, 56 * 56).asdict()
+    assert json.load(open(baseline / 'vision_settings.json')) == dict(  # EgoWorld: 16 of 16 frames at 8 fps
+        data.VisionSettings(16, 56 * 56, 56 * 56).asdict(), second_per_grid_ts=[0.25, 0.25])
     assert json.load(open(baseline / 'run_config.json'))['max_steps'] == STEPS
     for f in ('config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'preprocessor_config.json',
               'chat_template.json'):

@@ -1,0 +1,15 @@
+# GRPO of Qwen2.5-VL-7B-Instruct on 8 GPUs (FSDP2) from its cold-start SFT checkpoint, next to
+# config/grpo_qwen2vl_7b.py:
+#   torchrun --nproc_per_node 8 grpo.py config/grpo_qwen25vl_7b.py \
+#       --init_from=out/sft-qwen25vl-7b --data=/path/st_r1_mcq_630.jsonl --video_root=/path/videos
+# Vision: Video-R1's published training setting, 16 frames at 128*28*28 pixels a frame (bench.py reads it
+# back from the checkpoint's vision_settings.json, so evaluation samples the same way unless overridden).
+# Everything else: the ST-R1 recipe of the Qwen2-VL preset.
+exec(open('config/grpo_qwen2vl_7b.py').read())
+init_from = 'out/sft-qwen25vl-7b'
+out_dir = 'out/grpo-qwen25vl-7b'
+nframes = 16
+min_pixels = 128 * 28 * 28
+max_pixels = 128 * 28 * 28
+# 8 sequences of ~1,350 prompt (~1,024 visual) + <= 256 completion tokens per rank: one micro-batch
+train_token_budget = 16384
