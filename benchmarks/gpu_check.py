@@ -65,7 +65,7 @@ SMALL = dict(TINY, vocab_size=1024, hidden_size=512, intermediate_size=1024, num
 # widths and vocabulary and cut depth: hf_parity 2 + 2 blocks; sft/grpo 8 LM layers + 8 vision blocks, so
 # that fp32 weights, gradients and AdamW (16 bytes/param, ~3.2B params: ~51 GB) fit one 80 GB GPU.
 SIZES = dict(
-    cuda=dict(dtype=torch.bfloat16, attn_tol=2e-2,
+    cuda=dict(dtype=torch.bfloat16, attn_tol=1e-3,
               attn_shapes=dict(lm=(28, 4, 128, True), vision=(16, 16, 80, False)),
               attn_lens=dict(ragged=[1500, 517, 2048, 33]),
               prefix=[(1100, [256, 200, 31, 256, 1, 128, 77, 256]), (300, [64, 3, 256])],
@@ -182,30 +182,36 @@ def math_attention(q, k, v, segments, causal):
 
 
 def attention_errors(fn, segments, causal, shape, dtype, dev, g):
-    """Max abs errors of out, dq, dk, dv of fn(q, k, v) in dtype against math_attention in fp32 on the same
-    (dtype-rounded) inputs and output gradient, and the reference's max abs of each."""
+    """Max abs errors against math_attention in fp32, on the same (dtype-rounded) inputs and output gradient,
+    of out, dq, dk, dv of fn(q, k, v) in dtype and of math_attention itself in dtype (what plain rounding to
+    dtype costs: the floor), and the fp32 reference's max abs of each."""
     H, Hkv, D, T = *shape, sum(len(r) for r, _ in segments)
     q, k, v, dout = (torch.randn(T, h, D, generator=g).to(dev, dtype) for h in (H, Hkv, Hkv, H))
-    lo = [x.clone().requires_grad_() for x in (q, k, v)]
-    hi = [x.float().requires_grad_() for x in (q, k, v)]
-    out, ref = fn(*lo), math_attention(*hi, segments, causal)
-    grads = torch.autograd.grad(out, lo, dout)
-    ref_grads = torch.autograd.grad(ref, hi, dout.float())
+
+    def run(f, x):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)] if x is None else [t.to(x).requires_grad_()
+                                                                                    for t in (q, k, v)]
+        out = f(*leaves)
+        return [out.detach(), *torch.autograd.grad(out, leaves, dout.to(out.dtype))]
+    ref = run(lambda *a: math_attention(*a, segments, causal), torch.float32)
+    ours, floor = run(fn, None), run(lambda *a: math_attention(*a, segments, causal), None)
     names = ('out', 'dq', 'dk', 'dv')
-    return ({n: max_err(a, b) for n, a, b in zip(names, (out, *grads), (ref, *ref_grads))},
-            {n: float(b.detach().abs().max()) for n, b in zip(names, (ref, *ref_grads))})
+    return ({n: max_err(a, b) for n, a, b in zip(names, ours, ref)},
+            {n: max_err(a, b) for n, a, b in zip(names, floor, ref)},
+            {n: float(b.abs().max()) for n, b in zip(names, ref)})
 
 
 def check_attention(dev, S, seed):
     """model.attention on ragged packs at the LM and vision shapes, and shared_prefix_attention (GRPO's
-    prompt-once layout), forward and backward, against the fp32 reference."""
+    prompt-once layout), forward and backward, against the fp32 reference. Pass, per tensor: max abs error
+    <= 2 x the floor (math_attention in the same dtype: flash-attn's own test rule) + attn_tol x max abs ref."""
     g, dtype, tol = torch.Generator().manual_seed(seed), S['dtype'], S['attn_tol']
     cases, ok = {}, True
 
-    def record(name, errs, scale):
+    def record(name, errs, floor, scale):
         nonlocal ok
-        ok &= all(errs[n] <= tol * scale[n] for n in errs) and all(s > 0 for s in scale.values())
-        cases[name] = dict(max_abs_err=errs, max_abs_ref=scale)
+        ok &= all(errs[n] <= 2 * floor[n] + tol * scale[n] for n in errs) and all(x > 0 for x in scale.values())
+        cases[name] = dict(max_abs_err=errs, floor=floor, max_abs_ref=scale)
     with counting(qwen2vl, ('flash_attn_varlen_func', 'varlen_attn')) as calls:
         for shape_name, (H, Hkv, D, causal) in S['attn_shapes'].items():
             for lens_name, lens in S['attn_lens'].items():
@@ -227,10 +233,12 @@ def check_attention(dev, S, seed):
         record('lm/shared_prefix', *attention_errors(fn, segs, True, S['attn_shapes']['lm'][:3], dtype, dev, g))
     backend = lambda c: next((n for n in ('flash_attn_varlen_func', 'varlen_attn') if c[n]), 'sdpa')
     shared = {n: calls[n] - packed_calls[n] for n in calls}
-    return dict(ok=ok, dtype=str(dtype).removeprefix('torch.'), varlen_params=list(qwen2vl.VARLEN_PARAMS),
+    dname = str(dtype).removeprefix('torch.')
+    return dict(ok=ok, dtype=dname, varlen_params=list(qwen2vl.VARLEN_PARAMS),
                 flash_attn_installed=qwen2vl.flash_attn_varlen_func is not None, backend=backend(packed_calls),
                 shared_prefix_backend=backend(shared) if shared['flash_attn_varlen_func'] else 'sdpa (padded, mask)',
-                tolerance=f'max abs err <= {tol} * max abs of the fp32 reference, per tensor', cases=cases)
+                tolerance=f'max abs err <= 2 * floor (the same math in {dname}) + {tol} * max abs of the fp32 '
+                          f'reference, per tensor', cases=cases)
 
 # -----------------------------------------------------------------------------
 # 2. bf16 logits against transformers, at the 7B's widths
