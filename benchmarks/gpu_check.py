@@ -70,6 +70,7 @@ SIZES = dict(
               attn_lens=dict(ragged=[1500, 517, 2048, 33]),
               prefix=[(1100, [256, 200, 31, 256, 1, 128, 77, 256]), (300, [64, 3, 256])],
               parity_cfg=dict(num_hidden_layers=2, vision_depth=2), parity_text=(40, 24), parity_grid=(4, 32, 32),
+              parity_tol=1e-4,
               fsdp_cfg=SMALL, fsdp_grid=(2, 8, 8), fsdp_rollout=(4, 16), fsdp_timeout=300,
               decode_cfg=dict(vision_depth=1), decode_rows=[8, 64], decode_prompt=512, decode_warmup=4,
               decode_steps=64,
@@ -80,7 +81,7 @@ SIZES = dict(
              # model.attention's three CPU paths: one view, one padded batch, a call per segment
              attn_lens=dict(equal=[8, 8, 8], padded=[5, 9, 6], per_segment=[1, 1, 20]),
              prefix=[(12, [5, 1, 9]), (7, [3, 4])],
-             parity_cfg=TINY, parity_text=(6, 5), parity_grid=(4, 8, 8),
+             parity_cfg=TINY, parity_text=(6, 5), parity_grid=(4, 8, 8), parity_tol=1e-5,
              fsdp_cfg=TINY, fsdp_grid=(2, 4, 4), fsdp_rollout=(2, 4), fsdp_timeout=300,
              decode_cfg=dict(TINY, num_hidden_layers=4, vision_depth=1), decode_rows=[2, 8], decode_prompt=32,
              decode_warmup=2, decode_steps=8,
@@ -261,7 +262,8 @@ def check_hf_parity(dev, S, seed):
     sequence. One bf16-valued checkpoint, saved in bf16, is loaded four times: transformers and ours, each in
     fp32 and bf16 (transformers' from_pretrained in bf16 keeps its rotary buffers fp32, as in real use). The
     noise floor is what bf16 costs transformers itself: max |HF bf16 - HF fp32| over all logits. Pass:
-    max |ours bf16 - HF fp32| <= 1.5 x that floor, and max |ours fp32 - HF fp32| <= 1e-3 x max |HF fp32|."""
+    max |ours bf16 - HF fp32| <= 1.5 x that floor, and max |ours fp32 - HF fp32| <= parity_tol x max |HF fp32|
+    (1e-4 on a GPU: on CPU at these widths it was 2e-6; 1e-5 at the CPU mode's, where it is 1e-6)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -293,13 +295,14 @@ def check_hf_parity(dev, S, seed):
     floor = max_err(logits['hf16'], logits['hf32'])
     e32, e16 = max_err(logits['ours32'], logits['hf32']), max_err(logits['ours16'], logits['hf32'])
     reload = max_err(logits['hf32_reloaded'], logits['hf32'])  # 0: the checkpoint holds exactly the oracle's values
-    return dict(ok=reload == 0 and e32 <= 1e-3 * scale and 0 < floor and e16 <= 1.5 * floor, tokens=len(ids),
+    tol = S['parity_tol']
+    return dict(ok=reload == 0 and e32 <= tol * scale and 0 < floor and e16 <= 1.5 * floor, tokens=len(ids),
                 video_grid=list(S['parity_grid']), layers=cfg.num_hidden_layers, vision_blocks=cfg.vision_depth,
                 hidden=cfg.hidden_size, vocab=cfg.vocab_size, max_abs_hf32=scale, noise_floor_hf16_vs_hf32=floor,
                 ours16_vs_hf32=e16, ours16_vs_hf16=max_err(logits['ours16'], logits['hf16']), ours32_vs_hf32=e32,
                 hf32_reloaded_vs_hf32=reload,
-                rule='ours16_vs_hf32 <= 1.5 * noise floor and ours32_vs_hf32 <= 1e-3 * max_abs_hf32 (max abs over '
-                     'every logit); hf32_reloaded_vs_hf32 == 0')
+                rule=f'ours16_vs_hf32 <= 1.5 * noise floor and ours32_vs_hf32 <= {tol} * max_abs_hf32 (max abs over '
+                     f'every logit); hf32_reloaded_vs_hf32 == 0')
 
 # -----------------------------------------------------------------------------
 # 3. FSDP2 under torchrun: checkpointing, a trainable tower, an optimizer step, a rollout
