@@ -168,8 +168,9 @@ def counting(module, names):
 
 
 def math_attention(q, k, v, segments, causal):
-    """The fp32 reference: per segment (query rows, key rows) softmax(q k^T / sqrt(D)) v, query head h on KV head
-    h // (H / Hkv); causal masks align to the end of the keys (query i sees key j <= i + Lk - Lq)."""
+    """The reference, plain math in the inputs' dtype: per segment (query rows, key rows) softmax(q k^T / sqrt(D)) v,
+    query head h on KV head h // (H / Hkv); causal masks align to the end of the keys (query i sees key
+    j <= i + Lk - Lq)."""
     rep, out = q.shape[1] // k.shape[1], []
     for rows, keys in segments:
         qs, ks, vs = q[rows], k[keys].repeat_interleave(rep, 1), v[keys].repeat_interleave(rep, 1)
@@ -189,13 +190,12 @@ def attention_errors(fn, segments, causal, shape, dtype, dev, g):
     H, Hkv, D, T = *shape, sum(len(r) for r, _ in segments)
     q, k, v, dout = (torch.randn(T, h, D, generator=g).to(dev, dtype) for h in (H, Hkv, Hkv, H))
 
-    def run(f, x):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)] if x is None else [t.to(x).requires_grad_()
-                                                                                    for t in (q, k, v)]
+    def run(f, as_dtype):
+        leaves = [t.to(as_dtype).clone().requires_grad_() for t in (q, k, v)]
         out = f(*leaves)
         return [out.detach(), *torch.autograd.grad(out, leaves, dout.to(out.dtype))]
-    ref = run(lambda *a: math_attention(*a, segments, causal), torch.float32)
-    ours, floor = run(fn, None), run(lambda *a: math_attention(*a, segments, causal), None)
+    reference = lambda *a: math_attention(*a, segments, causal)
+    ref, ours, floor = run(reference, torch.float32), run(fn, dtype), run(reference, dtype)
     names = ('out', 'dq', 'dk', 'dv')
     return ({n: max_err(a, b) for n, a, b in zip(names, ours, ref)},
             {n: max_err(a, b) for n, a, b in zip(names, floor, ref)},
@@ -330,7 +330,7 @@ def fsdp_worker(dev, S, seed):
         import sft
         from torch.distributed.fsdp import register_fsdp_forward_method
         stage = 'init'
-        rank, world, _, dev = init_distributed(dev.type)
+        _, world, _, dev = init_distributed(dev.type)
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         cfg, grid = ModelConfig(**S['fsdp_cfg']), S['fsdp_grid']
@@ -377,7 +377,8 @@ def fsdp_worker(dev, S, seed):
 def check_decode(dev, S, seed):
     """Prefill decode_prompt random text tokens in each of `rows` rows (one packed forward), then time greedy
     decode_step calls. Roofline: every step reads the LM's weights once (all but the embedding table, which
-    is only gathered, and the vision tower) plus the KV cache so far, at the device's HBM bandwidth."""
+    is only gathered, and the vision tower) plus the KV cache so far, at the device's HBM bandwidth. ok: the
+    logits stay finite (that decoding is right is tests/test_model.py's: the cache against a full forward)."""
     cfg, P = ModelConfig(**S['decode_cfg']), S['decode_prompt']
     model = random_model(cfg, dev, S['dtype']).eval()
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
@@ -467,7 +468,9 @@ def check_sft_step(dev, S, seed):
 
 def check_grpo_step(dev, S, seed):
     """One video prompt with G random completions (grpo.group_batch: the prompt computed once), their
-    log-probs (grpo.completion_logps), grpo_loss backward and clip_and_step, as grpo.train_on_rollouts does."""
+    log-probs (grpo.completion_logps), grpo_loss backward and clip_and_step, as grpo.train_on_rollouts does.
+    tokens: the batch's, the prompt once. sft.step_flops counts each segment's own attention only, so the
+    completions' attention to their prompt (~1% of the step here) is left out of the MFU."""
     import grpo
     cfg, model, optimizer, params = train_setup(dev, S)
     _, autocast = compute_dtype_and_autocast(dev, 'bfloat16')
