@@ -13,8 +13,8 @@ check is reported with its error and the others still run).
 What it imports: torch, numpy and safetensors (model.py, common.py) for attention and decode; transformers for
 hf_parity; fsdp, sft_step and grpo_step import grpo.py / sft.py, whose data.py imports tokenizers, decord and
 PIL, and tqdm. Each check imports its own, so a missing package fails only the checks that need it. A GPU
-machine without internet gets the missing ones as wheels in .whl/ (git-ignored), downloaded here for its
-Python (`python3 -V` there; a CUDA image seen in this workplace had Python 3.12 with all but decord):
+machine without internet gets the missing ones as wheels in .whl/ (git-ignored), downloaded elsewhere for its
+Python (`python3 -V` there; the CUDA image this was written for: Python 3.12, torch 2.11, all but decord):
 
     pip download -d .whl --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \\
