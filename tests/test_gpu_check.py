@@ -1,0 +1,54 @@
+"""benchmarks/gpu_check.py in its CPU mode: the GPU check's code at tiny widths in fp32, so that the script a
+GPU session will run has run here. Every check passes, in order, with the figures a CPU run must give; a check
+that raises is reported as failed (ok=false, its error) and the others still run, with exit status 1."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'benchmarks', 'gpu_check.py')
+CHECKS = ['attention', 'hf_parity', 'fsdp', 'decode', 'sft_step', 'grpo_step']
+
+
+def test_cpu_mode_passes_every_check():
+    p = subprocess.run([sys.executable, SCRIPT, '--device=cpu'], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS='2'))
+    lines = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [x['check'] for x in lines] == CHECKS, p.stdout[-3000:] + p.stderr[-3000:]
+    assert [x['check'] for x in lines if not x['ok']] == [] and p.returncode == 0, p.stdout[-5000:]
+    by = {x['check']: x for x in lines}
+    assert all(x['device'] == 'cpu' for x in lines)
+    att = by['attention']  # the three CPU SDPA paths at both shapes, and the shared prefix, forward and backward
+    assert att['backend'] == 'sdpa' and sorted(att['cases']) == sorted(
+        [f'{s}/{p}' for s in ('lm', 'vision') for p in ('equal', 'padded', 'per_segment')] + ['lm/shared_prefix'])
+    par = by['hf_parity']
+    assert 0 < par['noise_floor_hf16_vs_hf32'] and par['ours32_vs_hf32'] < 1e-5
+    fsdp = by['fsdp']
+    assert fsdp['stage'] == 'done' and fsdp['param_dtype'] == 'bfloat16' and fsdp['vision_grad_norm'] > 0
+    assert fsdp['rollout_shape'] == fsdp['rollout_expected']
+    assert [r['rows'] for r in by['decode']['runs']] == [2, 8]
+    assert all(r['roofline_pct'] is None and r['decode_tokens_per_s'] > 0 for r in by['decode']['runs'])
+    for name in ('sft_step', 'grpo_step'):  # no MFU without a known peak; FLOPs and tokens counted all the same
+        assert by[name]['mfu'] is None and by[name]['flops_per_step'] > 0 and by[name]['tokens'] > 0
+    assert by['grpo_step']['target_tokens'] == by['grpo_step']['completion_tokens']
+
+
+def test_a_failing_check_is_reported_and_the_others_still_run(monkeypatch, capsys):
+    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+    import gpu_check
+    for name in ('checks', 'device'):  # main() overrides these settings: give them back afterwards
+        monkeypatch.setattr(gpu_check, name, getattr(gpu_check, name))
+
+    def broken(dev, S, seed):
+        raise RuntimeError('kernel exploded')
+    monkeypatch.setitem(gpu_check.CHECKS, 'attention', broken)
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(['--checks=attention,decode', '--device=cpu'])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert e.value.code == 1 and [(x['check'], x['ok']) for x in lines] == [('attention', False), ('decode', True)]
+    assert lines[0]['error'] == 'RuntimeError: kernel exploded'
+    with pytest.raises(ValueError, match="unknown \\['atention'\\]"):
+        gpu_check.main(['--checks=atention'])
