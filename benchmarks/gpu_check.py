@@ -350,7 +350,7 @@ def fsdp_worker(dev, S, seed):
         vision_norm = math.sqrt(sum(float(x.full_tensor().float().norm()) ** 2 for x in vision if x is not None))
         no_grad = sum(x is None or not bool(x.full_tensor().ne(0).any()) for x in vision)
         stage = 'optimizer step'
-        norm = clip_and_step(optimizer, [p for p in model.parameters() if p.requires_grad], 1.0)
+        norm, _ = clip_and_step(optimizer, [p for p in model.parameters() if p.requires_grad], 1.0, loss)
         stage = 'rollout'
         G, new = S['fsdp_rollout']
         prompts = data.pack([video_sample(cfg, 4, grid, 3, 0, g), video_sample(cfg, 2, grid, 5, 0, g)])
@@ -462,7 +462,7 @@ def check_sft_step(dev, S, seed):
 
     def step():
         loss, _ = sft.forward_backward(model, [batch], dev, autocast)
-        return loss, clip_and_step(optimizer, params, 1.0)
+        return loss, clip_and_step(optimizer, params, 1.0, loss)[0]
     return step_report(dev, S, cfg, model, step, batch, S['sft_target'])
 
 
@@ -488,7 +488,7 @@ def check_grpo_step(dev, S, seed):
         logp, mask = grpo.pad_rows(flat, lengths.to(dev))
         loss, _ = grpo.grpo_loss(logp, None, None, adv.to(dev), mask, loss_type='grpo')
         loss.backward()
-        return float(loss.detach()), clip_and_step(optimizer, params, 1.0)
+        return float(loss.detach()), clip_and_step(optimizer, params, 1.0, float(loss.detach()))[0]
     return dict(step_report(dev, S, cfg, model, step, batch, len(batch['targets'])), generations=G,
                 completion_tokens=int(lengths.sum()))
 
