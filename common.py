@@ -146,10 +146,12 @@ def matmul_weights_to(model, dtype):
     """A frozen model for autocast: the weights of its matmuls (nn.Linear, nn.Conv3d) in dtype, as autocast
     would cast them anyway, everything else (embeddings, norms) as it was. Under the same autocast it then
     computes exactly what the fp32 model computes, for half the bytes of its matmuls (the GRPO reference:
-    KL = 0 at step 0)."""
+    KL = 0 at step 0; the frozen base under LoRA). A LoRALinear's adapters keep their fp32 master weights."""
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv3d)):
-            m.to(dtype)
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    p.data = p.data.to(dtype)
     return model
 
 
@@ -243,10 +245,28 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling, self.dropout = alpha / rank, dropout
+        self.enabled = True  # False: the base layer alone (lora_disabled)
 
     def forward(self, x):
-        lora = F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + self.scaling * lora
+        base = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return base
+        return base + self.scaling * F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.lora_A),
+                                              self.lora_B)
+
+
+@contextmanager
+def lora_disabled(model):
+    """Inside the block the model computes as its base, every adapter switched off: GRPO's KL reference
+    without a second copy of the weights. A no-op on a model without adapters."""
+    adapted = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in adapted:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in adapted:
+            m.enabled = True
 
 
 def apply_lora(model, rank, alpha, dropout=0.0, targets=('q_proj', 'k_proj', 'v_proj', 'o_proj')):
@@ -267,12 +287,13 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=('q_proj', 'k_proj', 'v_
 
 
 def merge_lora_weights(state_dict, scalings):
-    """W <- W + scaling * B @ A (in fp32) in a state dict, lora_A/lora_B dropped; a new dict.
+    """W <- W + scaling * B @ A in fp32 in a state dict, lora_A/lora_B dropped; a new dict. The merged W
+    stays fp32 (a bf16 base would round the update away); the saver casts to its save_dtype.
     scalings: {module name: alpha/r}."""
     sd = dict(state_dict)
     for name, s in scalings.items():
         A, B, W = sd.pop(f'{name}.lora_A'), sd.pop(f'{name}.lora_B'), sd[f'{name}.weight']
-        sd[f'{name}.weight'] = (W.float() + s * (B.float() @ A.float())).to(W.dtype)
+        sd[f'{name}.weight'] = W.float() + s * (B.float() @ A.float())
     return sd
 
 # -----------------------------------------------------------------------------
