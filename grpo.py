@@ -251,7 +251,8 @@ def rollout(model, batch, num_generations, seeds, max_new_tokens, temperature=1.
             stop_ids=(), banned=None, pad_id=0):
     """num_generations completions of every prompt of a packed batch (prompt b -> rows b*G .. b*G+G-1),
     row r sampled with row_uniforms(seeds)[r]. Returns tokens (R, N) (pad_id after the end), the sampled
-    tokens' log-probs under policy_logits (R, N), lengths (R,), stopped (R,): ended on a stop id."""
+    tokens' log-probs under policy_logits (R, N), lengths (R,), stopped (R,): ended on a stop id. Samples the
+    policy itself: in eval mode (no LoRA dropout, no draw from torch's RNG), the model's mode restored after."""
     B = len(batch['cu_seqlens']) - 1
     if len(seeds) != B * num_generations:
         raise ValueError(f'rollout: {B} prompts x {num_generations} generations need {B * num_generations} seeds, '
@@ -261,10 +262,13 @@ def rollout(model, batch, num_generations, seeds, max_new_tokens, temperature=1.
     banned = None if banned is None else torch.as_tensor(banned, dtype=torch.long, device=dev)
     sampler = lambda logits, i: sample_rows(policy_logits(logits, temperature, banned), uniforms[:, i], top_k, top_p)
     pv = batch['pixel_values'].to(dev) if batch.get('pixel_values') is not None else None
+    training = model.training
+    model.eval()
     tokens, logps, lengths = model.generate(
         batch['input_ids'].to(dev), batch['position_ids'].to(dev), batch['cu_seqlens'].to(dev), pv,
         batch.get('grid_thw'), max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=stop_ids,
         num_samples=num_generations, pad_token_id=pad_id)
+    model.train(training)
     last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
     return tokens, logps, lengths, torch.isin(last, torch.tensor(list(stop_ids), dtype=torch.long, device=dev))
 
@@ -620,11 +624,9 @@ def main(argv=None):
         prompts = [encode(samples[i], tok, settings, None, cfg) for i in idx]
         seeds = [row_seed(seed, epoch, i, g) for i in idx for g in range(G)]
         t_roll = time.time()
-        model.eval()  # sample from the policy itself: no LoRA dropout (and no RNG draw) in the rollouts
         with gathered_for_rollout(model), autocast():
             tokens, sampler_logp, lengths, stopped = rollout(model, pack(prompts), G, seeds, max_completion_length,
                                                              temperature, top_k, top_p, stop_ids, banned, tok.pad_id)
-        model.train()
         if on_gpu:
             torch.cuda.synchronize()
         t_roll = float(all_reduce(time.time() - t_roll, device, 'max'))

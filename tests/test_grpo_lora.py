@@ -114,6 +114,10 @@ def test_rollouts_sample_the_adapted_policy_unmerged(world):
     tm, lpm, nm, _ = rollouts(merged, tok, prompts)
     assert torch.equal(t, tm) and torch.equal(n, nm) and (lp - lpm).abs().max() < 1e-5
     assert not torch.equal(t, rollouts(base, tok, prompts)[0])
+    noisy = adapted(base, dropout=0.5).train()  # a training-mode model samples without its dropout
+    rng = torch.get_rng_state()
+    assert all(torch.equal(x, y) for x, y in zip(rollouts(noisy, tok, prompts), (t, lp, n)))
+    assert noisy.training and torch.equal(torch.get_rng_state(), rng)
     flat = logps_of(policy, grpo.group_batch(groups(prompts, t, n, 3)), tok)
     padded, mask = grpo.pad_rows(flat, n)
     assert (padded[mask] - lp[:, :padded.shape[1]][mask]).abs().max() < 1e-5
@@ -248,3 +252,20 @@ def test_reference_with_adapters_off_equals_a_separate_base_model(world):
     (a, wa), (b, wb) = out
     assert a['kl'] > 1e-3 and a['kl'] == b['kl'] and a['loss'] == b['loss']
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_7b_lora_preset_parses_and_its_adapter_count_is_the_budget_s():
+    """config/grpo_qwen2vl_7b_lora.py sets only grpo.py's settings with their types, passes check_config on
+    one process, and LoRA on the real 7B config (meta device: no weights) adapts 7 x 28 projections with the
+    80.7M trainable parameters its memory budget counts."""
+    import os
+    from configurator import configure
+    from model import ModelConfig
+    c = configure(dict(vars(grpo)), [os.path.join(os.path.dirname(grpo.__file__), 'config', 'grpo_qwen2vl_7b_lora.py')])
+    grpo.check_config(c, 1)
+    assert c['lora_rank'] == 32 and c['activation_checkpointing'] and c['dtype'] == 'bfloat16'
+    with torch.device('meta'):
+        m = Qwen2VL(ModelConfig())
+    names = common.apply_lora(m, c['lora_rank'], c['lora_alpha'], c['lora_dropout'], c['lora_targets'])
+    assert len(names) == 7 * 28 and not any(n.startswith('visual') for n in names)
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 28 * 32 * 90_112 == 80_740_352
