@@ -14,13 +14,14 @@ Every number of a step is the same for 1 rank or 8 and after a resume. Knob name
 GRPOTrainer's (num_generations, beta, epsilon, epsilon_high, loss_type, scale_rewards, num_iterations);
 checkpoints, FSDP2 and resume are common.py's. With --lora_rank only the adapters train (common.apply_lora,
 as in sft.py): the rollouts sample from the adapted policy unmerged, the KL reference is the same model
-with its adapters switched off (common.lora_disabled), and one process keeps the frozen base in bf16.
+with its adapters switched off (common.lora_disabled), and one process keeps the frozen base in the
+compute dtype (bf16).
 
 Left out on purpose: vLLM or a separate inference server (the rollout engine is model.py's KV cache),
-sharing one vision forward across the G training copies
-of a prompt (the tower runs G times per prompt in training), DAPO's over-sampling to refill dropped
-groups, TRL's two-sided clipping `delta`, sequence-level importance sampling (GSPO), entropy masking,
-a clamp on the KL estimator, and evaluation during training (bench.py).
+sharing one vision forward across the G training copies of a prompt (the tower runs G times per prompt
+in training), DAPO's over-sampling to refill dropped groups, TRL's two-sided clipping `delta`,
+sequence-level importance sampling (GSPO), entropy masking, a clamp on the KL estimator, QLoRA's 4-bit
+base, and evaluation during training (bench.py).
 """
 import os
 import time
