@@ -281,10 +281,28 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling, self.dropout = alpha / rank, dropout
+        self.enabled = True  # False: the base layer alone (lora_disabled)
 
     def forward(self, x):
-        lora = F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + self.scaling * lora
+        base = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return base
+        return base + self.scaling * F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.lora_A),
+                                              self.lora_B)
+
+
+@contextmanager
+def lora_disabled(model):
+    """Inside the block the model computes as its base, every adapter switched off: GRPO's KL reference
+    without a second copy of the weights. A no-op on a model without adapters."""
+    adapted = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in adapted:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in adapted:
+            m.enabled = True
 
 
 def apply_lora(model, rank, alpha, dropout=0.0, targets=('q_proj', 'k_proj', 'v_proj', 'o_proj')):

@@ -5,19 +5,23 @@ them, and a clipped policy-gradient loss with group-normalised advantages update
     python grpo.py config/grpo_egoworld.py                                      # CPU, minutes
     torchrun --nproc_per_node 8 grpo.py config/grpo_qwen2vl_7b.py \\
         --init_from=out/sft-qwen2vl-7b --data=st_r1_mcq_630.jsonl --video_root=/path/videos
+    python grpo.py config/grpo_qwen2vl_7b_lora.py --init_from=out/sft-qwen2vl-7b ...  # LoRA: 1 GPU
 
 One step: this rank's prompts -> G rollouts each from one prefill (model.generate with a per-row
 seeded sampler) -> rewards, gathered over ranks -> group advantages -> prompt + completion sequences
 packed for the training forward -> num_iterations x num_minibatches optimizer steps -> one metrics line.
 Every number of a step is the same for 1 rank or 8 and after a resume. Knob names are TRL's
 GRPOTrainer's (num_generations, beta, epsilon, epsilon_high, loss_type, scale_rewards, num_iterations);
-checkpoints, FSDP2 and resume are common.py's.
+checkpoints, FSDP2 and resume are common.py's. With --lora_rank only the adapters train (common.apply_lora,
+as in sft.py): the rollouts sample from the adapted policy unmerged, the KL reference is the same model
+with its adapters switched off (common.lora_disabled), and one process keeps the frozen base in the
+compute dtype (bf16).
 
 Left out on purpose: vLLM or a separate inference server (the rollout engine is model.py's KV cache),
-LoRA (the paper's GRPO trains every weight), sharing one vision forward across the G training copies
-of a prompt (the tower runs G times per prompt in training), DAPO's over-sampling to refill dropped
-groups, TRL's two-sided clipping `delta`, sequence-level importance sampling (GSPO), entropy masking,
-a clamp on the KL estimator, and evaluation during training (bench.py).
+sharing one vision forward across the G training copies of a prompt (the tower runs G times per prompt
+in training), DAPO's over-sampling to refill dropped groups, TRL's two-sided clipping `delta`,
+sequence-level importance sampling (GSPO), entropy masking, a clamp on the KL estimator, QLoRA's 4-bit
+base, and evaluation during training (bench.py).
 """
 import os
 import time
@@ -29,8 +33,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import reward
-from common import (all_reduce, clip_and_step, compute_dtype_and_autocast, frozen_matmul_weights_to, gather_ids,
-                    gather_rows, grad_sync, init_distributed, log_metrics, lr_at, make_optimizer, NonFiniteSteps,
+from common import (all_reduce, apply_lora, clip_and_step, compute_dtype_and_autocast, frozen_matmul_weights_to,
+                    gather_ids, gather_rows, grad_sync, init_distributed, log_metrics, lora_disabled, lr_at,
+                    make_optimizer, NonFiniteSteps,
                     peak_memory, print0, save_checkpoint, shard_model, start_run, StopSignals, target_logits)
 from configurator import configure
 from data import Tokenizer, VisionSettings, encode, greedy_pack, pack, read_samples
@@ -39,7 +44,8 @@ from model import Qwen2VL, filter_logits
 # -----------------------------------------------------------------------------
 # I/O
 init_from = 'out/sft-egoworld'   # the policy's start: an SFT checkpoint dir (HF layout, tokenizer.json)
-ref_from = ''            # the frozen KL reference (only loaded when beta > 0); '' = init_from
+ref_from = ''            # the frozen KL reference (only loaded when beta > 0); '' = init_from (LoRA: the policy
+                         # with its adapters off, no second model)
 data = 'data_egoworld/train/st_r1_cot.jsonl'  # ST-R1 JSONL or a benchmark folder (only the questions are used)
 video_root = ''          # remaps the JSONL's absolute video paths by basename
 tasks = 'route,direction,landmark,action'  # the tasks whose questions RL trains on (the release: the MCQ ones)
@@ -82,6 +88,12 @@ beta2 = 0.999
 grad_clip = 1.0          # max global grad norm per update; 0 = off
 max_nonfinite_steps = 3  # a NaN/inf loss or grad norm skips the update; steps with one, this many in a row, stop
 freeze_vision = False    # the release trains everything
+# LoRA, sft.py's knobs (common.apply_lora); 0 = full weights (the paper). Adapters usually want ~10x the lr.
+# With dropout > 0 the training forward is noisier than the sampler (sampler_logp_diff is then not rounding)
+lora_rank = 0
+lora_alpha = 8.0
+lora_dropout = 0.0
+lora_targets = 'q_proj,k_proj,v_proj,o_proj'  # name suffixes; + gate_proj,up_proj,down_proj for the MLP
 epochs = 1
 max_steps = -1           # > 0: stop after this many steps instead (epochs repeat as needed)
 seed = 1337
@@ -245,7 +257,8 @@ def rollout(model, batch, num_generations, seeds, max_new_tokens, temperature=1.
             stop_ids=(), banned=None, pad_id=0):
     """num_generations completions of every prompt of a packed batch (prompt b -> rows b*G .. b*G+G-1),
     row r sampled with row_uniforms(seeds)[r]. Returns tokens (R, N) (pad_id after the end), the sampled
-    tokens' log-probs under policy_logits (R, N), lengths (R,), stopped (R,): ended on a stop id."""
+    tokens' log-probs under policy_logits (R, N), lengths (R,), stopped (R,): ended on a stop id. Samples the
+    policy itself: in eval mode (no LoRA dropout, no draw from torch's RNG), the model's mode restored after."""
     B = len(batch['cu_seqlens']) - 1
     if len(seeds) != B * num_generations:
         raise ValueError(f'rollout: {B} prompts x {num_generations} generations need {B * num_generations} seeds, '
@@ -255,10 +268,13 @@ def rollout(model, batch, num_generations, seeds, max_new_tokens, temperature=1.
     banned = None if banned is None else torch.as_tensor(banned, dtype=torch.long, device=dev)
     sampler = lambda logits, i: sample_rows(policy_logits(logits, temperature, banned), uniforms[:, i], top_k, top_p)
     pv = batch['pixel_values'].to(dev) if batch.get('pixel_values') is not None else None
+    training = model.training
+    model.eval()
     tokens, logps, lengths = model.generate(
         batch['input_ids'].to(dev), batch['position_ids'].to(dev), batch['cu_seqlens'].to(dev), pv,
         batch.get('grid_thw'), max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=stop_ids,
         num_samples=num_generations, pad_token_id=pad_id)
+    model.train(training)
     last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
     return tokens, logps, lengths, torch.isin(last, torch.tensor(list(stop_ids), dtype=torch.long, device=dev))
 
@@ -442,7 +458,8 @@ def train_on_rollouts(model, ref, optimizer, prompts, tokens, lengths, sampler_l
                     if weight:
                         diagnose(old[tuple(rows)], ent, rows)
                 if ref is not None:
-                    ref_lp[tuple(rows)] = logps(ref, rows)[0]
+                    with lora_disabled(ref):  # LoRA: ref is the policy itself, its adapters off
+                        ref_lp[tuple(rows)] = logps(ref, rows)[0]
 
     for it in range(num_iterations):
         for mb, p in enumerate(plans):
@@ -523,6 +540,8 @@ def check_config(c, world):
            (c['loss_type'] not in LOSS_TYPES, f"loss_type={c['loss_type']!r}: one of {LOSS_TYPES}"),
            (c['scale_rewards'] not in SCALE_REWARDS, f"scale_rewards={c['scale_rewards']!r}: one of {SCALE_REWARDS}"),
            (c['beta'] < 0, f"beta={c['beta']} must be >= 0"),
+           (c['lora_rank'] < 0, f"lora_rank={c['lora_rank']} must be >= 0 (0: full weights)"),
+           (not 0 <= c['lora_dropout'] < 1, f"lora_dropout={c['lora_dropout']} must be in [0, 1)"),
            (unknown, f'reward_weights: unknown component(s) {unknown}; components are {components}'),
            (bad_tasks, f"tasks={c['tasks']!r}: unknown {bad_tasks}; tasks are {list(reward.TASKS)}")]
     for failed, msg in bad:
@@ -561,25 +580,31 @@ def main(argv=None):
     model = Qwen2VL.from_pretrained(init_from, dtype=torch.float32, device=device)  # sharding frees the rest
     if freeze_vision:
         model.visual.requires_grad_(False)
+    if lora_rank > 0:
+        names = apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+        torch.manual_seed(seed + rank)  # LoRA dropout: a stream per rank (a resumed run restores its own)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print0(f'LoRA r={lora_rank} alpha={lora_alpha} on {len(names)} linears: {n_train / 1e6:.3f}M trainable')
     model.gradient_checkpointing = activation_checkpointing
     model.train()
     ref = None
-    if beta > 0:  # computing exactly what the policy computes at step 0: one process runs the fp32 policy under
+    if beta > 0 and lora_rank > 0 and not ref_from:
+        ref = model  # its adapters switched off (train_on_rollouts): the base, without a second copy
+    elif beta > 0:  # computing exactly what the policy computes at step 0: one process runs the fp32 policy under
         # autocast, so the reference keeps fp32 embeddings and norms (its matmuls in the compute dtype); FSDP
         # gathers every parameter of both in the compute dtype (and wants one dtype a unit)
         ref = Qwen2VL.from_pretrained(ref_from or init_from, dtype=torch.float32 if world == 1 else compute_dtype,
                                       device=device)
         ref.requires_grad_(False)
         ref.eval()
-    if world == 1 and compute_dtype != torch.float32:
-        for m in (model, ref):
-            if m is not None:
-                frozen_matmul_weights_to(m, compute_dtype)
+    if world == 1 and compute_dtype != torch.float32:  # frozen matmul weights (LoRA's base, a frozen tower, the
+        for m in {id(m): m for m in (model, ref) if m is not None}.values():  # reference) as autocast casts them
+            frozen_matmul_weights_to(m, compute_dtype)
     if world > 1:
         from torch.distributed.fsdp import register_fsdp_forward_method
         shard_model(model, device, compute_dtype if compute_dtype != torch.float32 else None)
         register_fsdp_forward_method(model, 'generate')  # the whole rollout is one forward of the root
-        if ref is not None:
+        if ref is not None and ref is not model:
             shard_model(ref, device, compute_dtype if compute_dtype != torch.float32 else None)
     cfg = model.config
     optimizer = make_optimizer(model, lr, weight_decay, (beta1, beta2))

@@ -298,11 +298,13 @@ def test_plan_updates_splits_groups_and_pads_micro_batches():
 def test_bad_config_fails_naming_the_key():
     defaults = {k: getattr(grpo, k) for k in ('prompts_per_step', 'num_generations', 'temperature', 'loss_type',
                                               'num_minibatches', 'reward_weights', 'max_completion_length', 'top_p',
-                                              'top_k', 'num_iterations', 'scale_rewards', 'beta', 'tasks')}
+                                              'top_k', 'num_iterations', 'scale_rewards', 'beta', 'tasks',
+                                              'lora_rank', 'lora_dropout')}
     grpo.check_config(defaults, 1)
     for key, value, world_size in (('prompts_per_step', 3, 2), ('num_generations', 1, 1), ('temperature', 0.0, 1),
                                    ('loss_type', 'ppo', 1), ('num_minibatches', 9, 1),
-                                   ('reward_weights', {'acc': 1.0}, 1), ('tasks', 'direction,routes', 1)):
+                                   ('reward_weights', {'acc': 1.0}, 1), ('tasks', 'direction,routes', 1),
+                                   ('lora_rank', -1, 1), ('lora_dropout', 1.0, 1)):
         with pytest.raises(ValueError, match=key):
             grpo.check_config(dict(defaults, **{key: value}), world_size)
 
