@@ -136,7 +136,8 @@ def video_sample(cfg, n_before, grid, n_after, n_target, g):
     pos, next_pos = rope_positions(ids, grid_thw, cfg)
     patch = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
     return dict(input_ids=ids, labels=labels, position_ids=pos, grid_thw=grid_thw, id='gpu_check',
-                pixel_values=torch.randn(t * h * w, patch, generator=g), next_position=next_pos)
+                pixel_values=torch.randn(t * h * w, patch, generator=g), next_position=next_pos,
+                second_per_grid_ts=torch.tensor([1.0], dtype=torch.float64))  # Qwen2-VL's positions ignore it
 
 
 def random_model(cfg, dev, dtype=torch.float32):
