@@ -39,19 +39,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 import model as qwen2vl
-from common import (clip_and_step, compute_dtype_and_autocast, guess_peak_flops, init_distributed, make_optimizer,
-                    peak_memory, shard_model)
+from common import (apply_lora, clip_and_step, compute_dtype_and_autocast, frozen_matmul_weights_to, guess_peak_flops,
+                    init_distributed, lora_disabled, make_optimizer, peak_memory, shard_model)
 from configurator import configure
 from model import ModelConfig, Qwen2VL, rope_positions
 
 # -----------------------------------------------------------------------------
-checks = 'attention,hf_parity,fsdp,decode,sft_step,grpo_step'
+checks = 'attention,hf_parity,fsdp,decode,sft_step,grpo_step,grpo_lora_step'
 device = ''   # '' = cuda when there is one, else cpu (the reduced CPU mode); 'cpu' forces the CPU mode
 worker = ''   # 'fsdp': the torchrun child of the fsdp check (set by the check itself)
 seed = 0
 # -----------------------------------------------------------------------------
 
-CHECK_NAMES = ('attention', 'hf_parity', 'fsdp', 'decode', 'sft_step', 'grpo_step')
+CHECK_NAMES = ('attention', 'hf_parity', 'fsdp', 'decode', 'sft_step', 'grpo_step', 'grpo_lora_step')
 # the tests' tiny Qwen2-VL (GQA 2:1, every id in the vocabulary) and a small one for the FSDP run on a GPU
 TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, mrope_section=[2, 3, 3], rope_theta=10000.0, image_token_id=150,
@@ -75,7 +75,8 @@ SIZES = dict(
               decode_cfg=dict(vision_depth=1), decode_rows=[8, 64], decode_prompt=512, decode_warmup=4,
               decode_steps=64,
               train_cfg=dict(num_hidden_layers=8, vision_depth=8), train_grid=(4, 32, 32), train_text=(40, 24),
-              sft_target=256, grpo_generations=8, grpo_completion=256, train_steps=2),
+              sft_target=256, grpo_generations=8, grpo_completion=256, train_steps=2,
+              lora_cfg={}, lora_grid=(4, 26, 30)),  # the whole 7B; 8 frames at <= 360x420 px (the LoRA preset)
     cpu=dict(dtype=torch.float32, attn_tol=1e-5,
              attn_shapes=dict(lm=(4, 2, 16, True), vision=(4, 4, 16, False)),
              # model.attention's three CPU paths: one view, one padded batch, a call per segment
@@ -86,7 +87,7 @@ SIZES = dict(
              decode_cfg=dict(TINY, num_hidden_layers=4, vision_depth=1), decode_rows=[2, 8], decode_prompt=32,
              decode_warmup=2, decode_steps=8,
              train_cfg=TINY, train_grid=(2, 4, 4), train_text=(6, 5), sft_target=16, grpo_generations=4,
-             grpo_completion=12, train_steps=1))
+             grpo_completion=12, train_steps=1, lora_cfg=TINY, lora_grid=(2, 4, 4)))
 # HBM bandwidth (B/s, datasheets) by device name, first match wins; None for anything else
 HBM_BANDWIDTH = (('H200', 4.8e12), ('H100 PCIe', 2.0e12), ('H100 NVL', 3.9e12), ('H100', 3.35e12), ('A100', 2.0e12))
 
@@ -493,10 +494,72 @@ def check_grpo_step(dev, S, seed):
     return dict(step_report(dev, S, cfg, model, step, batch, len(batch['targets'])), generations=G,
                 completion_tokens=int(lengths.sum()))
 
+
+def check_grpo_lora_step(dev, S, seed):
+    """config/grpo_qwen2vl_7b_lora.py's step on the whole 7B (its memory budget says ~32 GiB): the frozen base's
+    matmul weights in bf16 (frozen_matmul_weights_to), LoRA r=32 on the attention and MLP projections, G rollouts
+    of one 8-frame prompt from the adapted policy (unmerged), the reference's log-probs with the adapters off (no
+    second model), then the policy's, the loss with KL and the adapters' AdamW step. ok: finite, KL exactly 0
+    (the adapters start at zero), the base untouched, and peak memory within the budget's 32 GiB on a GPU."""
+    import data
+    import grpo
+    import runpy
+    preset = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'config',
+                                         'grpo_qwen2vl_7b_lora.py'))
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev)
+    compute, autocast = compute_dtype_and_autocast(dev, 'bfloat16')
+    cfg = ModelConfig(**S['lora_cfg'])
+    model = random_model(cfg, dev)
+    torch.manual_seed(seed)
+    apply_lora(model, preset['lora_rank'], preset['lora_alpha'], 0.0, preset['lora_targets'])
+    if compute != torch.float32:
+        frozen_matmul_weights_to(model, compute)
+    model.gradient_checkpointing = True
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, preset['lr'])
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and p.dim() == 2}
+    g = torch.Generator().manual_seed(seed)
+    prompt = video_sample(cfg, S['train_text'][0], S['lora_grid'], S['train_text'][1], 0, g)
+    G, L = S['grpo_generations'], S['grpo_completion']
+    seeds = [grpo.row_seed(seed, 0, 0, j) for j in range(G)]
+    (rolled, t_roll) = timed(lambda: _rollout(grpo, model, data.pack([prompt]), G, seeds, L, autocast), dev)
+    tokens, _, lengths, _ = rolled
+    batch = grpo.group_batch([(prompt, [tokens[j, :int(lengths[j])] for j in range(G)])])
+    adv, _ = grpo.group_advantages(torch.rand(G, generator=g), G)
+
+    def step():
+        with torch.no_grad(), lora_disabled(model), autocast():
+            ref, _ = grpo.completion_logps(model, batch, 1.0, dev)
+        with autocast():
+            flat, _ = grpo.completion_logps(model, batch, 1.0, dev)
+        logp, mask = grpo.pad_rows(flat, lengths.to(dev))
+        loss, st = grpo.grpo_loss(logp, None, grpo.pad_rows(ref, lengths.to(dev))[0], adv.to(dev), mask,
+                                  beta=preset['beta'], loss_type='grpo')
+        loss.backward()
+        return (float(loss.detach()), float(st['kl'])), clip_and_step(optimizer, params, 1.0, float(loss.detach()))[0]
+    (loss0, kl0), _ = step()  # adapters at zero: the policy is the reference
+    (loss1, _), t_step = timed(step, dev)
+    unchanged = all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    peak = peak_memory(dev) / 2**30
+    return dict(ok=math.isfinite(loss0) and math.isfinite(loss1[0]) and kl0 == 0.0 and unchanged
+                and (dev.type != 'cuda' or peak <= 32.0),
+                layers=cfg.num_hidden_layers, params=sum(p.numel() for p in model.parameters()),
+                trainable=sum(p.numel() for p in params), kl_step0=kl0, base_unchanged=unchanged,
+                rollout_rows=G, rollout_tokens=int(lengths.sum()), rollout_s=t_roll,
+                rollout_tokens_per_s=float(lengths.sum()) / t_roll, train_tokens=len(batch['input_ids']),
+                step_s=t_step, peak_memory_gb=peak, budget_gb=32.0)
+
+
+def _rollout(grpo, model, batch, G, seeds, L, autocast):
+    with autocast():
+        return grpo.rollout(model, batch, G, seeds, L)  # no stop ids: every row L tokens
+
 # -----------------------------------------------------------------------------
 
 CHECKS = dict(attention=check_attention, hf_parity=check_hf_parity, fsdp=check_fsdp, decode=check_decode,
-              sft_step=check_sft_step, grpo_step=check_grpo_step)
+              sft_step=check_sft_step, grpo_step=check_grpo_step, grpo_lora_step=check_grpo_lora_step)
 
 
 def run_check(name, dev, S, seed):

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'benchmarks', 'gpu_check.py')
-CHECKS = ['attention', 'hf_parity', 'fsdp', 'decode', 'sft_step', 'grpo_step']
+CHECKS = ['attention', 'hf_parity', 'fsdp', 'decode', 'sft_step', 'grpo_step', 'grpo_lora_step']
 
 
 def test_cpu_mode_passes_every_check():
@@ -34,6 +34,8 @@ def test_cpu_mode_passes_every_check():
     for name in ('sft_step', 'grpo_step'):  # no MFU without a known peak; FLOPs and tokens counted all the same
         assert by[name]['mfu'] is None and by[name]['flops_per_step'] > 0 and by[name]['tokens'] > 0
     assert by['grpo_step']['target_tokens'] == by['grpo_step']['completion_tokens']
+    lora = by['grpo_lora_step']  # the LoRA preset's adapters, the reference with them off: KL 0 at step 0
+    assert lora['kl_step0'] == 0.0 and lora['base_unchanged'] and 0 < lora['trainable'] < lora['params'] / 2
 
 
 def test_a_failing_check_is_reported_and_the_others_still_run(monkeypatch, capsys):
