@@ -608,7 +608,9 @@ class Qwen2VL(nn.Module):
         """Append one text token to every cache row: tokens, positions (B,) -> logits (B, vocab) fp32.
         rope: fold_rope of `positions`' rotary when the caller made it already (generate, for all steps at once)."""
         x = self.embed_tokens(tokens)
-        cos, sin = rope if rope is not None else fold_rope(*mrope_cos_sin(positions.expand(3, -1), self.config, x.dtype))
+        if rope is None:
+            rope = fold_rope(*mrope_cos_sin(positions.expand(3, -1), self.config, x.dtype))
+        cos, sin = rope
         cache.start_step()
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, None, None, cache, i)
