@@ -276,6 +276,13 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos[:, None] + torch.cat((-x2, x1), -1) * sin[:, None]
 
+def fold_rope(cos, sin):
+    """apply_rope's cos, sin (T, D) -> (T, 1, D) each, rotate-half's sign folded into sin: then
+    x * cos + x.roll(D // 2, -1) * sin is apply_rope(x, cos, sin) bit for bit in half the ops (the decode
+    step's form: at one token a row the time is in the number of ops, not in the arithmetic)."""
+    half = cos.shape[-1] // 2
+    return cos[:, None], torch.cat((-sin[:, :half], sin[:, half:]), -1)[:, None]
+
 # -----------------------------------------------------------------------------
 # attention
 
@@ -376,9 +383,12 @@ class KVCache:
     """Pre-allocated keys/values of every layer, k/v (L, B, Hkv, S, D); row b holds lens[b] tokens, max_len =
     max(lens) is kept on the host so that a decode step needs no device-to-host sync.
     Qwen2VL.prefill fills one row per prompt, `repeat` copies rows for several samples per prompt,
-    Qwen2VL.decode_step appends one token to every row (start_step, attend in every layer, end_step)."""
-    def __init__(self, k, v, lens, max_len=0):
-        self.k, self.v, self.lens, self.max_len = k, v, lens, max_len
+    Qwen2VL.decode_step appends one token to every row (start_step, attend in every layer, end_step).
+    equal: every row holds the same number of tokens (one prompt, or prompts of one length; known on the host
+    at the prefill and kept, since every row grows by one a step): then a step writes one column of the cache
+    and attends without a mask."""
+    def __init__(self, k, v, lens, max_len=0, equal=False):
+        self.k, self.v, self.lens, self.max_len, self.equal = k, v, lens, max_len, equal
         self.mask, self.spans = None, []
 
     @classmethod
@@ -391,7 +401,7 @@ class KVCache:
     def repeat(self, n):
         """Each row n times in a row (prompt b -> rows b*n .. b*n+n-1): G samples share one prefill."""
         return KVCache(self.k.repeat_interleave(n, 1), self.v.repeat_interleave(n, 1), self.lens.repeat_interleave(n),
-                       self.max_len)
+                       self.max_len, self.equal)
 
     def write_prompts(self, layer, k, v):
         """A prefill's packed keys/values into rows 0.. (spans: each prompt's (start, end), set by prefill on
@@ -401,8 +411,14 @@ class KVCache:
             self.v[layer, b, :, :e - s] = v[s:e].transpose(0, 1)
 
     def start_step(self):
-        """The keys each row sees once this step's token is written: (B, n), made once for every layer."""
-        self.mask = torch.arange(self.max_len + 1, device=self.lens.device) <= self.lens[:, None]
+        """What every layer of this step shares, made once: the keys/values each row sees once this step's
+        token is written (views (L, B, Hkv, n, D)) and, unless the rows are equal, the mask of those keys
+        (B, 1, 1, n) and where each row's new token goes."""
+        n = self.max_len + 1
+        self.k_seen, self.v_seen = self.k[:, :, :, :n], self.v[:, :, :, :n]
+        if not self.equal:
+            self.rows = torch.arange(len(self.lens), device=self.lens.device)
+            self.mask = (torch.arange(n, device=self.lens.device) <= self.lens[:, None])[:, None, None]
 
     def end_step(self):
         self.lens += 1
@@ -414,12 +430,12 @@ class KVCache:
         repeat_kv): the cache is never copied out to H heads, and SDPA's fused kernels stay allowed (a boolean
         mask with enable_gqa rules them out)."""
         B, H, D = q.shape
-        rows = torch.arange(B, device=q.device)
-        self.k[layer, rows, :, self.lens] = k.to(self.k.dtype)
-        self.v[layer, rows, :, self.lens] = v.to(self.v.dtype)
-        n, Hkv = self.max_len + 1, k.shape[1]
-        y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), self.k[layer, :, :, :n],
-                                           self.v[layer, :, :, :n], attn_mask=self.mask[:, None, None])
+        ks, vs = self.k_seen[layer], self.v_seen[layer]
+        if self.equal:  # every row's new token goes in the same column, the last one seen
+            ks[:, :, -1], vs[:, :, -1] = k, v
+        else:
+            ks[self.rows, :, self.lens], vs[self.rows, :, self.lens] = k.to(ks.dtype), v.to(vs.dtype)
+        y = F.scaled_dot_product_attention(q.view(B, k.shape[1], -1, D), ks, vs, attn_mask=self.mask)
         return y.reshape(B, H, D)
 
 # -----------------------------------------------------------------------------
@@ -553,10 +569,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer=0, prefix=None):
         T = x.shape[0]
         q, k, v = (p(x).view(T, -1, self.hd) for p in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
-        if cu_seqlens is None:  # decode: row i of x is the next token of cache row i
+        if cu_seqlens is None:  # decode: row i of x is the next token of cache row i; cos, sin from fold_rope
+            qk = torch.cat((q, k), 1)
+            q, k = (qk * cos + qk.roll(self.hd // 2, -1) * sin).to(v.dtype).split((q.shape[1], k.shape[1]), 1)
             y = cache.attend(layer, q, k, v)
         else:
+            q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
             if cache is not None:
                 cache.write_prompts(layer, k, v)
             y = attention(q, k, v, cu_seqlens, max_seqlen, causal=True, prefix=prefix)
@@ -664,17 +682,20 @@ class Qwen2VL(nn.Module):
         cache = KVCache.empty(self.config, len(lens), int(lens.max()) + max_new_tokens, dtype, w.device)
         cache.spans = list(zip(cu[:-1], cu[1:]))
         h = self.forward(input_ids, position_ids, cu_seqlens, pixel_values, grid_thw, return_hidden=True, cache=cache)
-        cache.lens, cache.max_len = lens.to(w.device), int(lens.max())
+        cache.lens, cache.max_len, cache.equal = lens.to(w.device), int(lens.max()), bool((lens == lens[0]).all())
         logits = self.logits(h[[e - 1 for e in cu[1:]]]).float()
         # decoding continues after the largest position of the prompt (the released rule of rope_positions)
         next_pos = torch.stack([position_ids[:, s:e].max() + 1 for s, e in zip(cu[:-1], cu[1:])])
         return cache, logits, next_pos.to(w.device)
 
     @torch.no_grad()
-    def decode_step(self, tokens, positions, cache):
-        """Append one text token to every cache row: tokens, positions (B,) -> logits (B, vocab) fp32."""
+    def decode_step(self, tokens, positions, cache, rope=None):
+        """Append one text token to every cache row: tokens, positions (B,) -> logits (B, vocab) fp32.
+        rope: fold_rope of `positions`' rotary when the caller made it already (generate, for all steps at once)."""
         x = self.embed_tokens(tokens)
-        cos, sin = mrope_cos_sin(positions.expand(3, -1), self.config, x.dtype)
+        if rope is None:
+            rope = fold_rope(*mrope_cos_sin(positions.expand(3, -1), self.config, x.dtype))
+        cos, sin = rope
         cache.start_step()
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, None, None, cache, i)
@@ -701,18 +722,26 @@ class Qwen2VL(nn.Module):
         tokens = torch.full((R, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros(R, max_new_tokens, device=dev)
         done = torch.zeros(R, dtype=torch.bool, device=dev)
-        lengths = torch.zeros(R, dtype=torch.long, device=dev)
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=dev)
+        # the rotary of every step's positions at once, (steps, R, 1, head_dim): a step only picks its row
+        steps = (pos + torch.arange(max_new_tokens, device=dev)[:, None]).flatten()
+        rope = fold_rope(*mrope_cos_sin(steps.expand(3, -1), self.config, self.embed_tokens.weight.dtype))
+        cos, sin = (t.view(max_new_tokens, R, 1, -1) for t in rope)
+        n = 0  # steps taken. A step samples and stores; where each row ended is worked out once, after the loop
         for i in range(max_new_tokens):
             tok, lp = sampler(logits, i)
-            tokens[:, i] = tok.masked_fill(done, pad_token_id)
-            logprobs[:, i] = lp.masked_fill(done, 0.0)
-            lengths += ~done
-            done |= torch.isin(tok, stop)
-            if done.all() or i == max_new_tokens - 1:
-                break
-            logits = self.decode_step(tok, pos + i, cache)
-        return tokens[:, :int(lengths.max())], logprobs[:, :int(lengths.max())], lengths
+            tokens[:, i], logprobs[:, i], n = tok, lp, i + 1
+            if len(stop):
+                done |= torch.isin(tok, stop)
+                if done.all():
+                    break
+            if n < max_new_tokens:
+                logits = self.decode_step(tok, pos + i, cache, (cos[i], sin[i]))
+        # a row ends with its first stop token; what it sampled after that is padding
+        hit = torch.isin(tokens[:, :n], stop)
+        after = hit.cumsum(1) > hit
+        lengths = n - after.sum(1)
+        return tokens[:, :n].masked_fill(after, pad_token_id), logprobs[:, :n].masked_fill(after, 0.0), lengths
 
     # ----- checkpoints -----
 
