@@ -105,8 +105,8 @@ VIDEO = [3, ('video', (3, 4, 6)), 5]                               # grid_t >= 2
 IMAGE_VIDEO = [4, ('image', (1, 4, 6)), 3, ('video', (4, 2, 4)), 4]  # t=4 > max(h,w)/2: the rules differ
 
 
-@pytest.mark.parametrize('parts', [TEXT, IMAGE, VIDEO, IMAGE_VIDEO], ids=['text', 'image', 'video', 'image+video'])
-def test_logits_match_transformers(pair, parts):
+def check_logits(pair, parts):
+    """One sequence of `parts` through both models: logits within TOL (and not trivially small)."""
     hf, ours, _ = pair
     s = make_seq(parts, seed=len(parts))
     (out,), (pos,) = ours_forward(ours, [s])
@@ -114,12 +114,23 @@ def test_logits_match_transformers(pair, parts):
     assert ref.abs().max() > 1 and (out - ref).abs().max() < TOL
 
 
-def test_packed_batch_matches_transformers(pair):
+def check_packed(pair, kinds):
+    """Sequences of `kinds` packed into one batch of ours, each against transformers alone: within TOL."""
     hf, ours, _ = pair
-    seqs = [make_seq(p, seed=i) for i, p in enumerate([VIDEO, TEXT, IMAGE_VIDEO, IMAGE])]
+    seqs = [make_seq(p, seed=i) for i, p in enumerate(kinds)]
+    assert len({len(s['ids']) for s in seqs}) == len(seqs)  # different lengths: the packing is exercised
     outs, pos = ours_forward(ours, seqs)
     for s, o, p in zip(seqs, outs, pos):
         assert (o - hf_forward(hf, s, p)).abs().max() < TOL
+
+
+@pytest.mark.parametrize('parts', [TEXT, IMAGE, VIDEO, IMAGE_VIDEO], ids=['text', 'image', 'video', 'image+video'])
+def test_logits_match_transformers(pair, parts):
+    check_logits(pair, parts)
+
+
+def test_packed_batch_matches_transformers(pair):
+    check_packed(pair, [VIDEO, TEXT, IMAGE_VIDEO, IMAGE])
 
 
 def test_save_load_round_trip_both_ways(pair, tmp_path):

@@ -17,7 +17,8 @@ from transformers.utils import logging as hf_logging
 from transformers.vision_utils import get_vision_window_index
 
 from model import ModelConfig, Qwen2VL, rope_positions, window_order
-from test_model import TINY, TOL, VE, VID, VS, extended, hf_forward, hf_random, make_seq, ours_forward, pack_prompts
+from test_model import (TINY, TOL, VE, VID, VS, check_logits, check_packed, extended, hf_forward, hf_random, make_seq,
+                        ours_forward, pack_prompts)
 
 hf_logging.set_verbosity_error()
 TINY25 = dict(TINY, model_type='qwen2_5_vl', vision_depth=3, vision_intermediate_size=48, window_size=56,
@@ -40,20 +41,11 @@ def pair(tmp_path_factory):
 
 @pytest.mark.parametrize('parts', [TEXT, IMAGE, VIDEO, IMAGE_VIDEO], ids=['text', 'image', 'video', 'image+video'])
 def test_logits_match_transformers(pair, parts):
-    hf, ours, _ = pair
-    s = make_seq(parts, seed=len(parts))
-    (out,), (pos,) = ours_forward(ours, [s])
-    ref = hf_forward(hf, s, pos)
-    assert ref.abs().max() > 1 and (out - ref).abs().max() < TOL
+    check_logits(pair, parts)
 
 
 def test_packed_batch_matches_transformers(pair):
-    hf, ours, _ = pair
-    seqs = [make_seq(p, seed=i) for i, p in enumerate([VIDEO, TEXT, IMAGE_VIDEO, IMAGE])]
-    outs, pos = ours_forward(ours, seqs)
-    assert len({len(s['ids']) for s in seqs}) == 4
-    for s, o, p in zip(seqs, outs, pos):
-        assert (o - hf_forward(hf, s, p)).abs().max() < TOL
+    check_packed(pair, [VIDEO, TEXT, IMAGE_VIDEO, IMAGE])
 
 
 def test_vision_tower_matches_transformers(pair):
