@@ -167,6 +167,60 @@ def test_a_failed_save_leaves_the_previous_checkpoint_current(world, tmp_path, m
     assert sorted(f for f in os.listdir(out) if f.startswith('state-')) == ['state-000003']
 
 
+FSDP_FAILED_SAVE = '''
+import common, model as model_py
+shard_model(model, torch.device('cpu'))
+opt = common.make_optimizer(model, 1e-2)
+b = data.pack([data.encode(s, tok, settings, s.solution, model.config) for s in samples[:2]])
+out, rank = os.path.join(d, f'run_{int(flag)}'), dist.get_rank()
+
+def step_and_save(k):
+    forward(b).logsumexp(-1).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    common.save_checkpoint(out, model, os.path.join(d, 'tiny'), opt, dict(step=k, epoch=0, step_in_epoch=k), {})
+
+def full_disk(real, target):
+    def write(*args, **kw):
+        if target in next(a for a in args if isinstance(a, str)):  # save_file(t, path), write_text(path, t)
+            raise OSError(28, 'No space left on device')
+        return real(*args, **kw)
+    return write
+step_and_save(1)
+if rank == int(flag):  # rank 0's weights file (flag 0) or rank 1's RNG file (flag 1) hits a full disk
+    if flag:
+        common.write_text = full_disk(common.write_text, 'rng-rank1')
+    else:
+        model_py.save_file = full_disk(model_py.save_file, 'model.tmp')
+try:
+    step_and_save(2)
+    err = None
+except RuntimeError as e:
+    err = str(e)
+step = common.load_training_state(out, model, opt)['step']  # collective: every rank is still in step
+with open(os.path.join(d, f'r{rank}_{int(flag)}.json'), 'w') as f:
+    json.dump(dict(err=err, step=step, files=sorted(os.listdir(out))), f)
+if rank == 0:
+    json.dump({}, open(os.path.join(d, f'out_{int(flag)}.json'), 'w'))
+dist.destroy_process_group()
+'''
+
+
+def test_a_save_failing_on_one_rank_fails_on_all_and_keeps_the_previous_checkpoint(tmp_path):
+    """2 ranks under torchrun/gloo: rank 0's weights file or rank 1's RNG file hits a full disk at step 2. Every
+    rank raises (none is left waiting), the error names the rank and the cause, the previous checkpoint (step 1)
+    stays current and loads on both ranks, and no part of step 2 is left."""
+    run_fsdp(tmp_path, FSDP_FAILED_SAVE)
+    for flag in (0, 1):
+        r = [json.load(open(tmp_path / f'r{rank}_{flag}.json')) for rank in (0, 1)]
+        assert all(x['step'] == 1 and x['files'] == r[0]['files'] for x in r)
+        assert 'state-000001' in r[0]['files'] and not [f for f in r[0]['files'] if '000002' in f]
+        for x in r:
+            assert 'saving step 2 to' in x['err'] and 'failed on 1 rank(s)' in x['err'], x['err']
+            assert 'the previous checkpoint (step 1)' in x['err']
+        assert 'No space left on device' in r[flag]['err'] and f'(rank {flag}: OSError' in r[flag]['err']
+
+
 def test_schedule():
     lrs = [common.lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11) and lrs[10] == 1.0
