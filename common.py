@@ -397,6 +397,15 @@ def _set_rng_state(s):
         torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in s['cuda']])
 
 
+def train_state(out_dir):
+    """The current checkpoint's `state` (out_dir/train_state.json, with its folder as 'dir'), or None."""
+    pointer = os.path.join(out_dir, 'train_state.json')
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        return json.load(f)
+
+
 def save_checkpoint(out_dir, model, tokenizer_src_dir, optimizer, state, config, vision_settings=None,
                     save_dtype=torch.float32):
     """The HF-layout model, run_config.json and vision_settings.json in out_dir; with an optimizer also
@@ -441,8 +450,8 @@ def save_checkpoint(out_dir, model, tokenizer_src_dir, optimizer, state, config,
     if float(failed.sum()):
         if rank == 0:
             shutil.rmtree(stage, ignore_errors=True)
-        pointer = os.path.join(out_dir, 'train_state.json')
-        prev = f"step {json.load(open(pointer))['step']}" if os.path.exists(pointer) else 'none yet'
+        prev = train_state(out_dir)
+        prev = f"step {prev['step']}" if prev else 'none yet'
         raise RuntimeError(f"saving step {state['step']} to {stage} failed on {int(failed.sum())} rank(s)"
                            f"{f' (rank {rank}: {error})' if error else ''}; the previous checkpoint ({prev}) in "
                            f"{out_dir} is untouched and current")
@@ -473,11 +482,9 @@ def load_training_state(out_dir, model, optimizer):
     Collective when sharded."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
-    pointer = os.path.join(out_dir, 'train_state.json')
-    if not os.path.exists(pointer):
+    pointer, state = os.path.join(out_dir, 'train_state.json'), train_state(out_dir)
+    if state is None:
         raise FileNotFoundError(f'{pointer}: no training state to resume from')
-    with open(pointer) as f:
-        state = json.load(f)
     rank, world = rank_world()
     folder = os.path.join(out_dir, state['dir'])
     sharded = dist.is_initialized()
@@ -505,9 +512,8 @@ def load_training_state(out_dir, model, optimizer):
     if saved_world != world:  # the full (gathered) tensors load on any number of ranks; RNG streams are per rank
         print0(f'{pointer}: saved on {saved_world} rank(s), resuming on {world}: ranks below {min(saved_world, world)} '
                f'continue their random streams, others start fresh (only dropout draws from them)')
-    rng = os.path.join(folder, f'rng-rank{rank}.json')
     if rank < saved_world:
-        with open(rng) as f:
+        with open(os.path.join(folder, f'rng-rank{rank}.json')) as f:
             _set_rng_state(json.load(f))
     return state
 
@@ -519,7 +525,7 @@ def start_run(out_dir, resume, model, optimizer, config):
     metrics = os.path.join(out_dir, 'metrics.jsonl')
     master = rank_world()[0] == 0
     if not resume:
-        if os.path.exists(os.path.join(out_dir, 'train_state.json')):
+        if train_state(out_dir) is not None:
             raise FileExistsError(f'{out_dir} holds a run (train_state.json): continue it with --resume=True '
                                   f'or pick another --out_dir')
         if master:

@@ -18,10 +18,8 @@ with its adapters switched off (common.lora_disabled), and one process keeps the
 compute dtype (bf16).
 
 Left out on purpose: vLLM or a separate inference server (the rollout engine is model.py's KV cache),
-sharing one vision forward across the G training copies of a prompt (the tower runs G times per prompt
-in training), DAPO's over-sampling to refill dropped groups, TRL's two-sided clipping `delta`,
-sequence-level importance sampling (GSPO), entropy masking, a clamp on the KL estimator, QLoRA's 4-bit
-base, and evaluation during training (bench.py).
+DAPO's over-sampling to refill dropped groups, TRL's two-sided clipping `delta`, sequence-level
+importance sampling (GSPO), entropy masking, QLoRA's 4-bit base, and evaluation during training (bench.py).
 """
 import os
 import time
@@ -35,8 +33,8 @@ from tqdm import tqdm
 import reward
 from common import (all_reduce, apply_lora, clip_and_step, compute_dtype_and_autocast, frozen_matmul_weights_to,
                     gather_ids, gather_rows, grad_sync, init_distributed, log_metrics, lora_disabled, lr_at,
-                    make_optimizer, NonFiniteSteps,
-                    peak_memory, print0, save_checkpoint, shard_model, start_run, StopSignals, target_logits)
+                    make_optimizer, NonFiniteSteps, peak_memory, print0, save_checkpoint, shard_model, start_run,
+                    StopSignals, target_logits)
 from configurator import configure
 from data import Tokenizer, VisionSettings, encode, greedy_pack, pack, read_samples
 from model import Qwen2VL, filter_logits
@@ -50,7 +48,7 @@ data = 'data_egoworld/train/st_r1_cot.jsonl'  # ST-R1 JSONL or a benchmark folde
 video_root = ''          # remaps the JSONL's absolute video paths by basename
 tasks = 'route,direction,landmark,action'  # the tasks whose questions RL trains on (the release: the MCQ ones)
 out_dir = 'out/grpo'
-resume = False           # continue from out_dir/train_state.json (same number of ranks)
+resume = False           # continue from out_dir/train_state.json (on any number of ranks)
 save_interval = 0        # steps between checkpoints; 0: only at the end. Each one is resumable.
 # vision (data.VisionSettings; the paper: 8 frames, [128*28*28, 360*420] pixels a frame)
 nframes = 8
@@ -604,8 +602,9 @@ def main(argv=None):
         ref.requires_grad_(False)
         ref.eval()
     if world == 1 and compute_dtype != torch.float32:  # frozen matmul weights (LoRA's base, a frozen tower, the
-        for m in {id(m): m for m in (model, ref) if m is not None}.values():  # reference) as autocast casts them
-            frozen_matmul_weights_to(m, compute_dtype)
+        for m in (model, ref):                          # reference) as autocast casts them; casting twice is a no-op
+            if m is not None:
+                frozen_matmul_weights_to(m, compute_dtype)
     if world > 1:
         from torch.distributed.fsdp import register_fsdp_forward_method
         shard_model(model, device, compute_dtype if compute_dtype != torch.float32 else None)

@@ -15,7 +15,6 @@ fall into batches. fp32 master weights; bf16 autocast on GPU; LoRA, FSDP2, check
 Left out on purpose: a Trainer or callbacks, evaluation during training (bench.py does that),
 sequence packing across steps, tensor/sequence parallelism.
 """
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from common import (all_reduce, apply_lora, clip_and_step, compute_dtype_and_autocast, frozen_matmul_weights_to,
                     gather_ids, grad_sync, guess_peak_flops, init_distributed, log_metrics, lr_at, make_optimizer,
                     NonFiniteSteps, peak_memory, print0, rank_world, save_checkpoint, shard_model, start_run,
-                    StopSignals, target_logits, target_positions)
+                    StopSignals, target_logits, target_positions, train_state)
 from configurator import configure
 from data import FrameCache, Tokenizer, VisionSettings, batches, cot_target, read_samples
 from model import Qwen2VL
@@ -39,7 +38,7 @@ init_from = 'out/egoworld-tiny'  # any HF-layout Qwen2-VL checkpoint dir (weight
 data = 'data_egoworld/train/st_r1_cot.jsonl'  # ST-R1 JSONL or a benchmark-layout folder
 video_root = ''          # remaps the JSONL's absolute video paths by basename (the release's are the authors')
 out_dir = 'out/sft'
-resume = False           # continue from out_dir/train_state.json (same number of ranks)
+resume = False           # continue from out_dir/train_state.json (on any number of ranks: the global batch stays)
 save_interval = 0        # steps between checkpoints; 0: only at the end. Each one is resumable.
 # targets
 cot = True               # True: the reverse-thinking CoT solution; False: the bare <answer>X</answer>
@@ -204,9 +203,9 @@ def main(argv=None):
 
     # resumed on another number of ranks: the same global batch of packed batches a step, so every step sees the
     # samples it saw before (data.batches deals global batch j to rank j % world)
-    pointer, accum = os.path.join(out_dir, 'train_state.json'), grad_accum
-    if resume and os.path.exists(pointer):
-        accum = accum_for_world(json.load(open(pointer)), grad_accum, world, pointer)
+    saved, accum = train_state(out_dir) if resume else None, grad_accum
+    if saved:
+        accum = accum_for_world(saved, grad_accum, world, os.path.join(out_dir, 'train_state.json'))
     # schedule: the number of steps is known up front (lengths come from video headers)
     target = cot_target if cot else answer_target
     cache = FrameCache(frame_cache_mb * 2**20) if frame_cache_mb > 0 else None
