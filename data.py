@@ -297,12 +297,18 @@ def build_tokenizer(texts, vocab_size, out_dir, settings=None, phrases=False):
     write_preprocessor_config(out_dir, settings or VisionSettings())
     return Tokenizer(out_dir)
 
+VISUAL_SPECIAL_TOKENS = ('<|vision_start|>', '<|vision_end|>', '<|image_pad|>', '<|video_pad|>')
+
 def chat_tokens(tok, user_text, n_visual, target=None, image=False):
     """One system/user(/assistant) chat with its visual block first, as Qwen2-VL's template writes it.
     Returns (input_ids, labels) lists; target None ends the prompt at "<|im_start|>assistant\\n".
     Labels are the assistant's tokens and its closing <|im_end|> (generation stops there; the "\\n"
     after it is glue and stays out), -100 elsewhere, NOT shifted (HF's convention): CE(logits[:-1],
     labels[1:]) over a packed batch never crosses a sequence, as each starts with an unlabelled token."""
+    for name, text in (('question', user_text), ('target', target or '')):
+        found = [t for t in VISUAL_SPECIAL_TOKENS if t in text]
+        if found:  # it would be one more visual block, or a pad without features: the model's inputs break
+            raise DataError(f'the {name} holds {", ".join(found)}: only the processor places visual tokens')
     pad = '<|image_pad|>' if image else '<|video_pad|>'
     prompt = (f'<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n'
               f'<|vision_start|>{pad}<|vision_end|>{user_text}<|im_end|>\n<|im_start|>assistant\n')
@@ -658,10 +664,10 @@ def encode(sample, tok, settings, target=None, cfg=None, cache=None):
     try:
         frames = load() if cache is None else cache.get((sample.video, 1 if image else settings.nframes), load)
         secs = torch.tensor([second_per_grid(sample, settings)], dtype=torch.float64)
+        pixel_values, grid_thw = preprocess_frames(frames, settings)
+        ids, labels = chat_tokens(tok, build_user_text(sample), int(grid_thw.prod()) // MERGE**2, target, image)
     except DataError as e:
         raise DataError(f'{sample.source} ({sample.id}): {e}') from e
-    pixel_values, grid_thw = preprocess_frames(frames, settings)
-    ids, labels = chat_tokens(tok, build_user_text(sample), int(grid_thw.prod()) // MERGE**2, target, image)
     input_ids = torch.tensor(ids)
     position_ids, next_position = rope_positions(input_ids, grid_thw, _config(tok, cfg), secs)
     return dict(input_ids=input_ids, labels=torch.tensor(labels), position_ids=position_ids,

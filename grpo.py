@@ -107,9 +107,6 @@ LOSS_TYPES = ('grpo', 'dapo', 'dr_grpo')
 MAX_LOG_GAP = 20.0  # exp(20) ~ 5e8: far past any clip range, far from fp32's overflow at exp(88)
 SCALE_REWARDS = ('group', 'batch', 'none')
 REWARD_KEYS = ('total', 'accuracy', 'format', 'reverse', 'route')
-# never sampled: a completion is text, and a pad token in it would be fed video features in the
-# training forward. The mask is part of the policy, so the training log-probs use it too.
-VISUAL_TOKENS = ('vision_start_id', 'vision_end_id', 'image_pad_id', 'video_pad_id')
 
 # -----------------------------------------------------------------------------
 # the loss
@@ -233,7 +230,9 @@ def row_uniforms(seeds, n, device='cpu'):
 
 
 def policy_logits(logits, temperature, banned=None):
-    """The policy's logits: fp32, divided by the temperature, banned token ids at -inf."""
+    """The policy's logits: fp32, divided by the temperature, banned ids at -inf. The policy never emits a
+    visual token: model.generate bans them (config.visual_token_ids) in every rollout, and the training forward
+    passes the same ids here, so the trained log-probs give them no mass either."""
     logits = logits.float() / temperature
     return logits if banned is None else logits.index_fill(-1, banned, float('-inf'))
 
@@ -252,7 +251,7 @@ def sample_rows(logits, u, top_k=0, top_p=1.0):
 
 @torch.no_grad()
 def rollout(model, batch, num_generations, seeds, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-            stop_ids=(), banned=None, pad_id=0):
+            stop_ids=(), pad_id=0):
     """num_generations completions of every prompt of a packed batch (prompt b -> rows b*G .. b*G+G-1),
     row r sampled with row_uniforms(seeds)[r]. Returns tokens (R, N) (pad_id after the end), the sampled
     tokens' log-probs under policy_logits (R, N), lengths (R,), stopped (R,): ended on a stop id. Samples the
@@ -263,8 +262,7 @@ def rollout(model, batch, num_generations, seeds, max_new_tokens, temperature=1.
                          f'got {len(seeds)}')
     dev = model.embed_tokens.weight.device
     uniforms = row_uniforms(seeds, max_new_tokens, dev)
-    banned = None if banned is None else torch.as_tensor(banned, dtype=torch.long, device=dev)
-    sampler = lambda logits, i: sample_rows(policy_logits(logits, temperature, banned), uniforms[:, i], top_k, top_p)
+    sampler = lambda logits, i: sample_rows(policy_logits(logits, temperature), uniforms[:, i], top_k, top_p)
     pv = batch['pixel_values'].to(dev) if batch.get('pixel_values') is not None else None
     # eval mode: no LoRA dropout while sampling. Inference mode (no autograd bookkeeping at all) takes ~1/4 off a
     # small model's decode step on a CPU; not under FSDP2, whose unsharding updates parameters in place (an
@@ -340,7 +338,7 @@ def group_batch(groups):
     parents), at the positions decoding gave it. A completion's last token is only a target, and the
     prompt's last token predicts every completion's first. Targets come in completion order, stop tokens
     included: the policy learns to stop. Equals each prompt + completion as a sequence of its own."""
-    ids, pos, cu, parents, pixels, grids, rows, targets = [], [], [0], [], [], [], [], []
+    ids, pos, cu, parents, pixels, grids, rows, targets, names = [], [], [0], [], [], [], [], [], []
     for prompt, completions in groups:
         parent = len(parents)
         ids.append(prompt['input_ids'])
@@ -349,8 +347,9 @@ def group_batch(groups):
         cu.append(cu[-1] + len(prompt['input_ids']))
         pixels.append(prompt['pixel_values'])
         grids.append(prompt['grid_thw'])
-        for c in completions:
+        for j, c in enumerate(completions):
             c = c.cpu()
+            names.append(f"completion {j} of sample {prompt.get('id')}")
             rows.append(cu[parent + 1] - 1)
             if len(c) > 1:
                 ids.append(c[:-1])
@@ -362,15 +361,31 @@ def group_batch(groups):
     return dict(input_ids=torch.cat(ids), position_ids=torch.cat(pos, 1),
                 cu_seqlens=torch.tensor(cu, dtype=torch.int32), parents=torch.tensor(parents),
                 pixel_values=torch.cat(pixels), grid_thw=torch.cat(grids), target_rows=torch.tensor(rows),
-                targets=torch.cat(targets))
+                targets=torch.cat(targets), completions=names,
+                target_cu=torch.tensor([0] + [len(c) for c in targets]).cumsum(0))
 
 
-def completion_logps(model, batch, temperature, device, banned=None, entropy=False):
+def check_text_only(batch, visual_ids):
+    """A completion is text: a visual token in one (a sampler other than model.generate's, an older run's
+    rollouts) would be fed visual features in the training forward and fail deep inside it. Name it instead."""
+    if 'completions' not in batch:  # a data.pack batch: data.encode checked its texts
+        return
+    hit = torch.isin(batch['targets'], torch.tensor(visual_ids))
+    if hit.any():
+        k = int(hit.nonzero()[0, 0])
+        c = int(torch.searchsorted(batch['target_cu'], k, right=True)) - 1
+        raise ValueError(f"{batch['completions'][c]} holds the visual token {int(batch['targets'][k])} at "
+                         f"position {k - int(batch['target_cu'][c])}: only the processor places visual tokens "
+                         f"(model.generate never samples them)")
+
+
+def completion_logps(model, batch, temperature, device, entropy=False):
     """Log-probs under policy_logits of every completion token of a group_batch, flat (n,) in completion
     order: the distribution the tokens were sampled from, before top-k/top-p. With entropy=True also the
     policy's entropy at each of them (detached)."""
+    check_text_only(batch, model.config.visual_token_ids)
     logits, target = target_logits(model, batch, device)
-    logits = policy_logits(logits, temperature, banned)
+    logits = policy_logits(logits, temperature, torch.tensor(model.config.visual_token_ids, device=logits.device))
     logp = logits.gather(-1, target[:, None])[:, 0] - logits.logsumexp(-1)
     ent = None
     if entropy:
@@ -415,7 +430,7 @@ def plan_updates(keep, seq_len, G, num_minibatches, token_budget, device):
 
 
 def train_on_rollouts(model, ref, optimizer, prompts, tokens, lengths, sampler_logp, adv, keep, *, G,
-                      num_iterations, num_minibatches, token_budget, temperature, grad_clip, loss_kw, banned, device,
+                      num_iterations, num_minibatches, token_budget, temperature, grad_clip, loss_kw, device,
                       autocast, world, reduce_every_micro_batch=True):
     """The updates of one step on this rank's rollouts (prompts: data.encode of each prompt; tokens, lengths,
     sampler_logp: the rollout's, row j a completion of prompt j // G; adv, keep: per row); loss_kw:
@@ -437,7 +452,7 @@ def train_on_rollouts(model, ref, optimizer, prompts, tokens, lengths, sampler_l
 
     def logps(net, rows, entropy=False):
         with autocast():
-            return completion_logps(net, batches[tuple(rows)], temperature, device, banned, entropy)
+            return completion_logps(net, batches[tuple(rows)], temperature, device, entropy)
 
     def diagnose(flat, ent, rows):
         # entropy, and |training - sampler log-prob| of the policy that sampled: the sampler's KV-cache
@@ -613,7 +628,6 @@ def main(argv=None):
             shard_model(ref, device, compute_dtype if compute_dtype != torch.float32 else None)
     cfg = model.config
     optimizer = make_optimizer(model, lr, weight_decay, (beta1, beta2))
-    banned = torch.tensor([getattr(tok, name) for name in VISUAL_TOKENS], device=device)
     stop_ids = sorted({tok.im_end_id, tok.pad_id})  # <|im_end|> ends the turn; <|endoftext|> as Qwen's config
     warmup = int(warmup_frac * total_steps)
     loss_kw = dict(beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type,
@@ -640,7 +654,7 @@ def main(argv=None):
         t_roll = time.time()
         with gathered_for_rollout(model), autocast():
             tokens, sampler_logp, lengths, stopped = rollout(model, pack(prompts), G, seeds, max_completion_length,
-                                                             temperature, top_k, top_p, stop_ids, banned, tok.pad_id)
+                                                             temperature, top_k, top_p, stop_ids, tok.pad_id)
         if on_gpu:
             torch.cuda.synchronize()
         t_roll = float(all_reduce(time.time() - t_roll, device, 'max'))
@@ -663,7 +677,7 @@ def main(argv=None):
         sums = train_on_rollouts(model, ref, optimizer, prompts, tokens, lengths, sampler_logp, adv, keep, G=G,
                                  num_iterations=num_iterations, num_minibatches=num_minibatches,
                                  token_budget=train_token_budget, temperature=temperature, grad_clip=grad_clip,
-                                 loss_kw=loss_kw, banned=banned, device=device, autocast=autocast, world=world,
+                                 loss_kw=loss_kw, device=device, autocast=autocast, world=world,
                                  reduce_every_micro_batch=reduce_every_micro_batch)
         if on_gpu:
             torch.cuda.synchronize()

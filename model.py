@@ -90,6 +90,12 @@ class ModelConfig:
     def qwen25(self):
         return self.model_type == 'qwen2_5_vl'
 
+    @property
+    def visual_token_ids(self):
+        """The ids only the processor places (a visual block's start, pads and end): never generated, since a
+        pad token in a completion would be fed visual features when it is trained on."""
+        return (self.vision_start_token_id, self.vision_end_token_id, self.image_token_id, self.video_token_id)
+
     def __post_init__(self):
         hd = self.hidden_size // self.num_attention_heads
         if hd * self.num_attention_heads != self.hidden_size or sum(self.mrope_section) * 2 != hd:
@@ -710,10 +716,12 @@ class Qwen2VL(nn.Module):
         one prefill, each prompt's cache copied into its rows, all rows decoded together. A row stops after
         emitting one of stop_tokens (kept) or at max_new_tokens. The next token comes from
         sampler(logits (R, vocab) fp32, step) -> (tokens (R,), log-probs (R,)); by default `sample` with
-        temperature / top_k / top_p / generator (temperature 0: greedy). Returns tokens (R, N) long
-        (pad_token_id after a row's end), log-probs (R, N) fp32 (0 after the end) and lengths (R,);
-        N = the longest row."""
+        temperature / top_k / top_p / generator (temperature 0: greedy). The visual tokens
+        (config.visual_token_ids) are at -inf in the logits every sampler sees: no caller can emit one.
+        Returns tokens (R, N) long (pad_token_id after a row's end), log-probs (R, N) fp32 (0 after the end)
+        and lengths (R,); N = the longest row."""
         sampler = sampler or (lambda logits, step: sample(logits, temperature, top_k, top_p, generator))
+        visual = torch.tensor(self.config.visual_token_ids, device=self.embed_tokens.weight.device)
         cache, logits, pos = self.prefill(input_ids, position_ids, cu_seqlens, pixel_values, grid_thw, max_new_tokens)
         if num_samples > 1:
             cache, logits = cache.repeat(num_samples), logits.repeat_interleave(num_samples, 0)
@@ -729,7 +737,7 @@ class Qwen2VL(nn.Module):
         cos, sin = (t.view(max_new_tokens, R, 1, -1) for t in rope)
         n = 0  # steps taken. A step samples and stores; where each row ended is worked out once, after the loop
         for i in range(max_new_tokens):
-            tok, lp = sampler(logits, i)
+            tok, lp = sampler(logits.index_fill_(-1, visual, float('-inf')), i)
             tokens[:, i], logprobs[:, i], n = tok, lp, i + 1
             if len(stop):
                 done |= torch.isin(tok, stop)

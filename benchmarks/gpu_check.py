@@ -511,7 +511,6 @@ def check_grpo_lora_step(dev, S, seed):
     compute, autocast = compute_dtype_and_autocast(dev, 'bfloat16')
     cfg = ModelConfig(**S['lora_cfg'])
     model = random_model(cfg, dev)
-    torch.manual_seed(seed)
     apply_lora(model, preset['lora_rank'], preset['lora_alpha'], 0.0, preset['lora_targets'])
     if compute != torch.float32:
         frozen_matmul_weights_to(model, compute)
@@ -563,8 +562,11 @@ CHECKS = dict(attention=check_attention, hf_parity=check_hf_parity, fsdp=check_f
 
 
 def run_check(name, dev, S, seed):
-    """One check -> its JSON line (dict); an exception is a failed check with its text, not the end of the run."""
+    """One check -> its JSON line (dict); an exception is a failed check with its text, not the end of the run.
+    torch's global RNG (random inits, LoRA's) is seeded first: a check's numbers depend on the seed only, not on
+    the run or on the checks before it."""
     t0 = time.time()
+    torch.manual_seed(seed)
     try:
         res = CHECKS[name](dev, S, seed)
     except Exception as e:

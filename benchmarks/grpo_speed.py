@@ -99,7 +99,6 @@ def main():
             path = os.path.join(d, mname)
             ours, n_params = make_model(path, tok, spec)
             hf = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-            banned = torch.tensor([getattr(tok, n) for n in grpo.VISUAL_TOKENS])
             for pname, (nf, lo, hi) in prompts.items():
                 settings = data.VisionSettings(nframes=nf, min_pixels=lo, max_pixels=hi)
                 p = data.encode(sample, tok, settings, None, ours.config)
@@ -108,7 +107,7 @@ def main():
                 seeds = [grpo.row_seed(seed, 0, 0, g) for g in range(G)]
 
                 def run_ours():
-                    grpo.rollout(ours, batch, G, seeds, N, 1.0, 0, 1.0, (), banned, tok.pad_id)
+                    grpo.rollout(ours, batch, G, seeds, N, 1.0, 0, 1.0, (), tok.pad_id)
 
                 def run_generate():
                     ours.generate(batch['input_ids'], batch['position_ids'], batch['cu_seqlens'], batch['pixel_values'],

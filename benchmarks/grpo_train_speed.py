@@ -40,10 +40,10 @@ def alone_item(prompt, completion, cfg):
     return dict(prompt, input_ids=ids, labels=labels, position_ids=position_ids, next_position=next_position)
 
 
-def timed(model, batch, banned):
+def timed(model, batch):
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    logp, _ = grpo.completion_logps(model, batch, temperature, 'cpu', banned)
+    logp, _ = grpo.completion_logps(model, batch, temperature, 'cpu')
     logp.sum().backward()
     return time.perf_counter() - t0, logp.detach()
 
@@ -56,10 +56,9 @@ def main():
     settings = data.VisionSettings(16, 56 * 56, 56 * 56)
     prompts = [data.encode(s, tok, settings, None, model.config) for s in samples]
     G, P = c['num_generations'], len(prompts)
-    banned = torch.tensor([getattr(tok, n) for n in grpo.VISUAL_TOKENS])
     seeds = [grpo.row_seed(0, 0, i, g) for i in range(P) for g in range(G)]
     tokens, _, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, c['max_completion_length'],
-                                         c['temperature'], 0, 1.0, sorted({tok.im_end_id, tok.pad_id}), banned,
+                                         c['temperature'], 0, 1.0, sorted({tok.im_end_id, tok.pad_id}),
                                          tok.pad_id)
     completions = [tokens[j, :int(lengths[j])] for j in range(P * G)]
     shared = grpo.group_batch([(p, completions[b * G:(b + 1) * G]) for b, p in enumerate(prompts)])
@@ -67,7 +66,7 @@ def main():
     best = {'shared': float('inf'), 'alone': float('inf')}
     for _ in range(c['repeats']):
         for name, batch in (('shared', shared), ('alone', alone)):
-            dt, logp = timed(model, batch, banned)
+            dt, logp = timed(model, batch)
             best[name] = min(best[name], dt)
             best[name + '_logp'] = logp
     diff = float((best['shared_logp'] - best['alone_logp']).abs().max())

@@ -23,7 +23,7 @@ Made equal: fp32, no activation checkpointing, no dropout, temperature 1, no top
 with beta 0.04 (so both run a reference model) and epsilon 0.2, group-scaled advantages, one update a
 step over all P x G completions in one micro-batch, fused AdamW with grad clipping at 1.0, and every
 completion exactly max_completion_length tokens (ours: no stop token; TRL: min_new_tokens, so EOS is
-never sampled). Not equal: our sampler bans the visual special tokens (grpo.VISUAL_TOKENS, an index_fill a
+never sampled). Not equal: our sampler bans the visual special tokens (model.generate: an index_fill a
 step), TRL does not; TRL also tokenises and processes the images twice a step (for generate and for the
 training forward) and logs its metrics. The sides alternate step by step (one of ours before each of
 TRL's) so both see the same load; the first step of each is warm-up; the median of `steps` timed steps is
@@ -139,7 +139,6 @@ def our_step_fn(ckpt, samples, settings, clock):
     model.train()
     ref = Qwen2VL.from_pretrained(ckpt).requires_grad_(False).eval()
     optimizer = make_optimizer(model, lr)
-    banned = torch.tensor([getattr(tok, name) for name in grpo.VISUAL_TOKENS])
     loss_kw = dict(beta=beta, epsilon=epsilon, epsilon_high=None, loss_type='grpo', max_completion_length=L)
 
     def step(i):
@@ -149,14 +148,14 @@ def our_step_fn(ckpt, samples, settings, clock):
         seeds = [grpo.row_seed(seed, 0, i * len(samples) + b, g) for b in range(len(samples)) for g in range(G)]
         t1 = time.perf_counter()
         tokens, sampler_logp, lengths, stopped = grpo.rollout(model, data.pack(prompts), G, seeds, L, 1.0, 0, 1.0,
-                                                              (), banned, tok.pad_id)  # no stop: L tokens a row
+                                                              (), tok.pad_id)  # no stop: L tokens a row
         t2 = time.perf_counter()
         texts = grpo.completion_texts(tok, tokens, lengths, stopped)
         adv, _ = grpo.group_advantages(torch.tensor([trivial_reward(t) for t in texts]), G, 'group')
         t3 = time.perf_counter()
         grpo.train_on_rollouts(model, ref, optimizer, prompts, tokens, lengths, sampler_logp, adv,
                                torch.ones(len(texts), dtype=torch.bool), G=G, num_iterations=1, num_minibatches=1,
-                               token_budget=1 << 30, temperature=1.0, grad_clip=1.0, loss_kw=loss_kw, banned=banned,
+                               token_budget=1 << 30, temperature=1.0, grad_clip=1.0, loss_kw=loss_kw,
                                device=torch.device('cpu'), autocast=nullcontext, world=1)
         t4 = time.perf_counter()
         assert int(lengths.min()) == int(lengths.max()) == L, lengths

@@ -1,6 +1,8 @@
 """benchmarks/gpu_check.py in its CPU mode: the GPU check's code at tiny widths in fp32, so that the script a
-GPU session will run has run here. Every check passes, in order, with the figures a CPU run must give; a check
-that raises is reported as failed (ok=false, its error) and the others still run, with exit status 1."""
+GPU session will run has run here. Every check passes, in order, with the figures a CPU run must give; another
+seed passes too, and the same seed gives the same numbers (timings aside): nothing depends on what a random
+model happens to sample. A check that raises is reported as failed (ok=false, its error) and the others still
+run, with exit status 1."""
 import json
 import os
 import subprocess
@@ -13,10 +15,14 @@ SCRIPT = os.path.join(ROOT, 'benchmarks', 'gpu_check.py')
 CHECKS = ['attention', 'hf_parity', 'fsdp', 'decode', 'sft_step', 'grpo_step', 'grpo_lora_step']
 
 
-def test_cpu_mode_passes_every_check():
-    p = subprocess.run([sys.executable, SCRIPT, '--device=cpu'], capture_output=True, text=True, timeout=600,
+def run_cpu_mode(*args):
+    p = subprocess.run([sys.executable, SCRIPT, '--device=cpu', *args], capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS='2'))
-    lines = [json.loads(line) for line in p.stdout.splitlines()]
+    return p, [json.loads(line) for line in p.stdout.splitlines()]
+
+
+def test_cpu_mode_passes_every_check():
+    p, lines = run_cpu_mode()
     assert [x['check'] for x in lines] == CHECKS, p.stdout[-3000:] + p.stderr[-3000:]
     assert [x['check'] for x in lines if not x['ok']] == [] and p.returncode == 0, p.stdout[-5000:]
     by = {x['check']: x for x in lines}
@@ -36,6 +42,25 @@ def test_cpu_mode_passes_every_check():
     assert by['grpo_step']['target_tokens'] == by['grpo_step']['completion_tokens']
     lora = by['grpo_lora_step']  # the LoRA preset's adapters, the reference with them off: KL 0 at step 0
     assert lora['kl_step0'] == 0.0 and lora['base_unchanged'] and 0 < lora['trainable'] < lora['params'] / 2
+
+
+def without_timings(x):
+    """A check's line less what the clock or the allocator decides (seconds, rates, peak memory)."""
+    if isinstance(x, dict):
+        return {k: without_timings(v) for k, v in x.items()
+                if not (k in ('seconds', 'ms_per_step') or k.endswith(('_s', 'per_s', '_pct'))
+                        or k.startswith('peak_memory'))}
+    return [without_timings(v) for v in x] if isinstance(x, list) else x
+
+
+def test_another_seed_passes_and_the_same_seed_gives_the_same_numbers():
+    """The checks that build random models and sample from them (decode, the SFT, GRPO and LoRA GRPO steps) at
+    seed 1, twice: every check passes and both runs print the same losses, norms, KL and token counts."""
+    names = 'decode,sft_step,grpo_step,grpo_lora_step'
+    (p1, a), (p2, b) = run_cpu_mode(f'--checks={names}', '--seed=1'), run_cpu_mode(f'--checks={names}', '--seed=1')
+    assert p1.returncode == p2.returncode == 0 and all(x['ok'] for x in a + b), p1.stdout[-3000:] + p2.stdout[-3000:]
+    assert [x['check'] for x in a] == names.split(',') and a[1]['losses'] and a[3]['rollout_tokens'] > 0
+    assert [without_timings(x) for x in a] == [without_timings(x) for x in b]
 
 
 def test_a_failing_check_is_reported_and_the_others_still_run(monkeypatch, capsys):

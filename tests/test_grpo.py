@@ -87,10 +87,6 @@ def load(world, path=None):
     return tok, model, samples
 
 
-def banned(tok):
-    return torch.tensor([getattr(tok, n) for n in grpo.VISUAL_TOKENS])
-
-
 def groups(prompts, tokens, lengths, G):
     """grpo.group_batch's input: every prompt with its G completions (row j: prompt j // G)."""
     return [(p, [tokens[j, :int(lengths[j])] for j in range(b * G, (b + 1) * G)]) for b, p in enumerate(prompts)]
@@ -119,7 +115,7 @@ def test_shared_prefix_rollout_equals_independent_decoding(world):
     G, L = 3, 24
     stops = list(range(100, 120))
     seeds = [grpo.row_seed(7, 0, i, g) for i in (0, 13) for g in range(G)]
-    kw = dict(max_new_tokens=L, temperature=0.9, top_k=200, top_p=0.95, stop_ids=stops, banned=banned(tok),
+    kw = dict(max_new_tokens=L, temperature=0.9, top_k=200, top_p=0.95, stop_ids=stops,
               pad_id=tok.pad_id)
     tokens, logps, lengths, stopped = grpo.rollout(model, data.pack(prompts), G, seeds, **kw)
     assert len(set(lengths.tolist())) > 1 and stopped.any() and not stopped.all()  # the test exercises both endings
@@ -161,9 +157,9 @@ def test_training_forward_reproduces_sampler_logps(world):
     G, L = 4, 20
     seeds = [grpo.row_seed(3, 0, i, g) for i in range(2) for g in range(G)]
     tokens, logps, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, L, stop_ids=list(range(60, 70)),
-                                             banned=banned(tok), pad_id=tok.pad_id)
+                                             pad_id=tok.pad_id)
     batch = grpo.group_batch(groups(prompts, tokens, lengths, G))
-    flat, ent = grpo.completion_logps(model, batch, 1.0, 'cpu', banned(tok), entropy=True)
+    flat, ent = grpo.completion_logps(model, batch, 1.0, 'cpu', entropy=True)
     padded, mask = grpo.pad_rows(flat, lengths)
     assert int(mask.sum()) == int(lengths.sum()) and ((ent > 0) & (ent < 6.3)).all()  # entropy <= log(512)
     assert (padded[mask] - logps[:, :padded.shape[1]][mask]).abs().max() < 1e-5
@@ -178,7 +174,7 @@ def test_each_prompt_computed_once_same_logps_and_gradients(world):
     prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in (samples[0], samples[8])]  # 2 videos
     seeds = [grpo.row_seed(4, 0, i, g) for i in range(2) for g in range(G)]
     tokens, _, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, 10, stop_ids=list(range(40, 90)),
-                                         banned=banned(tok), pad_id=tok.pad_id)
+                                         pad_id=tok.pad_id)
     tokens[1, 0], lengths[1] = tok.im_end_id, 1   # a completion that stops at once
     shared = grpo.group_batch(groups(prompts, tokens, lengths, G))
     alone = data.pack([sequence(prompts[j // G], tokens[j, :int(lengths[j])], model.config) for j in range(2 * G)])
@@ -187,7 +183,7 @@ def test_each_prompt_computed_once_same_logps_and_gradients(world):
     out = []
     for batch in (shared, alone):
         model.zero_grad()
-        logp, ent = grpo.completion_logps(model, batch, 1.0, 'cpu', banned(tok), entropy=True)
+        logp, ent = grpo.completion_logps(model, batch, 1.0, 'cpu', entropy=True)
         logp.sum().backward()
         out.append((logp.detach(), ent, [p.grad.clone() for p in model.parameters()]))
     (a, ea, ga), (b, eb, gb) = out
@@ -229,7 +225,7 @@ def test_normalisers_are_global_across_micro_batches(world, loss_type):
     prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in samples[:3]]
     seeds = [grpo.row_seed(5, 0, i, g) for i in range(3) for g in range(G)]
     tokens, logps, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, 12, stop_ids=list(range(60, 90)),
-                                             banned=banned(tok), pad_id=tok.pad_id)
+                                             pad_id=tok.pad_id)
     assert len(set(lengths.tolist())) > 1
     adv = torch.randn(3 * G, generator=torch.Generator().manual_seed(0))
     keep = torch.tensor([True] * G + [False] * G + [True] * G)  # group 1 dropped
@@ -243,7 +239,7 @@ def test_normalisers_are_global_across_micro_batches(world, loss_type):
         opt = torch.optim.SGD(m.parameters(), lr=1.0)
         sums = grpo.train_on_rollouts(m, ref, opt, prompts, tokens, lengths, logps, adv, keep, G=G, num_iterations=2,
                                       num_minibatches=2, token_budget=budget, temperature=1.0, grad_clip=0.0,
-                                      loss_kw=loss_kw, banned=banned(tok), device='cpu', autocast=nullcontext,
+                                      loss_kw=loss_kw, device='cpu', autocast=nullcontext,
                                       world=1)
         results.append((sums, m))
     (a, ma), (b, mb) = results
@@ -267,7 +263,7 @@ def test_dropped_rows_stay_in_the_normaliser_as_in_trl(world, loss_type):
     prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in samples[:3]]
     seeds = [grpo.row_seed(9, 0, i, g) for i in range(3) for g in range(G)]
     tokens, logps, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, 12, stop_ids=list(range(60, 90)),
-                                             banned=banned(tok), pad_id=tok.pad_id)
+                                             pad_id=tok.pad_id)
     adv = torch.randn(3 * G, generator=torch.Generator().manual_seed(1))
     keep = torch.tensor([True] * G + [False] * G + [True, False, True, True])  # a group and one row out
     loss_kw = dict(loss_type=loss_type, beta=0.0, epsilon=0.2, epsilon_high=None, max_completion_length=12)
@@ -275,9 +271,9 @@ def test_dropped_rows_stay_in_the_normaliser_as_in_trl(world, loss_type):
     grpo.train_on_rollouts(m, None, torch.optim.SGD(m.parameters(), lr=1.0), prompts, tokens, lengths, logps, adv,
                            keep, G=G, num_iterations=1, num_minibatches=1, token_budget=10**6, temperature=1.0,
                            grad_clip=0.0,
-                           loss_kw=loss_kw, banned=banned(tok), device='cpu', autocast=nullcontext, world=1)
+                           loss_kw=loss_kw, device='cpu', autocast=nullcontext, world=1)
     ref = copy.deepcopy(model)
-    flat, _ = grpo.completion_logps(ref, grpo.group_batch(groups(prompts, tokens, lengths, G)), 1.0, 'cpu', banned(tok))
+    flat, _ = grpo.completion_logps(ref, grpo.group_batch(groups(prompts, tokens, lengths, G)), 1.0, 'cpu')
     logp, mask = grpo.pad_rows(flat, lengths)
     loss, _ = grpo.grpo_loss(logp, None, None, adv, mask & keep[:, None], **loss_kw)
     loss.backward()
@@ -350,7 +346,7 @@ def mean_reward(world, model_dir, n_prompts=4, G=8, L=16):
     prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in samples[:n_prompts]]
     seeds = [grpo.row_seed(12345, 0, i, g) for i in range(n_prompts) for g in range(G)]
     tokens, _, lengths, stopped = grpo.rollout(model, data.pack(prompts), G, seeds, L, stop_ids=[tok.im_end_id],
-                                               banned=banned(tok), pad_id=tok.pad_id)
+                                               pad_id=tok.pad_id)
     return sum(map(vowel_fraction, grpo.completion_texts(tok, tokens, lengths, stopped))) / len(tokens)
 
 
@@ -471,7 +467,7 @@ def test_null_control_shuffles_rewards_only_within_groups():
 def rollout_batch(tok, model, samples, G=2, n=3):
     prompts = [data.encode(s, tok, SETTINGS, None, model.config) for s in samples[:n]]
     seeds = [grpo.row_seed(9, 0, i, g) for i in range(n) for g in range(G)]
-    tokens, _, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, 10, banned=banned(tok),
+    tokens, _, lengths, _ = grpo.rollout(model, data.pack(prompts), G, seeds, 10,
                                          pad_id=tok.pad_id)
     return grpo.group_batch(groups(prompts, tokens, lengths, G))
 
@@ -488,7 +484,7 @@ def test_reference_in_compute_dtype_equals_the_fp32_policy_under_autocast(world)
     assert ref.embed_tokens.weight.dtype == ref.norm.weight.dtype == torch.float32
     whole = copy.deepcopy(model).to(torch.bfloat16)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        policy, same, other = (grpo.completion_logps(m, batch, 1.0, 'cpu', banned(tok))[0]
+        policy, same, other = (grpo.completion_logps(m, batch, 1.0, 'cpu')[0]
                                for m in (model, ref, whole))
     assert torch.equal(policy, same)
     assert not torch.equal(policy, other)
@@ -514,7 +510,7 @@ def test_frozen_weights_in_compute_dtype_change_nothing_under_autocast(world):
     out = []
     for m in (model, cast):
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            logp = grpo.completion_logps(m, batch, 1.0, 'cpu', banned(tok))[0]
+            logp = grpo.completion_logps(m, batch, 1.0, 'cpu')[0]
         logp.sum().backward()
         out.append((logp.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
     assert torch.equal(out[0][0], out[1][0])

@@ -24,7 +24,7 @@ import common
 import data
 import grpo
 from model import Qwen2VL
-from test_grpo import KW, SETTINGS, banned, groups, load, metrics, run, world  # noqa: F401 (world: a fixture)
+from test_grpo import KW, SETTINGS, groups, load, metrics, run, world  # noqa: F401 (world: a fixture)
 
 torch.set_num_threads(1)
 TARGETS = 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
@@ -46,13 +46,13 @@ def adapted(model, dropout=0.0, trained=True):
 
 def rollouts(model, tok, prompts, G=3, L=12, seed=5):
     seeds = [grpo.row_seed(seed, 0, i, g) for i in range(len(prompts)) for g in range(G)]
-    return grpo.rollout(model, data.pack(prompts), G, seeds, L, stop_ids=list(range(60, 90)), banned=banned(tok),
+    return grpo.rollout(model, data.pack(prompts), G, seeds, L, stop_ids=list(range(60, 90)),
                         pad_id=tok.pad_id)
 
 
 def logps_of(model, batch, tok):
     with torch.no_grad():
-        return grpo.completion_logps(model, batch, 1.0, 'cpu', banned(tok))[0]
+        return grpo.completion_logps(model, batch, 1.0, 'cpu')[0]
 
 
 def test_zero_adapters_are_the_base_and_the_reference_is_the_base(world):
@@ -133,7 +133,7 @@ def test_kl_is_zero_at_step_0_and_only_adapters_train(world):
     tokens, logp, lengths, _ = rollouts(base, tok, prompts, G=G)
     adv = torch.randn(2 * G, generator=torch.Generator().manual_seed(0))
     keep = torch.ones(2 * G, dtype=torch.bool)
-    kw = dict(G=G, num_minibatches=1, token_budget=10**6, temperature=1.0, grad_clip=1.0, banned=banned(tok),
+    kw = dict(G=G, num_minibatches=1, token_budget=10**6, temperature=1.0, grad_clip=1.0,
               device='cpu', autocast=nullcontext, world=1,
               loss_kw=dict(loss_type='grpo', beta=0.1, epsilon=0.2, epsilon_high=None, max_completion_length=12))
     results = {}
@@ -246,7 +246,7 @@ def test_reference_with_adapters_off_equals_a_separate_base_model(world):
         sums = grpo.train_on_rollouts(
             policy, base if separate else policy, opt, prompts, tokens, lengths, logp, adv,
             torch.ones(2 * G, dtype=torch.bool), G=G, num_iterations=1, num_minibatches=1, token_budget=10**6,
-            temperature=1.0, grad_clip=1.0, banned=banned(tok), device='cpu', autocast=nullcontext, world=1,
+            temperature=1.0, grad_clip=1.0, device='cpu', autocast=nullcontext, world=1,
             loss_kw=dict(loss_type='grpo', beta=0.1, epsilon=0.2, epsilon_high=None, max_completion_length=12))
         out.append((sums, policy.state_dict()))
     (a, wa), (b, wb) = out

@@ -239,6 +239,11 @@ def extended(model, s, new):
                      s['grid'] if len(s['grid']) else None)
 
 
+def banned(model, logits):
+    """What generate samples from: the logits with the visual tokens at -inf (config.visual_token_ids)."""
+    return logits.index_fill(-1, torch.tensor(model.config.visual_token_ids), float('-inf'))
+
+
 def pack_prompts(model, seqs):
     pos = torch.cat([positions(model, s)[0] for s in seqs], 1)
     cu = torch.tensor([0] + [len(s['ids']) for s in seqs]).cumsum(0).to(torch.int32)
@@ -296,10 +301,11 @@ def test_greedy_generate_matches_transformers(pair):
             kw = dict(pixel_values_videos=s['pixels'], video_grid_thw=s['grid'],
                       mm_token_type_ids=(s['ids'] == VID).long()[None] * 2)
         ref = hf.generate(input_ids=s['ids'][None], attention_mask=torch.ones(1, len(s['ids']), dtype=torch.long),
-                          max_new_tokens=20, do_sample=False, **kw)[0, len(s['ids']):]
+                          max_new_tokens=20, do_sample=False, suppress_tokens=list(ours.config.visual_token_ids),
+                          **kw)[0, len(s['ids']):]  # the same policy: visual tokens never generated
         assert torch.equal(row, ref) and len(set(ref.tolist())) > 3
-    full = extended(ours, seqs[0], tokens[0, :-1])[len(seqs[0]['ids']) - 1:].log_softmax(-1)
-    assert (full.gather(1, tokens[0, :, None])[:, 0] - logprobs[0]).abs().max() < TOL  # greedy: raw log-probs
+    full = banned(ours, extended(ours, seqs[0], tokens[0, :-1])[len(seqs[0]['ids']) - 1:]).log_softmax(-1)
+    assert (full.gather(1, tokens[0, :, None])[:, 0] - logprobs[0]).abs().max() < TOL  # greedy: untempered
 
 
 def test_sampling_logprobs_stops_and_filters(pair):
@@ -318,7 +324,7 @@ def test_sampling_logprobs_stops_and_filters(pair):
         assert all(t not in stop for t in gen[:n - 1]) and (n == 12 or gen[n - 1] in stop)
         assert all(t == 159 for t in gen[n:]) and (logprobs[r, n:] == 0).all()
         s = seqs[r // 3]
-        logits = extended(ours, s, gen[:n - 1])[len(s['ids']) - 1:] / 0.8
+        logits = banned(ours, extended(ours, s, gen[:n - 1])[len(s['ids']) - 1:]) / 0.8
         ref = logits.log_softmax(-1).gather(1, torch.tensor(gen[:n])[:, None])[:, 0]
         assert (ref - logprobs[r, :n]).abs().max() < TOL  # tempered distribution, before top-k/top-p
         assert (filter_logits(logits, 20, 0.9).gather(1, torch.tensor(gen[:n])[:, None]) > float('-inf')).all()
