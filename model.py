@@ -63,7 +63,7 @@ class ModelConfig:
     num_hidden_layers: int = 28
     num_attention_heads: int = 28
     num_key_value_heads: int = 4
-    head_dim: int = 0                 # 0: hidden_size // num_attention_heads (Qwen2); Qwen3-VL states its own
+    head_dim: int = 0                 # Qwen3-VL states its own; otherwise (or 0) hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1000000.0
     mrope_section: list = field(default_factory=lambda: [16, 24, 24])  # rotary pairs for t, h, w
@@ -107,9 +107,11 @@ class ModelConfig:
     def __post_init__(self):
         if self.model_type not in FAMILIES:
             raise ValueError(f'model_type {self.model_type!r} is not supported (only {", ".join(FAMILIES)})')
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if not self.qwen3 or not self.head_dim:  # Qwen2(.5)-VL have no such key: always hidden_size / heads
+            self.head_dim = self.hidden_size // self.num_attention_heads
         if not self.qwen3 and self.head_dim * self.num_attention_heads != self.hidden_size:
-            raise ValueError(f'hidden_size {self.hidden_size} is not {self.num_attention_heads} heads of {self.head_dim}')
+            raise ValueError(f'hidden_size {self.hidden_size} is not {self.num_attention_heads} heads of '
+                             f'{self.head_dim}')
         if sum(self.mrope_section) * 2 != self.head_dim:
             raise ValueError(f'head_dim {self.head_dim} must be 2 * sum(mrope_section {self.mrope_section})')
         if self.qwen3 and len(self.deepstack_visual_indexes) > self.num_hidden_layers:

@@ -255,8 +255,8 @@ def main(argv=None):
         stop = signals.agreed(device)
         if step == total_steps or stop or (save_interval > 0 and step % save_interval == 0):
             state = dict(step=step, epoch=epoch, step_in_epoch=s + 1, world_size=world, grad_accum=accum)
-            save_checkpoint(out_dir, model, init_from, optimizer, state, config, settings.record(samples),
-                            getattr(torch, save_dtype))
+            save_checkpoint(out_dir, model, init_from, optimizer, state, config,
+                            settings.record(samples, model.config), getattr(torch, save_dtype))
         if stop:
             break
     pbar.close()
