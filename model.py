@@ -184,7 +184,7 @@ class ModelConfig:
             vision_num_heads=need(v, 'num_heads', 'vision_config.'),
             vision_mlp_ratio=v.get('mlp_ratio', D.vision_mlp_ratio),
             vision_rope_theta=(v.get('rope_parameters') or {}).get('rope_theta', D.vision_rope_theta),
-            patch_size=v.get('patch_size', D.patch_size),
+            patch_size=v.get('patch_size', 16 if q3 else D.patch_size),  # transformers' defaults
             temporal_patch_size=v.get('temporal_patch_size', D.temporal_patch_size),
             spatial_merge_size=v.get('spatial_merge_size', D.spatial_merge_size),
             in_channels=v.get('in_channels', v.get('in_chans', D.in_channels)), **q25_keys, **q3_keys)
@@ -350,9 +350,10 @@ def vision_cos_sin(grid_thw, cfg, device):
 def vision_pos_embed(grid_thw, cfg, table):
     """Qwen3-VL's learned vision positions: the (side x side, d) table, side = sqrt(num_position_embeddings),
     resampled bilinearly (align_corners: the grid's corners land on the table's) to each frame's h x w
-    patches, in the patches' merge-window order, the same for every frame -> (N, d)."""
+    patches, in the patches' merge-window order, the same for every frame -> (N, d), in fp32 as transformers
+    weighs them, cast to the table's dtype."""
     side, m, out = int(cfg.num_position_embeddings ** 0.5), cfg.spatial_merge_size, []
-    grid = table.view(side, side, -1)
+    grid = table.float().view(side, side, -1)
     for t, h, w in grid_thw.tolist():
         taps = []
         for n in (h, w):  # per axis: the two table rows/columns each patch falls between, and its weight
@@ -360,12 +361,12 @@ def vision_pos_embed(grid_thw, cfg, table):
             lo = x.floor().long()
             taps.append((lo, (lo + 1).clamp(max=side - 1), x - lo))
         (h0, h1, dh), (w0, w1, dw) = taps
-        dh, dw = dh[:, None, None].to(table.dtype), dw[None, :, None].to(table.dtype)
+        dh, dw = dh[:, None, None], dw[None, :, None]
         e = ((1 - dh) * (1 - dw) * grid[h0][:, w0] + (1 - dh) * dw * grid[h0][:, w1]
              + dh * (1 - dw) * grid[h1][:, w0] + dh * dw * grid[h1][:, w1])  # (h, w, d)
         e = e.view(h // m, m, w // m, m, -1).transpose(1, 2).reshape(h * w, -1)  # merge-window order
         out.append(e.repeat(t, 1))
-    return torch.cat(out)
+    return torch.cat(out).to(table.dtype)
 
 def apply_rope(x, cos, sin):
     """x (T, H, D), cos/sin (T, D); Qwen's rotate-half pairing (dim i with dim i + D/2)."""

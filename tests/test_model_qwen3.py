@@ -174,6 +174,24 @@ def test_config_released_8b_round_trip_and_errors():
         ModelConfig.from_hf({**RELEASED_3_8B_CONFIG, 'vision_config': {**v, 'hidden_act': 'silu'}})
 
 
+def test_gradient_checkpointing_and_deepstack_gradients(pair):
+    """Checkpointed blocks give the plain gradients; the DeepStack mergers and the position table get them too."""
+    _, ours, _ = pair
+    model = Qwen2VL(ours.config)
+    model.load_state_dict(ours.state_dict())
+    model.train()
+    args = pack_prompts(model, [seq(IMAGE_VIDEO, 5), seq(TEXT, 6)])
+    grads = []
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        model.zero_grad()
+        model(*args).logsumexp(-1).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert all(float(m.linear_fc2.weight.grad.abs().max()) > 0 for m in model.visual.deepstack_merger_list)
+        assert float(model.visual.pos_embed.weight.grad.abs().max()) > 0
+    assert (grads[0] - grads[1]).abs().max() < 1e-6 and grads[0].abs().max() > 0
+
+
 # ----- KV cache and generation -----
 
 def test_kv_cache_decode_matches_full_forward(pair):
