@@ -423,6 +423,25 @@ def test_qwen3_processor_parity_with_metadata(tok, tmp_path, monkeypatch):
     assert v5 == ids[:first] + [tok.vision_start_id] + ids[first:last] + [tok.vision_end_id] + ids[last:]
 
 
+def test_qwen3_processor_parity_ntsc_clip(tok, tmp_path, monkeypatch):
+    """A 29.97 fps (30000/1001) clip of 61 frames, 8 sampled (0, 9, 17, 26, 34, 43, 51, 60): groups at 0.150,
+    0.717, 1.285, 1.852 s. The processor given that metadata and ours write the same ids (<0.2>, <0.7>, <1.3>,
+    <1.9 seconds>: the one-decimal rounding of non-round times)."""
+    from fractions import Fraction
+    clip, settings = write_video(tmp_path / 'n.mp4', n=61, fps=Fraction(30000, 1001)), data.VisionSettings()
+    p = qwen3_processor(tok, settings, monkeypatch)
+    s = data.Sample('n', clip, 'route', 'forward', 'Q', answer='x', answer_text='x')
+    conv = [{'role': 'user', 'content': [{'type': 'video'}, {'type': 'text', 'text': data.build_user_text(s)}]}]
+    text = p.apply_chat_template(conv, tokenize=False, add_generation_prompt=True).replace(WRAPPED, '<|video_pad|>')
+    meta = dict(total_num_frames=61, fps=30000 / 1001, frames_indices=[0, 9, 17, 26, 34, 43, 51, 60])
+    ref = p(text=[text], videos=[data.load_frames(clip, 8)], video_metadata=[meta], return_tensors='pt')
+    out = data.encode(s, tok, settings, None, qwen3_cfg(tok))
+    assert out['input_ids'].tolist() == ref['input_ids'][0].tolist()
+    assert out['timestamps'] == pytest.approx([0.15015, 0.7173833, 1.2846167, 1.85185])
+    prompt = tok.decode(out['input_ids'])
+    assert [f'<{t} seconds>' in prompt for t in ('0.2', '0.7', '1.3', '1.9')] == [True] * 4
+
+
 def test_qwen3_processor_without_metadata_goes_wrong_ours_does_not(tok, tmp_path, monkeypatch):
     """The peers' bug (EasyR1 #599, ms-swift #6523, LlamaFactory #10335): the processor given the sampled
     frames but no video_metadata takes them as frames 0..7 of a 24 fps clip and writes <0.0>, <0.1>, <0.2>,
