@@ -470,10 +470,17 @@ def test_qwen3_encode_lengths_record_and_still_images(tok, vids, tmp_path):
     assert data.sample_length(s, tok, SMALL, 'solution', cfg) == len(out['input_ids'])
     assert SMALL.record([s], cfg) == dict(SMALL.asdict(), second_per_grid_ts=[1.25, 1.25], timestamps=[5 / 16, 25 / 16])
     assert 'timestamps' not in SMALL.record([s])
-    Image.fromarray(np.zeros((40, 70, 3), np.uint8)).save(tmp_path / 'x.png')
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    pic = np.random.default_rng(2).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    Image.fromarray(pic).save(tmp_path / 'x.png')
     img = data.encode(mcq(str(tmp_path / 'x.png')), tok, SMALL, None, cfg)
     assert 'timestamps' not in img and 'seconds' not in tok.decode(img['input_ids'])
-    assert img['pixel_values'].shape[1] == 3 * 2 * 16 * 16
+    # Qwen3-VL's image processor: Qwen2-VL's with 16-pixel patches and mean = std = 0.5
+    ip = Qwen2VLImageProcessorPil(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                  min_pixels=SMALL.min_pixels, max_pixels=SMALL.max_pixels)
+    ref = ip(images=[pic], return_tensors='pt')
+    assert img['grid_thw'].tolist() == ref['image_grid_thw'].tolist() and img['pixel_values'].shape[1] == 1536
+    assert (img['pixel_values'] - ref['pixel_values']).abs().max() <= 1e-5
 
 
 def test_labels_cover_answer_and_im_end_only(tok, vids):
