@@ -335,6 +335,8 @@ def evaluate(samples, answer_fn, out_dir, settings, prepare=None, batch_size=8, 
                 rec = dict(_record(s, raw, err, judge), settings=settings)
                 if isinstance(x, dict) and 'second_per_grid_ts' in x:  # this clip's own time base
                     rec['second_per_grid_ts'] = float(x['second_per_grid_ts'][0])
+                if isinstance(x, dict) and 'timestamps' in x:  # Qwen3-VL: the seconds its prompt wrote
+                    rec['timestamps'] = x['timestamps']
                 f.write(json.dumps(rec) + '\n')
                 f.flush()  # an interruption loses at most the line being written
             bar.update(len(batch))
@@ -569,11 +571,12 @@ def main(argv=None):
     rank, world, _, dev = init_distributed(torch.device(device).type)
     samples, errors = load_samples(data, tasks, directions, parts, limit)
     vs = vision_settings(model_dir, data, dict(nframes=nframes, min_pixels=min_pixels, max_pixels=max_pixels))
-    settings = dict(vs.record(samples), checkpoint=os.path.abspath(model_dir), mode=mode, max_new_tokens=max_new_tokens,
-                    temperature=temperature, logits_prefix=logits_prefix if mode == 'logits' else None,
-                    judge_model=judge_model if judge_url else None)
     tok = Tokenizer(model_dir)
     model = Qwen2VL.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=dev).eval()
+    settings = dict(vs.record(samples, model.config), checkpoint=os.path.abspath(model_dir), mode=mode,
+                    max_new_tokens=max_new_tokens, temperature=temperature,
+                    logits_prefix=logits_prefix if mode == 'logits' else None,
+                    judge_model=judge_model if judge_url else None)
     answer_fn = make_generate_fn(model, tok, max_new_tokens, temperature, dev)
     if mode == 'logits':
         answer_fn = make_logits_fn(model, tok, logits_prefix, answer_fn, dev)

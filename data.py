@@ -2,7 +2,8 @@
 Everything between files on disk and a packed batch: Ego-ST samples, Qwen2-VL's video and prompt
 pipeline, the reverse-thinking CoT, and the loader. SFT, GRPO and bench all go through `encode`, so
 frames, pixel budget and prompt are decided once (VisionSettings, PROMPT_VERSION) and written into every
-output with `settings.record(samples)` (with the range of Qwen2.5-VL's second_per_grid_ts over the clips).
+output with `settings.record(samples, cfg)` (with the range of Qwen2.5-VL's second_per_grid_ts over the
+clips, and for Qwen3-VL the range of the "<t seconds>" its prompts write).
 
     samples = read_samples('data_egoworld/train/st_r1_cot.jsonl')     # or a benchmark-layout folder
     item = encode(samples[0], Tokenizer(ckpt), VisionSettings(), target=samples[0].solution)
@@ -11,6 +12,9 @@ output with `settings.record(samples)` (with the range of Qwen2.5-VL's second_pe
 
 Video: decord decodes only the sampled frames; pixel_values and grid_thw equal transformers' Qwen2-VL
 processors (the tests' oracle); second_per_grid_ts comes from the frames actually sampled (seconds_per_grid).
+Qwen3-VL (encode's cfg): 16-pixel patches normalised to [-1, 1], and a video's prompt is its processor's, one
+"<t seconds>" + visual block per frame group, t from the sampled frame indices and the clip's own fps
+(frame_timestamps; never a default fps).
 Text: tokenizer.json through `tokenizers`, Qwen2-VL's chat template with its default system prompt, the
 loss on the assistant's tokens only. Bad input raises DataError
 naming file:line or file#id and what is wrong; readers with strict=False return (samples, errors).
@@ -52,17 +56,24 @@ class VisionSettings:
     def asdict(self):
         return asdict(self)
 
-    def record(self, samples):
+    def record(self, samples, cfg=None):
         """asdict() plus [min, max] of the clips' second_per_grid_ts (None without videos), from the clips'
         headers (no decoding): what checkpoints, predictions and metrics carry, so that a train/eval
-        difference in the sampled frame rate shows."""
-        secs = sorted({second_per_grid(s, self) for s in samples if not is_image(s.video)})
-        return dict(self.asdict(), second_per_grid_ts=[secs[0], secs[-1]] if secs else None)
+        difference in the sampled frame rate shows. A Qwen3-VL cfg adds `timestamps`: [min, max] of the
+        seconds its prompts write (sample_timestamps)."""
+        videos = [s for s in samples if not is_image(s.video)]
+        secs = sorted({second_per_grid(s, self) for s in videos})
+        out = dict(self.asdict(), second_per_grid_ts=[secs[0], secs[-1]] if secs else None)
+        if cfg is not None and cfg.qwen3:
+            ts = [t for s in videos for t in sample_timestamps(s, self)]
+            out['timestamps'] = [min(ts), max(ts)] if ts else None
+        return out
 
-PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2     # Qwen2-VL's vision tower; the tests compare against it
-FACTOR = PATCH * MERGE                      # frame sides are multiples of 28
+PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2     # Qwen2(.5)-VL's vision tower; Qwen3-VL's patch is 16 (cfg.patch_size)
+FACTOR = PATCH * MERGE                      # frame sides are multiples of 28 (Qwen3-VL: 32)
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+HALF = np.full(3, 0.5, dtype=np.float32)    # Qwen3-VL's processors normalise with mean = std = 0.5
 DECODE_THREADS = 1  # decord threads per process: parallelism comes from DataLoader workers instead
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
@@ -85,6 +96,20 @@ def seconds_per_grid(indices, fps):
     which equals this only when the N indices are total / N apart (first in, last out)."""
     spacing = (indices[-1] - indices[0]) / (len(indices) - 1) if len(indices) > 1 else 1  # one frame: unused
     return float(TEMPORAL_PATCH * spacing / fps)
+
+def frame_timestamps(indices, fps):
+    """Qwen3-VL's "<t seconds>" of each frame group: the mean of its first and last frame's time, index / the
+    clip's fps, computed as its processor does (an odd count repeats the last frame, as the pixels do).
+    The processor without video_metadata takes the frames it is given as indices 0..N-1 at 24 fps."""
+    idx = list(indices) + [indices[-1]] * (-len(indices) % TEMPORAL_PATCH)
+    return [float((idx[i] / fps + idx[i + TEMPORAL_PATCH - 1] / fps) / 2) for i in range(0, len(idx), TEMPORAL_PATCH)]
+
+def sample_timestamps(sample, settings):
+    """frame_timestamps of a sample's clip as encode samples it (header only); [] for a still image."""
+    if is_image(sample.video):
+        return []
+    num_frames, _, _, fps = video_info(sample.video)
+    return frame_timestamps(frame_indices(num_frames, settings.nframes), fps)
 
 def second_per_grid(sample, settings):
     """seconds_per_grid of a sample's clip as encode samples it; 0.0 for a still image (one frame, no time)."""
@@ -160,34 +185,41 @@ def smart_resize(height, width, min_pixels, max_pixels, factor=FACTOR):
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
     return h, w
 
-def visual_grid(num_frames, height, width, settings):
-    """grid_thw (t, h, w) in patches for N frames of H x W, before decoding anything."""
-    h, w = smart_resize(height, width, settings.min_pixels, settings.max_pixels)
-    return -(-num_frames // TEMPORAL_PATCH), h // PATCH, w // PATCH
+def pixel_format(cfg):
+    """(patch side, mean, std) of the family's processors: Qwen2(.5)-VL 14 and CLIP's, Qwen3-VL 16 and 0.5."""
+    return (cfg.patch_size, HALF, HALF) if cfg is not None and cfg.qwen3 else (PATCH, CLIP_MEAN, CLIP_STD)
 
-def preprocess_frames(frames, settings):
-    """uint8 (N, H, W, 3) -> pixel_values float32 (t*h*w, 3*2*14*14), grid_thw long (1, 3): resized to
-    smart_resize's sides, scaled to [0, 1], CLIP-normalised, padded to an even frame count, and cut into
-    patches in the order of transformers' Qwen2-VL processors. PIL bicubic is the kernel of transformers'
-    PIL image processor (the tests' oracle); torchvision's (its video processor, qwen-vl-utils) differs
-    by a few grey levels at edges (benchmarks/data_speed.py)."""
+def visual_grid(num_frames, height, width, settings, cfg=None):
+    """grid_thw (t, h, w) in patches for N frames of H x W, before decoding anything."""
+    patch = pixel_format(cfg)[0]
+    h, w = smart_resize(height, width, settings.min_pixels, settings.max_pixels, patch * MERGE)
+    return -(-num_frames // TEMPORAL_PATCH), h // patch, w // patch
+
+def preprocess_frames(frames, settings, cfg=None):
+    """uint8 (N, H, W, 3) -> pixel_values float32 (t*h*w, 3*2*p*p), grid_thw long (1, 3): resized to
+    smart_resize's sides, scaled to [0, 1], normalised, padded to an even frame count, and cut into
+    patches in the order of transformers' Qwen2-VL / Qwen3-VL processors (p, mean, std: pixel_format(cfg)).
+    PIL bicubic is the kernel of transformers' PIL image processor (the tests' oracle); torchvision's
+    (its video processors, qwen-vl-utils) differs by a few grey levels at edges (benchmarks/data_speed.py).
+    The pixel budget is per frame; Qwen3-VL's video processor states it per clip (its size x N frames)."""
+    patch, mean, std = pixel_format(cfg)
     frames = np.asarray(frames)
     if frames.ndim == 3:
         frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
         raise DataError(f'frames must be uint8 (N, H, W, 3), got {frames.dtype} {frames.shape}')
     n, height, width, _ = frames.shape
-    H, W = smart_resize(height, width, settings.min_pixels, settings.max_pixels)
+    H, W = smart_resize(height, width, settings.min_pixels, settings.max_pixels, patch * MERGE)
     if (H, W) != (height, width):  # PIL returns an unchanged copy at the same size: skip the round trip
         frames = np.stack([np.asarray(Image.fromarray(f).resize((W, H), Image.BICUBIC)) for f in frames])
-    x = (frames.astype(np.float32) / 255 - CLIP_MEAN) / CLIP_STD
+    x = (frames.astype(np.float32) / 255 - mean) / std
     if n % TEMPORAL_PATCH:  # an odd count repeats its last frame (a still image becomes 2 equal frames)
         x = np.concatenate([x, np.repeat(x[-1:], TEMPORAL_PATCH - n % TEMPORAL_PATCH, 0)])
-    t, gh, gw = len(x) // TEMPORAL_PATCH, H // PATCH, W // PATCH
-    x = x.reshape(t, TEMPORAL_PATCH, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH, 3)
+    t, gh, gw = len(x) // TEMPORAL_PATCH, H // patch, W // patch
+    x = x.reshape(t, TEMPORAL_PATCH, gh // MERGE, MERGE, patch, gw // MERGE, MERGE, patch, 3)
     # -> (t, gh/2, gw/2, 2, 2 | channel, temporal, row, col): rows are patches, and each 2x2 merge window's
     # four are adjacent, so the vision tower's merger concatenates neighbours
-    x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7).reshape(t * gh * gw, 3 * TEMPORAL_PATCH * PATCH * PATCH)
+    x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7).reshape(t * gh * gw, 3 * TEMPORAL_PATCH * patch * patch)
     return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor([[t, gh, gw]])
 
 # -----------------------------------------------------------------------------
@@ -255,12 +287,14 @@ class Tokenizer:
                     vision_start_token_id=self.vision_start_id, vision_end_token_id=self.vision_end_id,
                     eos_token_id=self.eos_id)
 
-def write_preprocessor_config(out_dir, settings):
-    """preprocessor_config.json as released with Qwen2-VL, with our pixel budget."""
-    cfg = dict(image_processor_type='Qwen2VLImageProcessor', processor_class='Qwen2VLProcessor',
-               min_pixels=settings.min_pixels, max_pixels=settings.max_pixels, patch_size=PATCH,
-               temporal_patch_size=TEMPORAL_PATCH, merge_size=MERGE, image_mean=CLIP_MEAN.tolist(),
-               image_std=CLIP_STD.tolist(), do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255,
+def write_preprocessor_config(out_dir, settings, cfg=None):
+    """preprocessor_config.json as released with Qwen2-VL (or Qwen3-VL: cfg), with our pixel budget."""
+    patch, mean, std = pixel_format(cfg)
+    cfg = dict(image_processor_type='Qwen2VLImageProcessor',
+               processor_class='Qwen3VLProcessor' if cfg is not None and cfg.qwen3 else 'Qwen2VLProcessor',
+               min_pixels=settings.min_pixels, max_pixels=settings.max_pixels, patch_size=patch,
+               temporal_patch_size=TEMPORAL_PATCH, merge_size=MERGE, image_mean=mean.tolist(),
+               image_std=std.tolist(), do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255,
                do_normalize=True, do_convert_rgb=True)
     write_json(os.path.join(out_dir, 'preprocessor_config.json'), cfg)
 
@@ -299,8 +333,11 @@ def build_tokenizer(texts, vocab_size, out_dir, settings=None, phrases=False):
 
 VISUAL_SPECIAL_TOKENS = ('<|vision_start|>', '<|vision_end|>', '<|image_pad|>', '<|video_pad|>')
 
-def chat_tokens(tok, user_text, n_visual, target=None, image=False):
+def chat_tokens(tok, user_text, n_visual, target=None, image=False, timestamps=None):
     """One system/user(/assistant) chat with its visual block first, as Qwen2-VL's template writes it.
+    timestamps (Qwen3-VL videos): one "<t seconds>" + block per frame group instead, as the release's
+    processor writes it (the template's <|vision_start|><|video_pad|><|vision_end|> replaced whole;
+    transformers 5 keeps that outer pair, test_data pins the difference), n_visual split evenly.
     Returns (input_ids, labels) lists; target None ends the prompt at "<|im_start|>assistant\\n".
     Labels are the assistant's tokens and its closing <|im_end|> (generation stops there; the "\\n"
     after it is glue and stays out), -100 elsewhere, NOT shifted (HF's convention): CE(logits[:-1],
@@ -310,15 +347,20 @@ def chat_tokens(tok, user_text, n_visual, target=None, image=False):
         if found:  # it would be one more visual block, or a pad without features: the model's inputs break
             raise DataError(f'the {name} holds {", ".join(found)}: only the processor places visual tokens')
     pad = '<|image_pad|>' if image else '<|video_pad|>'
+    blocks = [''] if timestamps is None else [f'<{t:.1f} seconds>' for t in timestamps]
+    vision = ''.join(f'{b}<|vision_start|>{pad}<|vision_end|>' for b in blocks)
     prompt = (f'<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n'
-              f'<|vision_start|>{pad}<|vision_end|>{user_text}<|im_end|>\n<|im_start|>assistant\n')
+              f'{vision}{user_text}<|im_end|>\n<|im_start|>assistant\n')
     text = prompt if target is None else prompt + target + '<|im_end|>\n'
     enc = tok.tk.encode(text, add_special_tokens=False)  # one pass over the whole text, like transformers
     ids, end = enc.ids, len(text) - 1
     labels = [i if len(prompt) <= s < end else -100 for i, (s, _) in zip(ids, enc.offsets)]
-    pad_id = tok.image_pad_id if image else tok.video_pad_id
-    k = ids.index(pad_id)  # one placeholder in the text, expanded in id space to the merged-token count
-    return ids[:k] + [pad_id] * n_visual + ids[k + 1:], labels[:k] + [-100] * n_visual + labels[k + 1:]
+    pad_id, per = tok.image_pad_id if image else tok.video_pad_id, n_visual // len(blocks)
+    out_ids, out_labels = [], []  # each placeholder in the text expanded in id space to its merged tokens
+    for i, l in zip(ids, labels):
+        out_ids += [i] * per if i == pad_id else [i]
+        out_labels += [-100] * per if i == pad_id else [l]
+    return out_ids, out_labels
 
 # -----------------------------------------------------------------------------
 # samples and the one prompt
@@ -657,22 +699,26 @@ class FrameCache:
 
 def encode(sample, tok, settings, target=None, cfg=None, cache=None):
     """Sample -> dict(input_ids (T,), labels (T,), position_ids (3, T), pixel_values, grid_thw,
-    second_per_grid_ts (1,) float64, id, next_position). target None: prompt only, ending with
-    "<|im_start|>assistant\\n". cache: a FrameCache to decode through."""
-    image = is_image(sample.video)
+    second_per_grid_ts (1,) float64, id, next_position; a Qwen3-VL video also timestamps, the seconds its
+    prompt writes). target None: prompt only, ending with "<|im_start|>assistant\\n". cache: a FrameCache
+    to decode through."""
+    image, cfg = is_image(sample.video), _config(tok, cfg)
     load = (lambda: load_image(sample.video)) if image else (lambda: load_frames(sample.video, settings.nframes))
     try:
         frames = load() if cache is None else cache.get((sample.video, 1 if image else settings.nframes), load)
         secs = torch.tensor([second_per_grid(sample, settings)], dtype=torch.float64)
-        pixel_values, grid_thw = preprocess_frames(frames, settings)
-        ids, labels = chat_tokens(tok, build_user_text(sample), int(grid_thw.prod()) // MERGE**2, target, image)
+        stamps = sample_timestamps(sample, settings) if cfg.qwen3 and not image else None
+        pixel_values, grid_thw = preprocess_frames(frames, settings, cfg)
+        ids, labels = chat_tokens(tok, build_user_text(sample), int(grid_thw.prod()) // MERGE**2, target, image,
+                                  stamps)
     except DataError as e:
         raise DataError(f'{sample.source} ({sample.id}): {e}') from e
     input_ids = torch.tensor(ids)
-    position_ids, next_position = rope_positions(input_ids, grid_thw, _config(tok, cfg), secs)
-    return dict(input_ids=input_ids, labels=torch.tensor(labels), position_ids=position_ids,
-                pixel_values=pixel_values, grid_thw=grid_thw, second_per_grid_ts=secs, id=sample.id,
-                next_position=next_position)
+    position_ids, next_position = rope_positions(input_ids, grid_thw, cfg, secs)
+    out = dict(input_ids=input_ids, labels=torch.tensor(labels), position_ids=position_ids,
+               pixel_values=pixel_values, grid_thw=grid_thw, second_per_grid_ts=secs, id=sample.id,
+               next_position=next_position)
+    return out if stamps is None else dict(out, timestamps=stamps)
 
 def pack(items):
     """Concatenate encoded samples into one packed batch with cu_seqlens (B+1,) int32."""
@@ -698,11 +744,13 @@ def target_text(sample, target):
         raise DataError(f'{sample.source} ({sample.id}): no {getattr(target, "__name__", target)} to use as target')
     return text
 
-def sample_length(sample, tok, settings, target=None):
+def sample_length(sample, tok, settings, target=None, cfg=None):
     """Exact token count of encode(sample) without decoding the video."""
-    image, (_, h, w, _) = is_image(sample.video), video_info(sample.video)
-    t, gh, gw = visual_grid(1 if image else settings.nframes, h, w, settings)
-    ids, _ = chat_tokens(tok, build_user_text(sample), t * gh * gw // MERGE**2, target_text(sample, target), image)
+    image, (_, h, w, _), cfg = is_image(sample.video), video_info(sample.video), _config(tok, cfg)
+    t, gh, gw = visual_grid(1 if image else settings.nframes, h, w, settings, cfg)
+    stamps = sample_timestamps(sample, settings) if cfg.qwen3 and not image else None
+    ids, _ = chat_tokens(tok, build_user_text(sample), t * gh * gw // MERGE**2, target_text(sample, target), image,
+                         stamps)
     return len(ids)
 
 def greedy_pack(order, lengths, token_budget):
@@ -750,7 +798,7 @@ def batches(samples, tok, settings, token_budget, seed=0, rank=None, world_size=
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
     if rank is None or world_size is None or not 0 <= rank < world_size:
         raise ValueError(f'batches: need 0 <= rank < world_size, got rank={rank} world_size={world_size}')
-    lengths = [sample_length(s, tok, settings, target) for s in samples]
+    lengths = [sample_length(s, tok, settings, target, cfg) for s in samples]
     plan = plan_batches(lengths, token_budget, (seed, epoch))
     per_rank = len(plan) // world_size
     if per_rank == 0:

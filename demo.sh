@@ -4,7 +4,7 @@
 # with the SFT one (McNemar), tables and curves.
 #     bash demo.sh                  # ~15 minutes on 2 cores (README: the measured stage times)
 #     QUICK=1 bash demo.sh          # the same code path in ~1 minute (what CI runs as a test)
-#     FAMILY=qwen2_5_vl bash demo.sh   # the same on a tiny Qwen2.5-VL (default: qwen2_vl)
+#     FAMILY=qwen2_5_vl bash demo.sh   # the same on a tiny Qwen2.5-VL (default: qwen2_vl; or qwen3_vl)
 # DATA / OUT choose where data and checkpoints go; SETUP=0 skips the pip install.
 # Every stage is a plain command (printed before it runs), so any of them can be re-run alone.
 set -euo pipefail
@@ -21,6 +21,8 @@ if [ "${QUICK:-0}" = 1 ]; then  # tiny sizes, same code: a smoke test of the who
 else
   GEN=""; MODEL=""; SFT=""; GRPO=""; BENCH=""
 fi
+# Qwen3-VL's 16-pixel patches: the 56-pixel frames resized to 64, the same 2 x 2 merged tokens a frame group
+[ "${FAMILY:-qwen2_vl}" = qwen3_vl ] && PIX="--min_pixels=4096 --max_pixels=4096" || PIX=""
 mkdir -p "$OUT"
 : > "$OUT/demo_times.txt"
 stage() {  # stage NAME CMD...: run, time, log
@@ -42,13 +44,13 @@ T0=$(date +%s)
 [ -f "$OUT/egoworld-tiny/config.json" ] || stage model $PY egoworld.py --make_model="$OUT/egoworld-tiny" \
   --family="${FAMILY:-qwen2_vl}" $MODEL
 done_or "$OUT/sft-egoworld" sft $PY sft.py config/sft_egoworld.py --init_from="$OUT/egoworld-tiny" \
-  --data="$DATA/train/st_r1_cot.jsonl" --out_dir="$OUT/sft-egoworld" $SFT
+  --data="$DATA/train/st_r1_cot.jsonl" --out_dir="$OUT/sft-egoworld" $SFT $PIX
 stage bench_sft $PY bench.py "$OUT/sft-egoworld" config/bench_egoworld.py --data="$DATA/test" \
-  --out_dir="$OUT/bench/sft-egoworld_test" $BENCH
+  --out_dir="$OUT/bench/sft-egoworld_test" $BENCH $PIX
 done_or "$OUT/grpo-egoworld" grpo $PY grpo.py config/grpo_egoworld.py --init_from="$OUT/sft-egoworld" \
-  --data="$DATA/train/st_r1_cot.jsonl" --out_dir="$OUT/grpo-egoworld" $GRPO
+  --data="$DATA/train/st_r1_cot.jsonl" --out_dir="$OUT/grpo-egoworld" $GRPO $PIX
 stage bench_grpo $PY bench.py "$OUT/grpo-egoworld" config/bench_egoworld.py --data="$DATA/test" \
-  --out_dir="$OUT/bench/grpo-egoworld_test" --paired_with="$OUT/bench/sft-egoworld_test" $BENCH
+  --out_dir="$OUT/bench/grpo-egoworld_test" --paired_with="$OUT/bench/sft-egoworld_test" $BENCH $PIX
 curves() {
   $PY curves.py "$OUT/sft-egoworld" --out="$OUT/curves_sft.png"
   $PY curves.py "$OUT/grpo-egoworld" --out="$OUT/curves_grpo.png"

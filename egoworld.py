@@ -7,6 +7,7 @@ Qwen2-VL learns it on a CPU in minutes.
     python egoworld.py --contact_sheet=egoworld.png            # frames of a few samples, for eyes
     python egoworld.py --make_model=out/egoworld-tiny          # tokenizer.json + tiny checkpoint
     python egoworld.py --make_model=out/egoworld-tiny25 --family=qwen2_5_vl   # the same, a tiny Qwen2.5-VL
+    python egoworld.py --make_model=out/egoworld-tiny3 --family=qwen3_vl      # the same, a tiny Qwen3-VL
 
 A video walks a one-cell corridor: straight segments joined by in-place turns, landmarks painted on the walls,
 actions on the way (a door, stairs, an item picked up). Its eight questions (route, direction, landmark, action,
@@ -29,7 +30,8 @@ import torch
 
 import model
 from common import atomic_path
-from data import BENCH_TASK, MCQ_INSTRUCTION, SYSTEM_PROMPT, Sample, VisionSettings, build_tokenizer, build_user_text
+from data import (BENCH_TASK, MCQ_INSTRUCTION, SYSTEM_PROMPT, Sample, VisionSettings, build_tokenizer, build_user_text,
+                  write_preprocessor_config)
 from reward import LETTERS, TASKS, cot_text
 
 # -----------------------------------------------------------------------------
@@ -66,7 +68,8 @@ cot_check = True        # then compare it with every option item by item: "Check
 # extras
 contact_sheet = ''      # a PNG path: frames of a few train samples with their route text
 make_model = ''         # a directory: tokenizer.json + tiny random Qwen2-VL checkpoint
-family = 'qwen2_vl'     # its model_type: 'qwen2_vl' or 'qwen2_5_vl' (Qwen2.5-VL's tower and time-scaled M-RoPE)
+family = 'qwen2_vl'     # its model_type: 'qwen2_vl', 'qwen2_5_vl' (Qwen2.5-VL's tower and time-scaled M-RoPE) or
+                        # 'qwen3_vl' (Qwen3-VL's tower, DeepStack, interleaved M-RoPE, timestamped prompts)
 # the tiny model (--make_model): PROBE.md's size, ~2M parameters, learns EgoWorld on 2 cores
 vocab_size = 1024       # BPE vocabulary, Qwen2-VL's 14 special tokens included
 tiny_phrases = True     # phrase tokens (data.PHRASE_SPLIT): samples ~2.2x shorter, ~2x faster training on a CPU
@@ -674,14 +677,24 @@ def make_tiny_model(path, vocab_size=1024, key_frames=16, size=56, seed=0, segme
                     tiny_embed_std=1.0, tiny_vision_depth=2, tiny_vision_dim=128, tiny_vision_heads=4,
                     family='qwen2_vl'):
     """tokenizer.json (+ chat template, preprocessor config with this world's pixel budget) trained on the text
-    of tiny_corpus train videos (corpus_texts), and a random-initialised Qwen2-VL (family 'qwen2_vl') or
-    Qwen2.5-VL ('qwen2_5_vl') of PROBE.md's size on it, in the HF layout. The tiny_* arguments are the
-    settings of the same name."""
+    of tiny_corpus train videos (corpus_texts), and a random-initialised Qwen2-VL (family 'qwen2_vl'),
+    Qwen2.5-VL ('qwen2_5_vl') or Qwen3-VL ('qwen3_vl') of PROBE.md's size on it, in the HF layout. The tiny_*
+    arguments are the settings of the same name."""
+    qwen3 = family == 'qwen3_vl'
+    # Qwen3-VL's 16-pixel patches: frames resized to the next multiple of 32 (56 -> 64), so a frame group
+    # is the same 2 x 2 merged tokens as Qwen2-VL's 56 pixels in 14-pixel patches (demo.sh passes the same)
+    side = -(-size // 32) * 32 if qwen3 else size
     texts = corpus_texts(tiny_corpus, seed, segments, seg_len, n_options, cot_opts)
-    settings = VisionSettings(nframes=key_frames, min_pixels=size * size, max_pixels=size * size)
+    settings = VisionSettings(nframes=key_frames, min_pixels=side * side, max_pixels=side * side)
     tok = build_tokenizer(texts, vocab_size, path, settings, phrases=tiny_phrases)
-    head_dim = tiny_hidden // tiny_heads
-    mrope = [head_dim // 8, head_dim * 3 // 16, head_dim // 2 - head_dim // 8 - head_dim * 3 // 16]
+    head_dim, pairs = tiny_hidden // tiny_heads, tiny_hidden // tiny_heads // 2
+    # t:h:w pairs: Qwen2-VL's 16:24:24 scaled down, or Qwen3-VL's (interleaved) 24:20:20
+    mrope = ([pairs - 2 * (pairs * 5 // 16), pairs * 5 // 16, pairs * 5 // 16] if qwen3 else
+             [head_dim // 8, head_dim * 3 // 16, head_dim // 2 - head_dim // 8 - head_dim * 3 // 16])
+    # Qwen3-VL: a learned position per patch of the frame (the 8B: 48 x 48 for 768 pixels) and DeepStack from
+    # the first vision block (the 8B: blocks 8, 16, 24 of 27)
+    qwen3_keys = dict(patch_size=16, head_dim=head_dim, num_position_embeddings=(side // 16) ** 2,
+                      deepstack_visual_indexes=[0]) if qwen3 else {}
     cfg = model.ModelConfig(vocab_size=tok.vocab_size, hidden_size=tiny_hidden, intermediate_size=tiny_intermediate,
                             num_hidden_layers=tiny_layers, num_attention_heads=tiny_heads,
                             num_key_value_heads=tiny_kv_heads, mrope_section=mrope, tie_word_embeddings=tiny_tied,
@@ -690,7 +703,9 @@ def make_tiny_model(path, vocab_size=1024, key_frames=16, size=56, seed=0, segme
                             # Qwen2.5-VL: its SwiGLU width ratio (3420 / 1280), full attention in the last
                             # block as in the release's every 8th; windows and time base as released
                             model_type=family, vision_intermediate_size=tiny_vision_dim * 8 // 3,
-                            fullatt_block_indexes=[tiny_vision_depth - 1])
+                            fullatt_block_indexes=[tiny_vision_depth - 1], **qwen3_keys)
+    if qwen3:
+        write_preprocessor_config(path, settings, cfg)  # its patch size and normalisation
     torch.manual_seed(seed)
     m = model.Qwen2VL(cfg)
     for name, p in m.named_parameters():   # the settings' comment above tiny_init_std says why
@@ -700,7 +715,7 @@ def make_tiny_model(path, vocab_size=1024, key_frames=16, size=56, seed=0, segme
     m.save_pretrained(path)
     n = sum(p.numel() for p in m.parameters())
     print(f'tiny model: {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, '
-          f'frames {size}x{size} x {key_frames} -> {path}')
+          f'frames {side}x{side} x {key_frames} -> {path}')
     return m, tok
 
 # -----------------------------------------------------------------------------

@@ -699,7 +699,7 @@ def main(argv=None):
             # sampling needs no RNG state: every row's seed is a function of (seed, epoch, prompt, generation)
             state = dict(step=step, epoch=step // steps_per_epoch, step_in_epoch=step % steps_per_epoch,
                          world_size=world)
-            save_checkpoint(out_dir, model, init_from, optimizer, state, config, settings.record(samples),
+            save_checkpoint(out_dir, model, init_from, optimizer, state, config, settings.record(samples, cfg),
                             getattr(torch, save_dtype))
         if stop:
             break

@@ -1,9 +1,14 @@
 """
-Qwen2-VL and Qwen2.5-VL in raw PyTorch: the vision tower, the Qwen2 decoder with multimodal rotary
-(M-RoPE), a packed training forward, KV-cache generation, and Hugging Face checkpoints in and out.
-The checkpoint's config.json picks the family (model_type 'qwen2_vl' or 'qwen2_5_vl'). The decoder is the
-same; Qwen2.5-VL's vision tower has RMSNorm + SwiGLU blocks, window attention except in
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense) in raw PyTorch: the vision tower, the decoder with multimodal
+rotary (M-RoPE), a packed training forward, KV-cache generation, and Hugging Face checkpoints in and out.
+The checkpoint's config.json picks the family (model_type 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl').
+Qwen2.5-VL: the vision tower has RMSNorm + SwiGLU blocks, window attention except in
 fullatt_block_indexes, an RMSNorm merger, and its video positions count absolute time (rope_positions).
+Qwen3-VL: a 16-pixel-patch tower with learned position embeddings interpolated to each frame (plus the
+2-D rotary), GELU-tanh MLPs, no windows; DeepStack (the features of deepstack_visual_indexes' blocks, each
+through its own merger, added to the outputs of the first decoder layers at the visual positions); q/k
+RMSNorms and no q/k/v biases in the decoder, a stated head_dim, interleaved M-RoPE (mrope_axes); a video's
+time is text (data.py writes "<t seconds>" before each frame group), so its positions are per group.
 
 Usage
     model = Qwen2VL.from_pretrained('ckpt/Qwen2-VL-7B-Instruct', dtype=torch.bfloat16, device='cuda')
@@ -14,10 +19,10 @@ Usage
     cache, logits, next_pos = model.prefill(ids, pos, cu, pixel_values, grid_thw, max_new_tokens=512)
     cache = cache.repeat(8)                # 8 rows per prompt: b*8 .. b*8+7
     logits = model.decode_step(tokens, next_pos.repeat_interleave(8) + step, cache)   # one token per row
-    model.save_pretrained('out/ckpt')     # transformers' Qwen2(_5)VLForConditionalGeneration loads it
+    model.save_pretrained('out/ckpt')     # transformers' Qwen2(_5)VL / Qwen3VLForConditionalGeneration loads it
 
-Left out on purpose: sliding-window attention and rope scaling (off in both releases), dropout (0 in the
-release), beam search, paged KV cache, decoding new images mid-generation.
+Left out on purpose: sliding-window attention and rope scaling (off in the releases), dropout (0 in the
+release), beam search, paged KV cache, decoding new images mid-generation, Qwen3-VL MoE (an error says so).
 """
 import inspect
 import json
@@ -46,11 +51,11 @@ except Exception:
 # -----------------------------------------------------------------------------
 # config
 
-FAMILIES = ('qwen2_vl', 'qwen2_5_vl')
+FAMILIES = ('qwen2_vl', 'qwen2_5_vl', 'qwen3_vl')
 
 @dataclass
 class ModelConfig:
-    model_type: str = 'qwen2_vl'  # the family, FAMILIES; the decoder is the same in both
+    model_type: str = 'qwen2_vl'  # the family, FAMILIES
     # language model (defaults: Qwen2-VL-7B-Instruct)
     vocab_size: int = 152064
     hidden_size: int = 3584
@@ -58,6 +63,7 @@ class ModelConfig:
     num_hidden_layers: int = 28
     num_attention_heads: int = 28
     num_key_value_heads: int = 4
+    head_dim: int = 0                 # Qwen3-VL states its own; otherwise (or 0) hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1000000.0
     mrope_section: list = field(default_factory=lambda: [16, 24, 24])  # rotary pairs for t, h, w
@@ -80,11 +86,15 @@ class ModelConfig:
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     in_channels: int = 3
-    # Qwen2.5-VL only (defaults: Qwen2.5-VL-7B-Instruct); Qwen2-VL's MLP width is vision_mlp_ratio * embed_dim
+    # Qwen2.5-VL (defaults: Qwen2.5-VL-7B-Instruct) and Qwen3-VL; Qwen2-VL's is vision_mlp_ratio * embed_dim
     vision_intermediate_size: int = 3420
+    # Qwen2.5-VL only
     window_size: int = 112            # side of an attention window in pixels (8 x 8 patches)
     fullatt_block_indexes: list = field(default_factory=lambda: [7, 15, 23, 31])  # blocks with full attention
     tokens_per_second: int = 2        # temporal M-RoPE ids per second of video (rope_positions)
+    # Qwen3-VL only (defaults: Qwen3-VL-8B-Instruct)
+    num_position_embeddings: int = 2304  # learned vision positions: a 48 x 48 grid, interpolated to each frame
+    deepstack_visual_indexes: list = field(default_factory=lambda: [8, 16, 24])  # vision blocks fed to DeepStack
 
     @property
     def qwen25(self):
@@ -96,13 +106,23 @@ class ModelConfig:
         pad token in a completion would be fed visual features when it is trained on."""
         return (self.vision_start_token_id, self.vision_end_token_id, self.image_token_id, self.video_token_id)
 
+    @property
+    def qwen3(self):
+        return self.model_type == 'qwen3_vl'
+
     def __post_init__(self):
-        hd = self.hidden_size // self.num_attention_heads
-        if hd * self.num_attention_heads != self.hidden_size or sum(self.mrope_section) * 2 != hd:
-            raise ValueError(f'hidden_size {self.hidden_size} / {self.num_attention_heads} heads must give a head_dim '
-                             f'of 2 * sum(mrope_section {self.mrope_section})')
         if self.model_type not in FAMILIES:
             raise ValueError(f'model_type {self.model_type!r} is not supported (only {", ".join(FAMILIES)})')
+        if not self.qwen3 or not self.head_dim:  # Qwen2(.5)-VL have no such key: always hidden_size / heads
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if not self.qwen3 and self.head_dim * self.num_attention_heads != self.hidden_size:
+            raise ValueError(f'hidden_size {self.hidden_size} is not {self.num_attention_heads} heads of '
+                             f'{self.head_dim}')
+        if sum(self.mrope_section) * 2 != self.head_dim:
+            raise ValueError(f'head_dim {self.head_dim} must be 2 * sum(mrope_section {self.mrope_section})')
+        if self.qwen3 and len(self.deepstack_visual_indexes) > self.num_hidden_layers:
+            raise ValueError(f'{len(self.deepstack_visual_indexes)} deepstack_visual_indexes need as many decoder '
+                             f'layers, there are {self.num_hidden_layers}')
         if self.qwen25 and self.window_size < self.patch_size * self.spatial_merge_size:
             raise ValueError(f'window_size {self.window_size} is below one merged token '
                              f'({self.patch_size * self.spatial_merge_size} pixels)')
@@ -111,9 +131,12 @@ class ModelConfig:
     def from_hf(cls, d, source='config.json'):
         """Read the flat layout of the released checkpoints or transformers 5's nested one."""
         family = d.get('model_type', 'qwen2_vl')
+        if family == 'qwen3_vl_moe':
+            raise ValueError(f'{source}: model_type qwen3_vl_moe: the Qwen3-VL MoE models (30B-A3B, 235B-A22B) are '
+                             f'out of scope; only dense Qwen3-VL (model_type qwen3_vl) is supported')
         if family not in FAMILIES:
             raise ValueError(f"{source}: model_type {family!r} is not supported (only {', '.join(FAMILIES)})")
-        q25 = family == 'qwen2_5_vl'
+        q25, q3 = family == 'qwen2_5_vl', family == 'qwen3_vl'
         t = {**d, **(d.get('text_config') or {})}  # nested text_config wins over top-level keys
         v = d.get('vision_config') or {}
         rope = t.get('rope_parameters') or t.get('rope_scaling') or {}
@@ -121,11 +144,14 @@ class ModelConfig:
             raise ValueError(f"{source}: rope type {rope!r} is not supported (only mrope)")
         if t.get('use_sliding_window'):
             raise ValueError(f'{source}: use_sliding_window=true is not supported')
-        # the vision width and the merger's output width: Qwen2.5-VL renamed both keys
-        width, out = ('hidden_size', 'out_hidden_size') if q25 else ('embed_dim', 'hidden_size')
+        if q3 and (t.get('attention_bias') or rope.get('mrope_interleaved') is False):
+            raise ValueError(f"{source}: a Qwen3-VL decoder without q/k/v biases and with interleaved M-RoPE is "
+                             f"supported, got attention_bias={t.get('attention_bias')}, rope {rope}")
+        # the vision width and the merger's output width: Qwen2.5-VL renamed both keys, Qwen3-VL kept the new names
+        width, out = ('hidden_size', 'out_hidden_size') if q25 or q3 else ('embed_dim', 'hidden_size')
         if v.get(out, t.get('hidden_size')) != t.get('hidden_size'):
             raise ValueError(f"{source}: vision_config.{out} {v[out]} != hidden_size {t.get('hidden_size')}")
-        act = 'silu' if q25 else 'quick_gelu'
+        act = 'gelu_pytorch_tanh' if q3 else 'silu' if q25 else 'quick_gelu'
         if v.get('hidden_act', act) != act:
             raise ValueError(f"{source}: vision_config.hidden_act {v['hidden_act']!r} (a {family} tower uses {act!r})")
         def need(src, key, where):
@@ -137,6 +163,10 @@ class ModelConfig:
                         window_size=need(v, 'window_size', 'vision_config.'),
                         fullatt_block_indexes=list(need(v, 'fullatt_block_indexes', 'vision_config.')),
                         tokens_per_second=need(v, 'tokens_per_second', 'vision_config.')) if q25 else {}
+        q3_keys = dict(vision_intermediate_size=need(v, 'intermediate_size', 'vision_config.'),
+                       num_position_embeddings=need(v, 'num_position_embeddings', 'vision_config.'),
+                       deepstack_visual_indexes=list(need(v, 'deepstack_visual_indexes', 'vision_config.')),
+                       head_dim=need(t, 'head_dim', 'text_config.')) if q3 else {}
         return cls(
             model_type=family,
             vocab_size=need(t, 'vocab_size', ''),
@@ -160,16 +190,19 @@ class ModelConfig:
             vision_num_heads=need(v, 'num_heads', 'vision_config.'),
             vision_mlp_ratio=v.get('mlp_ratio', D.vision_mlp_ratio),
             vision_rope_theta=(v.get('rope_parameters') or {}).get('rope_theta', D.vision_rope_theta),
-            patch_size=v.get('patch_size', D.patch_size),
+            patch_size=v.get('patch_size', 16 if q3 else D.patch_size),  # transformers' defaults
             temporal_patch_size=v.get('temporal_patch_size', D.temporal_patch_size),
             spatial_merge_size=v.get('spatial_merge_size', D.spatial_merge_size),
-            in_channels=v.get('in_channels', v.get('in_chans', D.in_channels)), **q25_keys)
+            in_channels=v.get('in_channels', v.get('in_chans', D.in_channels)), **q25_keys, **q3_keys)
 
     def to_hf(self):
-        """config.json in the released (flat) layout; transformers 4.x/5.x and vLLM read it."""
+        """config.json in the released layout (Qwen2(.5)-VL flat, Qwen3-VL nested); transformers 4.x/5.x and vLLM
+        read it."""
         vision = dict(depth=self.vision_depth, num_heads=self.vision_num_heads, patch_size=self.patch_size,
                       temporal_patch_size=self.temporal_patch_size, spatial_merge_size=self.spatial_merge_size,
                       in_channels=self.in_channels)
+        if self.qwen3:
+            return self._to_hf_qwen3(vision)
         if self.qwen25:
             vision.update(hidden_size=self.vision_embed_dim, out_hidden_size=self.hidden_size, hidden_act='silu',
                           intermediate_size=self.vision_intermediate_size, window_size=self.window_size,
@@ -190,6 +223,25 @@ class ModelConfig:
             video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
             vision_end_token_id=self.vision_end_token_id,
             bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, vision_config=vision)
+
+    def _to_hf_qwen3(self, vision):
+        vision.update(model_type='qwen3_vl', hidden_size=self.vision_embed_dim, out_hidden_size=self.hidden_size,
+                      hidden_act='gelu_pytorch_tanh', intermediate_size=self.vision_intermediate_size,
+                      num_position_embeddings=self.num_position_embeddings,
+                      deepstack_visual_indexes=list(self.deepstack_visual_indexes))
+        text = dict(model_type='qwen3_vl_text', hidden_act='silu', attention_bias=False, attention_dropout=0.0,
+                    vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                    num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                    num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                    rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+                    rope_scaling=dict(rope_type='default', mrope_section=list(self.mrope_section),
+                                      mrope_interleaved=True),
+                    max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings,
+                    bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
+        return dict(architectures=['Qwen3VLForConditionalGeneration'], model_type='qwen3_vl',
+                    image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+                    vision_start_token_id=self.vision_start_token_id, vision_end_token_id=self.vision_end_token_id,
+                    tie_word_embeddings=self.tie_word_embeddings, text_config=text, vision_config=vision)
 
 # -----------------------------------------------------------------------------
 # positions
@@ -212,6 +264,10 @@ def rope_positions(input_ids, grid_thw, cfg, second_per_grid_ts=None):
     temporal_patch_size * mean index spacing / clip fps), so one id is 1 / tokens_per_second seconds of
     video whatever the fps and frame count (the 7B: 0.5 s). Qwen2-VL and all images: k itself.
 
+    Qwen3-VL writes a video's time as text before each frame group ("<t seconds>", data.py), so each run of
+    video pads is ONE frame group, numbered like a one-frame image: the video's grid_thw row (t, h, w) is
+    consumed by t runs of (1, h, w) each (transformers' get_rope_index splits it the same way).
+
     Text after a visual block continues at max(block positions) + 1: the released rule (transformers
     4.4x, vLLM) that the weights were trained with. transformers 5.x instead advances by max(h, w) / merge
     and ignores the temporal ids; the two differ when the last temporal id >= max(h, w) / merge (long or
@@ -220,6 +276,7 @@ def rope_positions(input_ids, grid_thw, cfg, second_per_grid_ts=None):
     grids = grid_thw.tolist() if grid_thw is not None else []
     vis = {cfg.image_token_id, cfg.video_token_id}
     m, chunks, start, g, i = cfg.spatial_merge_size, [], 0, 0, 0
+    group = 0  # Qwen3-VL: frame groups of grid row g already placed
     while i < len(ids):
         j = i + 1
         while j < len(ids) and (ids[j] == ids[i] if ids[i] in vis else ids[j] not in vis):
@@ -233,6 +290,9 @@ def rope_positions(input_ids, grid_thw, cfg, second_per_grid_ts=None):
             t, h, w = grids[g]
             if h % m or w % m:
                 raise ValueError(f'grid_thw row {g} {grids[g]}: h and w must be multiples of {m}')
+            per_group = cfg.qwen3 and ids[i] == cfg.video_token_id
+            if per_group:
+                t, group = 1, group + 1
             step = 1
             if cfg.qwen25 and ids[i] == cfg.video_token_id:
                 given = second_per_grid_ts is not None and g < len(second_per_grid_ts)
@@ -246,20 +306,36 @@ def rope_positions(input_ids, grid_thw, cfg, second_per_grid_ts=None):
                 raise ValueError(f'token {i}: visual block has {j - i} pad tokens, '
                                  f'grid_thw row {g} {grids[g]} needs {block.shape[1]}')
             chunks.append(block)
-            start, g = int(block.max()) + 1, g + 1  # the released rule: after the largest position
+            start = int(block.max()) + 1  # the released rule: after the largest position
+            if not per_group or group == grids[g][0]:
+                g, group = g + 1, 0
         i = j
+    if group:
+        raise ValueError(f'grid_thw row {g} {grids[g]}: {grids[g][0]} frame groups, input_ids hold {group}')
     if g != len(grids):
         raise ValueError(f'{len(grids)} grid_thw rows but {g} visual blocks in input_ids')
     pos = torch.cat(chunks, 1) if chunks else torch.zeros(3, 0, dtype=torch.long)
     return pos, start
 
+def mrope_axes(cfg):
+    """Which position id (0 t, 1 h, 2 w) each rotary frequency pair rotates with, (head_dim / 2,).
+    Qwen2(.5)-VL: chunks, the first mrope_section[0] pairs t, the next mrope_section[1] h, the rest w.
+    Qwen3-VL: interleaved, t h w t h w ... for 3 * mrope_section[1 or 2] pairs, t for the rest; so h and w
+    each get low and high frequencies alike."""
+    s = cfg.mrope_section
+    if not cfg.qwen3:
+        return torch.repeat_interleave(torch.arange(3), torch.tensor(s))
+    axes = torch.zeros(sum(s), dtype=torch.long)
+    axes[1:3 * s[1]:3], axes[2:3 * s[2]:3] = 1, 2
+    return axes
+
 def mrope_cos_sin(position_ids, cfg, dtype):
-    """(3, T) ids -> cos, sin (T, head_dim). The first mrope_section[0] frequency pairs rotate with
-    the temporal id, the next mrope_section[1] with the height id, the rest with the width id."""
-    hd = cfg.hidden_size // cfg.num_attention_heads
+    """(3, T) ids -> cos, sin (T, head_dim); frequency pair j rotates with id mrope_axes(cfg)[j]."""
+    hd = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=position_ids.device) / hd)
     freqs = position_ids[..., None].float() * inv_freq  # (3, T, hd/2)
-    freqs = torch.cat([f[i] for i, f in enumerate(freqs.split(cfg.mrope_section, dim=-1))], -1)
+    axes = mrope_axes(cfg).to(position_ids.device)
+    freqs = freqs.gather(0, axes.expand(1, freqs.shape[1], -1))[0]
     emb = torch.cat((freqs, freqs), -1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -276,6 +352,27 @@ def vision_cos_sin(grid_thw, cfg, device):
     freqs = (torch.cat(pos)[..., None].float() * inv_freq).flatten(1)  # (N, hd/2): rows then columns
     emb = torch.cat((freqs, freqs), -1).to(device)
     return emb.cos(), emb.sin()
+
+def vision_pos_embed(grid_thw, cfg, table):
+    """Qwen3-VL's learned vision positions: the (side x side, d) table, side = sqrt(num_position_embeddings),
+    resampled bilinearly (align_corners: the grid's corners land on the table's) to each frame's h x w
+    patches, in the patches' merge-window order, the same for every frame -> (N, d), in fp32 as transformers
+    weighs them, cast to the table's dtype."""
+    side, m, out = int(cfg.num_position_embeddings ** 0.5), cfg.spatial_merge_size, []
+    grid = table.float().view(side, side, -1)
+    for t, h, w in grid_thw.tolist():
+        taps = []
+        for n in (h, w):  # per axis: the two table rows/columns each patch falls between, and its weight
+            x = torch.linspace(0, side - 1, n, device=table.device)
+            lo = x.floor().long()
+            taps.append((lo, (lo + 1).clamp(max=side - 1), x - lo))
+        (h0, h1, dh), (w0, w1, dw) = taps
+        dh, dw = dh[:, None, None], dw[None, :, None]
+        e = ((1 - dh) * (1 - dw) * grid[h0][:, w0] + (1 - dh) * dw * grid[h0][:, w1]
+             + dh * (1 - dw) * grid[h1][:, w0] + dh * dw * grid[h1][:, w1])  # (h, w, d)
+        e = e.view(h // m, m, w // m, m, -1).transpose(1, 2).reshape(h * w, -1)  # merge-window order
+        out.append(e.repeat(t, 1))
+    return torch.cat(out).to(table.dtype)
 
 def apply_rope(x, cos, sin):
     """x (T, H, D), cos/sin (T, D); Qwen's rotate-half pairing (dim i with dim i + D/2)."""
@@ -399,8 +496,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg, batch, max_len, dtype, device):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len,
-                 cfg.hidden_size // cfg.num_attention_heads)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
                    torch.zeros(batch, dtype=torch.long, device=device))
 
@@ -469,8 +565,17 @@ class VisionMLP(nn.Module):
         x = self.fc1(x)
         return self.fc2(x * torch.sigmoid(1.702 * x))  # QuickGELU
 
+class Qwen3VisionMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(cfg.vision_embed_dim, cfg.vision_intermediate_size)
+        self.linear_fc2 = nn.Linear(cfg.vision_intermediate_size, cfg.vision_embed_dim)
+
+    def forward(self, x):
+        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate='tanh'))
+
 def vision_norm(cfg):
-    """Qwen2-VL's vision tower normalises with LayerNorm, Qwen2.5-VL's with RMSNorm."""
+    """Qwen2-VL's and Qwen3-VL's vision towers normalise with LayerNorm, Qwen2.5-VL's with RMSNorm."""
     d = cfg.vision_embed_dim
     return RMSNorm(d, 1e-6) if cfg.qwen25 else nn.LayerNorm(d, eps=1e-6)
 
@@ -480,8 +585,9 @@ class VisionBlock(nn.Module):
         self.norm1 = vision_norm(cfg)
         self.attn = VisionAttention(cfg)
         self.norm2 = vision_norm(cfg)
-        # Qwen2.5-VL: the decoder's SwiGLU MLP with biases; Qwen2-VL: fc1, QuickGELU, fc2
-        self.mlp = MLP(cfg.vision_embed_dim, cfg.vision_intermediate_size, bias=True) if cfg.qwen25 else VisionMLP(cfg)
+        # Qwen2.5-VL: the decoder's SwiGLU MLP with biases; Qwen2-VL: fc1, QuickGELU, fc2; Qwen3-VL: GELU-tanh
+        self.mlp = (MLP(cfg.vision_embed_dim, cfg.vision_intermediate_size, bias=True) if cfg.qwen25
+                    else Qwen3VisionMLP(cfg) if cfg.qwen3 else VisionMLP(cfg))
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
         x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, max_seqlen)
@@ -498,6 +604,20 @@ class PatchMerger(nn.Module):
     def forward(self, x):
         return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
 
+class Qwen3PatchMerger(nn.Module):
+    """Qwen3-VL's merger: LayerNorm over each patch (the final merger) or over the m x m concatenation
+    (postshuffle: the DeepStack mergers), then Linear, GELU, Linear to the LM width."""
+    def __init__(self, cfg, postshuffle):
+        super().__init__()
+        self.d, self.postshuffle = cfg.vision_embed_dim * cfg.spatial_merge_size ** 2, postshuffle
+        self.norm = nn.LayerNorm(self.d if postshuffle else cfg.vision_embed_dim, eps=1e-6)
+        self.linear_fc1 = nn.Linear(self.d, self.d)
+        self.linear_fc2 = nn.Linear(self.d, cfg.hidden_size)
+
+    def forward(self, x):
+        x = self.norm(x.view(-1, self.d) if self.postshuffle else x).view(-1, self.d)
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+
 class VisionTower(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -505,16 +625,26 @@ class VisionTower(nn.Module):
         k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
         # a Conv3d whose kernel equals its stride is a Linear on flattened patches; we keep the conv's
         # parameter shape for checkpoint compatibility and run it as a matmul
-        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv3d(cfg.in_channels, cfg.vision_embed_dim, k, k, bias=False)))
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv3d(cfg.in_channels, cfg.vision_embed_dim, k, k,
+                                                             bias=cfg.qwen3)))
+        if cfg.qwen3:
+            self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.vision_embed_dim)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vision_depth))
-        self.merger = PatchMerger(cfg)
+        self.merger = Qwen3PatchMerger(cfg, False) if cfg.qwen3 else PatchMerger(cfg)
+        if cfg.qwen3:
+            self.deepstack_merger_list = nn.ModuleList(Qwen3PatchMerger(cfg, True)
+                                                       for _ in cfg.deepstack_visual_indexes)
 
     def forward(self, pixel_values, grid_thw, ckpt=False):
+        """-> (features (N, hidden_size), one row per merged token in raster order; DeepStack features: a list
+        of such, one per deepstack_visual_indexes entry, [] outside Qwen3-VL)."""
         w = self.patch_embed.proj.weight
         if grid_thw is None or pixel_values.shape != (int(grid_thw.prod(-1).sum()), w[0].numel()):
             raise ValueError(f'pixel_values {tuple(pixel_values.shape)} do not match grid_thw '
                              f'{None if grid_thw is None else grid_thw.tolist()} ({w[0].numel()} values per patch)')
-        x = F.linear(pixel_values.to(w.dtype), w.flatten(1))
+        x = F.linear(pixel_values.to(w.dtype), w.flatten(1), self.patch_embed.proj.bias)
+        if self.cfg.qwen3:
+            x = x + vision_pos_embed(grid_thw, self.cfg, self.pos_embed.weight)
         cos, sin = vision_cos_sin(grid_thw, self.cfg, x.device)
         # packed like the decoder's input: attention stays inside one temporal slice of one image/video
         # (grid_t segments of h*w patches each), which is how the official tower confines it
@@ -525,10 +655,13 @@ class VisionTower(nn.Module):
             order = order.to(x.device)
             x, cos, sin = (a.view(len(order), -1, a.shape[-1])[order].flatten(0, 1) for a in (x, cos, sin))
             windows = (F.pad(lens.cumsum(0), (1, 0)).to(device=x.device, dtype=torch.int32), int(lens.max()))
+        deep = []
         for i, blk in enumerate(self.blocks):
             x = run_block(blk, ckpt, x, cos, sin, *(full if i in self.cfg.fullatt_block_indexes else windows))
+            if self.cfg.qwen3 and i in self.cfg.deepstack_visual_indexes:
+                deep.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
         x = self.merger(x)  # one row per merged token
-        return x[torch.argsort(order)] if self.cfg.qwen25 else x  # back to raster order
+        return (x[torch.argsort(order)] if self.cfg.qwen25 else x), deep  # back to raster order
 
 def window_order(grid_thw, cfg):
     """Qwen2.5-VL's window attention layout. Each frame's merged tokens (m*m patches each) are tiled by
@@ -564,17 +697,23 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 class Attention(nn.Module):
+    """Qwen2's attention (q/k/v biases); Qwen3-VL's has none and RMS-normalises each head of q and k before
+    the rotary."""
     def __init__(self, cfg):
         super().__init__()
-        self.hd = cfg.hidden_size // cfg.num_attention_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * self.hd)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * self.hd)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * self.hd)
+        self.hd, bias = cfg.head_dim, not cfg.qwen3
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * self.hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * self.hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * self.hd, bias=bias)
         self.o_proj = nn.Linear(cfg.num_attention_heads * self.hd, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qwen3 else None
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qwen3 else None
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer=0, prefix=None):
         T = x.shape[0]
         q, k, v = (p(x).view(T, -1, self.hd) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cu_seqlens is None:  # decode: row i of x is the next token of cache row i; cos, sin from fold_rope
             qk = torch.cat((q, k), 1)
             q, k = (qk * cos + qk.roll(self.hd // 2, -1) * sin).to(v.dtype).split((q.shape[1], k.shape[1]), 1)
@@ -638,19 +777,20 @@ class Qwen2VL(nn.Module):
         return F.linear(h, self.lm_head_weight())
 
     def embed(self, input_ids, pixel_values=None, grid_thw=None):
-        """Token embeddings with the vision features scattered, in order, into the pad positions."""
+        """Token embeddings with the vision features scattered, in order, into the pad positions.
+        -> (embeddings (T, hidden), DeepStack: (the pad positions (n,), features per layer) or None)."""
         x = self.embed_tokens(input_ids)
         is_vis = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
         n = int(is_vis.sum())
         if pixel_values is None:
             if n:
                 raise ValueError(f'input_ids hold {n} image/video pad tokens but no pixel_values were given')
-            return x
-        feats = self.visual(pixel_values, grid_thw, self.gradient_checkpointing and self.training)
+            return x, None
+        feats, deep = self.visual(pixel_values, grid_thw, self.gradient_checkpointing and self.training)
         if feats.shape[0] != n:
             raise ValueError(f'input_ids hold {n} image/video pad tokens but grid_thw {grid_thw.tolist()} '
                              f'gives {feats.shape[0]} features')
-        return x.masked_scatter(is_vis[:, None], feats.to(x.dtype))
+        return x.masked_scatter(is_vis[:, None], feats.to(x.dtype)), (is_vis.nonzero()[:, 0], deep) if deep else None
 
     def forward(self, input_ids, position_ids, cu_seqlens, pixel_values=None, grid_thw=None, return_hidden=False,
                 cache=None, parents=None):
@@ -663,7 +803,7 @@ class Qwen2VL(nn.Module):
         if position_ids.shape != (3, T) or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
             raise ValueError(f'packed batch of {T} tokens needs position_ids (3, {T}) and cu_seqlens from 0 to {T}; '
                              f'got {tuple(position_ids.shape)} and {cu_seqlens.tolist()}')
-        x = self.embed(input_ids, pixel_values, grid_thw)
+        x, deepstack = self.embed(input_ids, pixel_values, grid_thw)
         cos, sin = mrope_cos_sin(position_ids.to(x.device), self.config, x.dtype)
         cu = cu_seqlens.to(device=x.device, dtype=torch.int32)
         max_seqlen = int((cu[1:] - cu[:-1]).max())
@@ -671,6 +811,8 @@ class Qwen2VL(nn.Module):
         prefix = prefix_layout(cu, parents, x.device) if parents is not None else None
         for i, block in enumerate(self.layers):
             x = run_block(block, ckpt, x, cos, sin, cu, max_seqlen, cache, i, prefix)
+            if deepstack is not None and i < len(deepstack[1]):  # Qwen3-VL: DeepStack after the first layers
+                x = x.index_add(0, deepstack[0], deepstack[1][i].to(x.dtype))
         h = self.norm(x)
         return h if return_hidden else self.logits(h)
 
@@ -781,7 +923,7 @@ class Qwen2VL(nn.Module):
                         bad.append(f'{hf_name} {tuple(t.shape)} != {tuple(want[name])}')
                         continue
                     state[name] = t.to(device=device, dtype=dtype)
-        missing = [_to_hf(k) for k in want if k not in seen]
+        missing = [_to_hf(k, cfg) for k in want if k not in seen]
         if missing or unexpected or bad:
             raise ValueError(f'{path}: checkpoint does not match the model; missing: {missing}; '
                              f'unexpected: {unexpected}; wrong shape: {bad}')
@@ -810,7 +952,7 @@ class Qwen2VL(nn.Module):
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > max_shard_size:
                 shards, size = shards + [{}], 0
-            shards[-1][_to_hf(k)] = t.detach().contiguous().cpu()
+            shards[-1][_to_hf(k, self.config)] = t.detach().contiguous().cpu()
             size += nbytes
         files = ['model.safetensors'] if len(shards) == 1 else \
             [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
@@ -866,8 +1008,14 @@ def _to_ours(hf_name):
             return ours + hf_name[len(hf):]
     return hf_name  # unknown: reported as unexpected
 
-def _to_hf(name):
-    return name if name.startswith(('visual.', 'lm_head.')) else 'model.' + name
+def _to_hf(name, cfg):
+    """Ours -> the released layout: Qwen2(.5)-VL model.* / visual.*, Qwen3-VL model.language_model.* /
+    model.visual.*."""
+    if name.startswith('lm_head.'):
+        return name
+    if cfg.qwen3:
+        return 'model.' + name if name.startswith('visual.') else 'model.language_model.' + name
+    return name if name.startswith('visual.') else 'model.' + name
 
 def _weight_files(path):
     index = os.path.join(path, 'model.safetensors.index.json')

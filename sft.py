@@ -105,10 +105,12 @@ def forward_backward(model, micro_batches, device, autocast=nullcontext, reduce_
 
 def param_counts(model):
     """Parameter counts for the FLOP estimate (before sharding): LM blocks, vision patch embedding +
-    blocks (per patch), merger (per merged token)."""
+    blocks (per patch), merger and DeepStack mergers (per merged token)."""
     count = lambda m: sum(p.numel() for p in m.parameters())
     v = model.visual
-    return dict(lm=count(model.layers), vision=count(v.blocks) + count(v.patch_embed), merger=count(v.merger))
+    deepstack = count(v.deepstack_merger_list) if hasattr(v, 'deepstack_merger_list') else 0  # Qwen3-VL's
+    return dict(lm=count(model.layers), vision=count(v.blocks) + count(v.patch_embed),
+                merger=count(v.merger) + deepstack)
 
 
 def step_flops(cfg, counts, batch, n_targets, train_vision):
@@ -118,7 +120,8 @@ def step_flops(cfg, counts, batch, n_targets, train_vision):
     temporal slice."""
     lens = (batch['cu_seqlens'][1:] - batch['cu_seqlens'][:-1]).double()
     T = float(lens.sum())
-    f = 6 * counts['lm'] * T + 6 * cfg.num_hidden_layers * cfg.hidden_size * float((lens ** 2).sum())
+    width = cfg.num_attention_heads * cfg.head_dim  # attention's (Qwen3-VL's head_dim is its own)
+    f = 6 * counts['lm'] * T + 6 * cfg.num_hidden_layers * width * float((lens ** 2).sum())
     f += 6 * cfg.hidden_size * cfg.vocab_size * n_targets
     g = batch['grid_thw']
     if g is not None and len(g):
@@ -255,8 +258,8 @@ def main(argv=None):
         stop = signals.agreed(device)
         if step == total_steps or stop or (save_interval > 0 and step % save_interval == 0):
             state = dict(step=step, epoch=epoch, step_in_epoch=s + 1, world_size=world, grad_accum=accum)
-            save_checkpoint(out_dir, model, init_from, optimizer, state, config, settings.record(samples),
-                            getattr(torch, save_dtype))
+            save_checkpoint(out_dir, model, init_from, optimizer, state, config,
+                            settings.record(samples, model.config), getattr(torch, save_dtype))
         if stop:
             break
     pbar.close()

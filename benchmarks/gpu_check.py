@@ -1,14 +1,16 @@
 """
 One prepared GPU check of what no GPU has run here yet: the attention kernels, bf16 parity with transformers at
 the 7B's widths, FSDP2 + checkpointing + rollout under torchrun, decode speed against the HBM roofline, and one
-SFT and one GRPO step at the 7B's widths (tokens/s, MFU, peak memory). Written to fit ~8 minutes on one
-H100/H200; without a GPU the same checks run at tiny widths in fp32 (~1 minute, CI: tests/test_gpu_check.py).
+SFT and one GRPO step at the 7B's widths (tokens/s, MFU, peak memory); --family=qwen3_vl: all of it at
+Qwen3-VL-8B's shapes. Written to fit ~8 minutes on one H100/H200; without a GPU the same checks run at tiny
+widths in fp32 (~1 minute a family, CI: tests/test_gpu_check.py).
 One JSON line per check, {"check", "ok", "device", "seconds", figures...}; exit 1 if any failed (a failing
 check is reported with its error and the others still run).
 
     bash benchmarks/gpu_check.sh                         # on the GPU machine: missing wheels, then every check
     python benchmarks/gpu_check.py                       # GPU mode where CUDA is, else the CPU mode
     python benchmarks/gpu_check.py --checks=attention,decode --device=cpu
+    bash benchmarks/gpu_check.sh --family=qwen3_vl       # every check at Qwen3-VL-8B's shapes (family_sizes)
 
 What it imports: torch, numpy and safetensors (model.py, common.py) for attention and decode; transformers for
 hf_parity; fsdp, sft_step and grpo_step import grpo.py / sft.py, whose data.py imports tokenizers, decord and
@@ -49,6 +51,7 @@ checks = 'attention,hf_parity,fsdp,decode,sft_step,grpo_step,grpo_lora_step'
 device = ''   # '' = cuda when there is one, else cpu (the reduced CPU mode); 'cpu' forces the CPU mode
 worker = ''   # 'fsdp': the torchrun child of the fsdp check (set by the check itself)
 seed = 0
+family = 'qwen2_vl'  # 'qwen3_vl': the same checks at Qwen3-VL-8B's shapes, against Qwen3VLForConditionalGeneration
 # -----------------------------------------------------------------------------
 
 CHECK_NAMES = ('attention', 'hf_parity', 'fsdp', 'decode', 'sft_step', 'grpo_step', 'grpo_lora_step')
@@ -88,6 +91,33 @@ SIZES = dict(
              decode_warmup=2, decode_steps=8,
              train_cfg=TINY, train_grid=(2, 4, 4), train_text=(6, 5), sft_target=16, grpo_generations=4,
              grpo_completion=12, train_steps=1, lora_cfg=TINY, lora_grid=(2, 4, 4)))
+# the LoRA presets the grpo_lora_step check runs, and the peak memory their budgets allow (GiB)
+LORA_PRESET = dict(qwen2_vl=('grpo_qwen2vl_7b_lora.py', 32.0), qwen3_vl=('grpo_qwen3vl_8b_lora.py', 44.0))
+
+
+def family_sizes(S, dev_type):
+    """SIZES[dev_type] for --family=qwen3_vl: every model-shaped entry at Qwen3-VL-8B's (its released config.json,
+    tests/test_model_qwen3.py; the CPU mode: the tiny config with 16-pixel patches), DeepStack fed from blocks
+    the cut-down towers have; the LoRA step on the whole 8B at its preset's 16 frames of 128 * 32 * 32 px."""
+    if dev_type == 'cpu':
+        q3 = dict(model_type='qwen3_vl', patch_size=16, vision_intermediate_size=48, num_position_embeddings=64)
+        return dict(S, parity_cfg=dict(TINY, **q3, deepstack_visual_indexes=[0, 1]),
+                    fsdp_cfg=dict(TINY, **q3, deepstack_visual_indexes=[0]),
+                    decode_cfg=dict(S['decode_cfg'], **q3, deepstack_visual_indexes=[0]),
+                    train_cfg=dict(TINY, **q3, deepstack_visual_indexes=[0, 1]),
+                    lora_cfg=dict(TINY, **q3, deepstack_visual_indexes=[1]))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))
+    from test_model_qwen3 import RELEASED_3_8B_CONFIG
+    b8 = dict(ModelConfig.from_hf(RELEASED_3_8B_CONFIG).__dict__)
+    small = dict(SMALL, model_type='qwen3_vl', patch_size=16, vision_intermediate_size=512, head_dim=64,
+                 num_position_embeddings=64, deepstack_visual_indexes=[0])
+    return dict(S, attn_shapes=dict(lm=(32, 8, 128, True), vision=(16, 16, 72, False)),
+                parity_cfg=dict(b8, num_hidden_layers=2, vision_depth=2, deepstack_visual_indexes=[0, 1]),
+                fsdp_cfg=small, decode_cfg=dict(b8, vision_depth=1, deepstack_visual_indexes=[0]),
+                # 8 + 8 blocks with the real widths: ~3.1B params, fp32 + grads + AdamW ~50 GB
+                train_cfg=dict(b8, num_hidden_layers=8, vision_depth=8, deepstack_visual_indexes=[2, 4, 6]),
+                lora_cfg=b8, lora_grid=(8, 16, 32))
+
 # HBM bandwidth (B/s, datasheets) by device name, first match wins; None for anything else
 HBM_BANDWIDTH = (('H200', 4.8e12), ('H100 PCIe', 2.0e12), ('H100 NVL', 3.9e12), ('H100', 3.35e12), ('A100', 2.0e12))
 
@@ -125,12 +155,15 @@ def text_limit(cfg):
 def video_sample(cfg, n_before, grid, n_after, n_target, g):
     """A data.encode-shaped sample without a tokenizer or a video file: n_before random text ids, one video of
     grid (t, h, w) with random pixels, n_after more text ids, then n_target target ids (the labels; -100
-    elsewhere). Positions from rope_positions, as data.encode makes them."""
+    elsewhere). Positions from rope_positions, as data.encode makes them. Qwen3-VL: a block per frame group,
+    each after 6 random ids in place of its "<t seconds>"."""
     t, h, w = grid
     text = lambda n: torch.randint(0, text_limit(cfg), (n,), generator=g)
-    ids = torch.cat([text(n_before), torch.tensor([cfg.vision_start_token_id]),
-                     torch.full((t * h * w // cfg.spatial_merge_size ** 2,), cfg.video_token_id),
-                     torch.tensor([cfg.vision_end_token_id]), text(n_after), text(n_target)])
+    block = lambda k: [torch.tensor([cfg.vision_start_token_id]),
+                       torch.full((k * h * w // cfg.spatial_merge_size ** 2,), cfg.video_token_id),
+                       torch.tensor([cfg.vision_end_token_id])]
+    video = [x for _ in range(t) for x in [text(6)] + block(1)] if cfg.qwen3 else block(t)
+    ids = torch.cat([text(n_before), *video, text(n_after), text(n_target)])
     labels = torch.full_like(ids, -100)
     labels[len(ids) - n_target:] = ids[len(ids) - n_target:]
     grid_thw = torch.tensor([grid])
@@ -266,10 +299,13 @@ def check_hf_parity(dev, S, seed):
     noise floor is what bf16 costs transformers itself: max |HF bf16 - HF fp32| over all logits. Pass:
     max |ours bf16 - HF fp32| <= 1.5 x that floor, and max |ours fp32 - HF fp32| <= parity_tol x max |HF fp32|
     (1e-4 on a GPU: on CPU at these widths it was 2e-6; 1e-5 at the CPU mode's, where it is 1e-6)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration)
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     cfg = ModelConfig(**S['parity_cfg'])
+    config_cls, model_cls = ((Qwen3VLConfig, Qwen3VLForConditionalGeneration) if cfg.qwen3
+                             else (Qwen2VLConfig, Qwen2VLForConditionalGeneration))
     g = torch.Generator().manual_seed(seed)
     s = video_sample(cfg, S['parity_text'][0], S['parity_grid'], S['parity_text'][1], 0, g)
     ids, pos, grid = s['input_ids'].to(dev), s['position_ids'].to(dev), s['grid_thw'].to(dev)
@@ -280,13 +316,13 @@ def check_hf_parity(dev, S, seed):
     logits = {}
     with torch.no_grad(), tempfile.TemporaryDirectory() as d:
         with torch.device(dev):
-            hf = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**cfg.to_hf())).eval()
+            hf = model_cls(config_cls(**cfg.to_hf())).eval()
         randomize_(hf, seed, dev)
         hf.save_pretrained(d, state_dict={k: v.bfloat16() for k, v in hf.state_dict().items()})
         logits['hf32'] = hf_logits(hf)
         del hf  # one model on the device at a time
         for name, dtype in (('hf16', torch.bfloat16), ('hf32_reloaded', torch.float32)):
-            hf = Qwen2VLForConditionalGeneration.from_pretrained(d, dtype=dtype).to(dev).eval()
+            hf = model_cls.from_pretrained(d, dtype=dtype).to(dev).eval()
             logits[name] = hf_logits(hf)
             del hf
         for name, dtype in (('ours32', torch.float32), ('ours16', torch.bfloat16)):
@@ -298,7 +334,8 @@ def check_hf_parity(dev, S, seed):
     e32, e16 = max_err(logits['ours32'], logits['hf32']), max_err(logits['ours16'], logits['hf32'])
     reload = max_err(logits['hf32_reloaded'], logits['hf32'])  # 0: the checkpoint holds exactly the oracle's values
     tol = S['parity_tol']
-    return dict(ok=reload == 0 and e32 <= tol * scale and 0 < floor and e16 <= 1.5 * floor, tokens=len(ids),
+    return dict(ok=reload == 0 and e32 <= tol * scale and 0 < floor and e16 <= 1.5 * floor, family=cfg.model_type,
+                tokens=len(ids),
                 video_grid=list(S['parity_grid']), layers=cfg.num_hidden_layers, vision_blocks=cfg.vision_depth,
                 hidden=cfg.hidden_size, vocab=cfg.vocab_size, max_abs_hf32=scale, noise_floor_hf16_vs_hf32=floor,
                 ours16_vs_hf32=e16, ours16_vs_hf16=max_err(logits['ours16'], logits['hf16']), ours32_vs_hf32=e32,
@@ -312,7 +349,7 @@ def check_hf_parity(dev, S, seed):
 def check_fsdp(dev, S, seed):
     """This script again as a one-rank torchrun job (NCCL on a GPU, gloo on CPU); its JSON line is the result."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '1',
-           os.path.abspath(__file__), '--worker=fsdp', f'--device={dev.type}', f'--seed={seed}']
+           os.path.abspath(__file__), '--worker=fsdp', f'--device={dev.type}', f'--seed={seed}', f'--family={family}']
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=S['fsdp_timeout'],
                        env=dict(os.environ, USE_LIBUV='0'))  # the CPU build's TCPStore lacks libuv
     lines = [json.loads(line) for line in p.stdout.splitlines() if line.startswith('{')]
@@ -389,7 +426,7 @@ def check_decode(dev, S, seed):
     bandwidth = next((b for k, b in HBM_BANDWIDTH if k in name), None) if dev.type == 'cuda' else None
     g, runs, ok = torch.Generator().manual_seed(seed), [], True
     warm, steps = S['decode_warmup'], S['decode_steps']
-    hd = cfg.hidden_size // cfg.num_attention_heads
+    hd = cfg.head_dim
     for rows in S['decode_rows']:
         ids = torch.randint(0, text_limit(cfg), (rows, P), generator=g)
         pos = torch.cat([rope_positions(r, None, cfg)[0] for r in ids], 1)
@@ -496,20 +533,23 @@ def check_grpo_step(dev, S, seed):
 
 
 def check_grpo_lora_step(dev, S, seed):
-    """config/grpo_qwen2vl_7b_lora.py's step on the whole 7B (its memory budget says ~32 GiB): the frozen base's
+    """config/grpo_qwen2vl_7b_lora.py's step on the whole 7B (its memory budget says ~32 GiB; --family=qwen3_vl:
+    config/grpo_qwen3vl_8b_lora.py's on the whole 8B, ~44 GiB, its 16-frame prompt): the frozen base's
     matmul weights in bf16 (frozen_matmul_weights_to), LoRA r=32 on the attention and MLP projections, G rollouts
     of one 8-frame prompt from the adapted policy (unmerged), the reference's log-probs with the adapters off (no
     second model), then the policy's, the loss with KL and the adapters' AdamW step. ok: finite, KL exactly 0
-    (the adapters start at zero), the base untouched, and peak memory within the budget's 32 GiB on a GPU."""
+    (the adapters start at zero), the base untouched, and peak memory within the budget on a GPU."""
+    import contextlib
     import data
     import grpo
     import runpy
-    preset = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'config',
-                                         'grpo_qwen2vl_7b_lora.py'))
+    cfg = ModelConfig(**S['lora_cfg'])
+    name, budget = LORA_PRESET[cfg.model_type]
+    with contextlib.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):  # presets exec by that path
+        preset = runpy.run_path(os.path.join('config', name))
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev)
     compute, autocast = compute_dtype_and_autocast(dev, 'bfloat16')
-    cfg = ModelConfig(**S['lora_cfg'])
     model = random_model(cfg, dev)
     apply_lora(model, preset['lora_rank'], preset['lora_alpha'], 0.0, preset['lora_targets'])
     if compute != torch.float32:
@@ -543,12 +583,12 @@ def check_grpo_lora_step(dev, S, seed):
     unchanged = all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
     peak = peak_memory(dev) / 2**30
     return dict(ok=math.isfinite(loss0) and math.isfinite(loss1[0]) and kl0 == 0.0 and unchanged
-                and (dev.type != 'cuda' or peak <= 32.0),
+                and (dev.type != 'cuda' or peak <= budget), preset=name,
                 layers=cfg.num_hidden_layers, params=sum(p.numel() for p in model.parameters()),
                 trainable=sum(p.numel() for p in params), kl_step0=kl0, base_unchanged=unchanged,
                 rollout_rows=G, rollout_tokens=int(lengths.sum()), rollout_s=t_roll,
                 rollout_tokens_per_s=float(lengths.sum()) / t_roll, train_tokens=len(batch['input_ids']),
-                step_s=t_step, peak_memory_gb=peak, budget_gb=32.0)
+                step_s=t_step, peak_memory_gb=peak, budget_gb=budget)
 
 
 def _rollout(grpo, model, batch, G, seeds, L, autocast):
@@ -581,7 +621,9 @@ def run_check(name, dev, S, seed):
 def main(argv=None):
     configure(globals(), argv)
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    S = SIZES[dev.type]
+    if family not in ('qwen2_vl', 'qwen3_vl'):
+        raise ValueError(f"--family={family!r}: 'qwen2_vl' (the 7B's shapes) or 'qwen3_vl' (the 8B's)")
+    S = SIZES[dev.type] if family == 'qwen2_vl' else family_sizes(SIZES[dev.type], dev.type)
     if worker:
         if worker != 'fsdp':
             raise ValueError(f"--worker={worker!r}: the only worker is 'fsdp'")

@@ -34,10 +34,12 @@ def test_type_mismatch_rejected():
         configure(_globals(), ['--flag=3'])
 
 
-@pytest.mark.parametrize('script,family', [('sft', 'sft_qwen25vl_7b'), ('grpo', 'grpo_qwen25vl_7b')])
-def test_qwen25_presets_are_the_qwen2_recipe_at_video_r1_frames(script, family, monkeypatch):
-    """The Qwen2.5-VL-7B presets (run from the repository root, as the usage lines say) take the Qwen2-VL
-    preset's recipe and change only the model, the output and the frames: 16 at 128*28*28 pixels."""
+@pytest.mark.parametrize('script,family', [('sft', 'sft_qwen25vl_7b'), ('grpo', 'grpo_qwen25vl_7b'),
+                                           ('sft', 'sft_qwen3vl_8b'), ('grpo', 'grpo_qwen3vl_8b')])
+def test_qwen25_qwen3_presets_are_the_qwen2_recipe_at_video_r1_frames(script, family, monkeypatch):
+    """The Qwen2.5-VL-7B and Qwen3-VL-8B presets (run from the repository root, as the usage lines say) take the
+    Qwen2-VL preset's recipe and change only the model, the output and the frames: 16 at 128 merged tokens a
+    frame pair (128*28*28 pixels; Qwen3-VL's 16-pixel patches: 128*32*32)."""
     import importlib
     import os
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,5 +48,7 @@ def test_qwen25_presets_are_the_qwen2_recipe_at_video_r1_frames(script, family, 
     new = configure(dict(vars(mod)), [f'config/{family}.py'])
     changed = {k for k in base if base[k] != new[k]}
     assert changed <= {'init_from', 'out_dir', 'nframes', 'min_pixels', 'max_pixels', 'token_budget'}
-    assert (new['nframes'], new['min_pixels'], new['max_pixels']) == (16, 128 * 28 * 28, 128 * 28 * 28)
-    assert 'qwen25vl' in new['out_dir'] and ('2.5-VL' in new['init_from'] or 'qwen25vl' in new['init_from'])
+    side = 32 if 'qwen3' in family else 28
+    assert (new['nframes'], new['min_pixels'], new['max_pixels']) == (16, 128 * side * side, 128 * side * side)
+    tag, name = ('qwen3vl', '3-VL-8B') if 'qwen3' in family else ('qwen25vl', '2.5-VL')
+    assert tag in new['out_dir'] and (name in new['init_from'] or tag in new['init_from'])

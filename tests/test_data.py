@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 
 os.environ['HF_HUB_OFFLINE'] = '1'
 import av
@@ -327,6 +328,159 @@ def test_qwen25_processor_and_rope_index_match(tok, vids, tmp_path, monkeypatch)
     Video.total = 29  # the clip's true length: transformers' metadata rule
     assert p(text=[text], videos=[frames], return_tensors='pt')['second_per_grid_ts'].tolist() == [
         pytest.approx(2 * 29 / (8 * 6), rel=1e-6)]
+
+
+# ----------------------------------------------------------------------------- Qwen3-VL's timestamps
+
+def qwen3_cfg(tok):
+    return ModelConfig(model_type='qwen3_vl', patch_size=16, **tok.model_ids())
+
+
+def test_frame_timestamps_hand_values():
+    """Group k's time is the mean of its two frames' index / fps: 8 of 16 frames at 8 fps (0, 2, 4, 6, 9, 11,
+    13, 15) -> 0.125, 0.625, 1.25, 1.75 s; an odd count repeats the last frame, as the pixels do."""
+    assert data.frame_timestamps(data.frame_indices(16, 8), 8.0) == [0.125, 0.625, 1.25, 1.75]
+    assert data.frame_timestamps(np.array([0, 5, 10]), 4.0) == [0.625, 2.5]
+    assert data.frame_timestamps(data.frame_indices(29, 8), 6.0) == pytest.approx([1 / 3, 5 / 3, 3, 13 / 3])
+
+
+def qwen3_processor(tok, settings, monkeypatch):
+    """transformers' Qwen3VLProcessor with its own Qwen3VLVideoProcessor (metadata, timestamps, rescale, patchify:
+    its code as-is). torchvision is not installed, so two of its calls are stood in for: the resize is the PIL
+    bicubic of the oracle above, to the sides of the video processor's own smart_resize (whose budget is per
+    clip: our per-frame one x N frames), and the per-channel normalize is written out."""
+    from PIL import Image
+    from transformers import AutoTokenizer, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.processing_utils import ProcessorMixin
+    # its module loaded from its file: through the package, transformers swaps in a torchvision-requiring dummy
+    origin = importlib.util.find_spec('transformers.models.qwen3_vl.video_processing_qwen3_vl').origin
+    spec = importlib.util.spec_from_file_location('transformers.models.qwen3_vl._video_oracle', origin)
+    vp = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, vp)
+    spec.loader.exec_module(vp)
+    monkeypatch.setattr(ProcessorMixin, 'check_argument_for_proper_class', lambda self, name, arg: type(arg))
+
+    def pil_resize(self, videos, size, resample, factor, temporal_factor, **kwargs):
+        h, w = vp.smart_resize(videos.shape[1], *videos.shape[-2:], temporal_factor, factor, size.shortest_edge,
+                               size.longest_edge)
+        frames = videos.permute(0, 1, 3, 4, 2).to(torch.uint8).numpy()
+        out = [[np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in v] for v in frames]
+        return torch.from_numpy(np.array(out)).permute(0, 1, 4, 2, 3)
+    monkeypatch.setattr(vp.Qwen3VLVideoProcessor, 'resize', pil_resize)
+    # torchvision's normalize, (x - mean) / std per channel, on the mean and std it fused with the rescale
+    monkeypatch.setattr(vp.Qwen3VLVideoProcessor, 'normalize',
+                        lambda self, x, mean, std, inplace=False: (x - mean[:, None, None]) / std[:, None, None])
+    d = os.path.dirname(tok.path)
+    n = settings.nframes
+    video = vp.Qwen3VLVideoProcessor(size={'shortest_edge': settings.min_pixels * n,
+                                           'longest_edge': settings.max_pixels * n}, cap_pixels_per_frame=False,
+                                     do_sample_frames=False, do_convert_rgb=False)  # frames are RGB already
+    return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil(patch_size=16, image_mean=[0.5] * 3,
+                                                                     image_std=[0.5] * 3),
+                            tokenizer=AutoTokenizer.from_pretrained(d), video_processor=video,
+                            chat_template=data.CHAT_TEMPLATE)
+
+
+WRAPPED = '<|vision_start|><|video_pad|><|vision_end|>'
+
+
+def test_qwen3_processor_parity_with_metadata(tok, tmp_path, monkeypatch):
+    """A clip of 29 frames at 6 fps, 8 sampled (0, 4, ..., 28): transformers' Qwen3VLProcessor given the true
+    video_metadata writes <0.3>, <1.7>, <3.0>, <4.3 seconds>; ids (timestamp text included), pixels, grid and
+    every position (get_rope_index) equal ours, which reads the fps from the clip itself. The template's
+    <|vision_start|><|video_pad|><|vision_end|> is handed over as the bare pad, which the release's processor
+    replaced whole (transformers 4.57, vLLM); transformers 5 replaces only the pad and keeps the outer pair:
+    then its ids are ours with those two tokens around the groups (pinned)."""
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+    clip, settings = write_video(tmp_path / 'c.mp4', n=29, fps=6), data.VisionSettings()
+    p = qwen3_processor(tok, settings, monkeypatch)
+    s, cfg = mcq(clip), qwen3_cfg(tok)
+    conv = [{'role': 'user', 'content': [{'type': 'video'}, {'type': 'text', 'text': data.build_user_text(s)}]}]
+    text = p.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    meta = dict(total_num_frames=29, fps=6.0, frames_indices=list(range(0, 29, 4)))
+    frames = data.load_frames(clip, 8)
+    ref = p(text=[text.replace(WRAPPED, '<|video_pad|>')], videos=[frames], video_metadata=[meta],
+            return_tensors='pt')
+    out = data.encode(s, tok, settings, None, cfg)
+    assert out['input_ids'].tolist() == ref['input_ids'][0].tolist()
+    prompt = tok.decode(out['input_ids'])
+    assert all(f'<{t} seconds><|vision_start|><|video_pad|>' in prompt for t in ('0.3', '1.7', '3.0', '4.3'))
+    assert prompt.count('<|vision_start|>') == 4 and out['timestamps'] == pytest.approx([1 / 3, 5 / 3, 3, 13 / 3])
+    assert out['grid_thw'].tolist() == ref['video_grid_thw'].tolist() == [[4, 20, 20]]  # 64 x 64 up to 320 x 320
+    assert out['pixel_values'].shape == ref['pixel_values_videos'].shape == (4 * 20 * 20, 3 * 2 * 16 * 16)
+    assert (out['pixel_values'] - ref['pixel_values_videos']).abs().max() <= 1e-5
+    small = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, mrope_section=[2, 3, 3], vision_depth=1,
+                 vision_embed_dim=32, vision_num_heads=2, vision_intermediate_size=32, deepstack_visual_indexes=[0])
+    hf = Qwen3VLModel(Qwen3VLConfig(**ModelConfig(**{**cfg.__dict__, **small}).to_hf()))
+    pos, _ = hf.get_rope_index(ref['input_ids'], ref['mm_token_type_ids'], video_grid_thw=ref['video_grid_thw'])
+    assert torch.equal(out['position_ids'], pos[:, 0])
+    v5 = p(text=[text], videos=[frames], video_metadata=[meta], return_tensors='pt')['input_ids'][0].tolist()
+    ids, vid = out['input_ids'].tolist(), out['input_ids'] == tok.video_pad_id
+    first = ids.index(tok.video_pad_id) - 1 - len(tok.encode('<0.3 seconds>'))  # where the first group starts
+    last = int(vid.nonzero().max()) + 2  # past the last group's <|vision_end|>
+    assert v5 == ids[:first] + [tok.vision_start_id] + ids[first:last] + [tok.vision_end_id] + ids[last:]
+
+
+def test_qwen3_processor_parity_ntsc_clip(tok, tmp_path, monkeypatch):
+    """A 29.97 fps (30000/1001) clip of 61 frames, 8 sampled (0, 9, 17, 26, 34, 43, 51, 60): groups at 0.150,
+    0.717, 1.285, 1.852 s. The processor given that metadata and ours write the same ids (<0.2>, <0.7>, <1.3>,
+    <1.9 seconds>: the one-decimal rounding of non-round times)."""
+    from fractions import Fraction
+    clip, settings = write_video(tmp_path / 'n.mp4', n=61, fps=Fraction(30000, 1001)), data.VisionSettings()
+    p = qwen3_processor(tok, settings, monkeypatch)
+    s = data.Sample('n', clip, 'route', 'forward', 'Q', answer='x', answer_text='x')
+    conv = [{'role': 'user', 'content': [{'type': 'video'}, {'type': 'text', 'text': data.build_user_text(s)}]}]
+    text = p.apply_chat_template(conv, tokenize=False, add_generation_prompt=True).replace(WRAPPED, '<|video_pad|>')
+    meta = dict(total_num_frames=61, fps=30000 / 1001, frames_indices=[0, 9, 17, 26, 34, 43, 51, 60])
+    ref = p(text=[text], videos=[data.load_frames(clip, 8)], video_metadata=[meta], return_tensors='pt')
+    out = data.encode(s, tok, settings, None, qwen3_cfg(tok))
+    assert out['input_ids'].tolist() == ref['input_ids'][0].tolist()
+    assert out['timestamps'] == pytest.approx([0.15015, 0.7173833, 1.2846167, 1.85185])
+    prompt = tok.decode(out['input_ids'])
+    assert [f'<{t} seconds>' in prompt for t in ('0.2', '0.7', '1.3', '1.9')] == [True] * 4
+
+
+def test_qwen3_processor_without_metadata_goes_wrong_ours_does_not(tok, tmp_path, monkeypatch):
+    """The peers' bug (EasyR1 #599, ms-swift #6523, LlamaFactory #10335): the processor given the sampled
+    frames but no video_metadata takes them as frames 0..7 of a 24 fps clip and writes <0.0>, <0.1>, <0.2>,
+    <0.3 seconds> for a clip whose groups are at 0.3, 1.7, 3.0, 4.3 s. encode takes no metadata: it reads the
+    clip's fps and sampled indices itself, so it cannot make this mistake."""
+    clip, settings = write_video(tmp_path / 'c.mp4', n=29, fps=6), data.VisionSettings()
+    p = qwen3_processor(tok, settings, monkeypatch)
+    text = p.apply_chat_template([{'role': 'user', 'content': [{'type': 'video'}, {'type': 'text', 'text': 'Q'}]}],
+                                 tokenize=False, add_generation_prompt=True).replace(WRAPPED, '<|video_pad|>')
+    frames = data.load_frames(clip, 8)
+    wrong = tok.decode(p(text=[text], videos=[frames], return_tensors='pt')['input_ids'][0])
+    assert [f'<{t} seconds>' in wrong for t in ('0.0', '0.1', '0.2', '0.3', '1.7')] == [True] * 4 + [False]
+    ours = tok.decode(data.encode(mcq(clip), tok, settings, None, qwen3_cfg(tok))['input_ids'])
+    assert [f'<{t} seconds>' in ours for t in ('0.0', '0.1', '0.2', '0.3', '1.7', '3.0', '4.3')] == [False] * 3 + [
+        True] * 4
+
+
+def test_qwen3_encode_lengths_record_and_still_images(tok, vids, tmp_path):
+    """sample_length counts the timestamp text without decoding; settings.record carries the timestamps'
+    range (clip a: 16 frames at 8 fps, 4 sampled: 0.3125 and 1.5625 s); a still image has no time text."""
+    from PIL import Image
+    cfg = qwen3_cfg(tok)
+    s = mcq(vids['a'])
+    out = data.encode(s, tok, SMALL, s.solution, cfg)
+    assert out['timestamps'] == [5 / 16, 25 / 16] and out['grid_thw'].tolist() == [[2, 2, 2]]  # 56 -> 64 = 2 x 32
+    assert data.sample_length(s, tok, SMALL, 'solution', cfg) == len(out['input_ids'])
+    assert SMALL.record([s], cfg) == dict(SMALL.asdict(), second_per_grid_ts=[1.25, 1.25], timestamps=[5 / 16, 25 / 16])
+    assert 'timestamps' not in SMALL.record([s])
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    pic = np.random.default_rng(2).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    Image.fromarray(pic).save(tmp_path / 'x.png')
+    img = data.encode(mcq(str(tmp_path / 'x.png')), tok, SMALL, None, cfg)
+    assert 'timestamps' not in img and 'seconds' not in tok.decode(img['input_ids'])
+    # Qwen3-VL's image processor: Qwen2-VL's with 16-pixel patches and mean = std = 0.5
+    ip = Qwen2VLImageProcessorPil(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                  min_pixels=SMALL.min_pixels, max_pixels=SMALL.max_pixels)
+    ref = ip(images=[pic], return_tensors='pt')
+    assert img['grid_thw'].tolist() == ref['image_grid_thw'].tolist() and img['pixel_values'].shape[1] == 1536
+    assert (img['pixel_values'] - ref['pixel_values']).abs().max() <= 1e-5
 
 
 def test_labels_cover_answer_and_im_end_only(tok, vids):

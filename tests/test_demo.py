@@ -59,3 +59,26 @@ def test_demo_quick_on_a_tiny_qwen25(tmp_path):
     assert {json.loads(l)['second_per_grid_ts'] for l in preds} == {0.25}
     tail = p.stdout[p.stdout.index('== SFT(CoT) on EgoWorld: test split'):]
     assert tail.count('| route | direction | landmark | action |') == 2 and 'McNemar z =' in tail
+
+
+def test_demo_quick_on_a_tiny_qwen3(tmp_path):
+    """The same QUICK path with FAMILY=qwen3_vl: a tiny Qwen3-VL (16-pixel patches, DeepStack, interleaved
+    M-RoPE) through sft.py, bench.py, grpo.py unchanged; its prompts' timestamps (16 of 16 frames at 8 fps:
+    frame groups at 0.0625, 0.3125, ..., 1.8125 s) recorded in every output."""
+    env = dict(os.environ, QUICK='1', SETUP='0', FAMILY='qwen3_vl', DATA=str(tmp_path / 'data'),
+               OUT=str(tmp_path / 'out'), PYTHON=sys.executable, HF_HUB_OFFLINE='1')
+    p = subprocess.run(['bash', os.path.join(ROOT, 'demo.sh')], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = tmp_path / 'out'
+    for ckpt in ('egoworld-tiny', 'sft-egoworld', 'grpo-egoworld'):
+        cfg = json.loads((out / ckpt / 'config.json').read_text())
+        assert cfg['model_type'] == 'qwen3_vl' and cfg['vision_config']['deepstack_visual_indexes'] == [0]
+    for ckpt in ('sft-egoworld', 'grpo-egoworld'):
+        vs = json.loads((out / ckpt / 'vision_settings.json').read_text())
+        assert vs['timestamps'] == [0.0625, 1.8125] and vs['max_pixels'] == 64 * 64
+    res = json.loads((out / 'bench' / 'grpo-egoworld_test' / 'results.json').read_text())
+    assert res['evaluated'] == 16 and res['settings']['timestamps'] == [0.0625, 1.8125]
+    preds = (out / 'bench' / 'grpo-egoworld_test' / 'predictions.jsonl').read_text().splitlines()
+    assert {tuple(json.loads(l)['timestamps']) for l in preds} == {tuple(0.0625 + 0.25 * k for k in range(8))}
+    tail = p.stdout[p.stdout.index('== SFT(CoT) on EgoWorld: test split'):]
+    assert tail.count('| route | direction | landmark | action |') == 2 and 'McNemar z =' in tail

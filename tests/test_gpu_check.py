@@ -63,6 +63,20 @@ def test_another_seed_passes_and_the_same_seed_gives_the_same_numbers():
     assert [without_timings(x) for x in a] == [without_timings(x) for x in b]
 
 
+def test_cpu_mode_qwen3_passes_every_check():
+    """--family=qwen3_vl: the same checks on the tiny Qwen3-VL (16-pixel patches, DeepStack, interleaved M-RoPE,
+    a block per frame group), hf_parity against Qwen3VLForConditionalGeneration, the 8B LoRA preset's step."""
+    p = subprocess.run([sys.executable, SCRIPT, '--device=cpu', '--family=qwen3_vl'], capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, OMP_NUM_THREADS='2'))
+    lines = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [x['check'] for x in lines] == CHECKS, p.stdout[-3000:] + p.stderr[-3000:]
+    assert [x['check'] for x in lines if not x['ok']] == [] and p.returncode == 0, p.stdout[-5000:]
+    by = {x['check']: x for x in lines}
+    assert by['hf_parity']['family'] == 'qwen3_vl' and by['hf_parity']['ours32_vs_hf32'] < 1e-5
+    assert by['fsdp']['stage'] == 'done' and by['fsdp']['vision_grad_norm'] > 0
+    assert by['grpo_lora_step']['preset'] == 'grpo_qwen3vl_8b_lora.py' and by['grpo_lora_step']['kl_step0'] == 0.0
+
+
 def test_a_failing_check_is_reported_and_the_others_still_run(monkeypatch, capsys):
     sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
     import gpu_check

@@ -269,3 +269,26 @@ def test_7b_lora_preset_parses_and_its_adapter_count_is_the_budget_s():
     names = common.apply_lora(m, c['lora_rank'], c['lora_alpha'], c['lora_dropout'], c['lora_targets'])
     assert len(names) == 7 * 28 and not any(n.startswith('visual') for n in names)
     assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 28 * 32 * 90_112 == 80_740_352
+
+
+def test_8b_qwen3_lora_preset_parses_and_its_adapter_count_is_the_budget_s(monkeypatch):
+    """config/grpo_qwen3vl_8b_lora.py: the 7B LoRA recipe at the Qwen3-VL presets' frames; LoRA on the released
+    Qwen3-VL-8B config (meta device) adapts 7 x 36 projections with the 87.3M parameters its budget counts, and
+    the base's split into bf16 matmuls (8.14B) and fp32 rest (0.626B) is the budget's."""
+    import os
+    from configurator import configure
+    from model import ModelConfig
+    from test_model_qwen3 import RELEASED_3_8B_CONFIG
+    root = os.path.dirname(grpo.__file__)
+    monkeypatch.chdir(root)  # the preset execs its base by the path its usage line runs from
+    c = configure(dict(vars(grpo)), [os.path.join(root, 'config', 'grpo_qwen3vl_8b_lora.py')])
+    grpo.check_config(c, 1)
+    assert (c['lora_rank'], c['lr'], c['nframes'], c['max_pixels']) == (32, 1e-4, 16, 128 * 32 * 32)
+    with torch.device('meta'):
+        m = Qwen2VL(ModelConfig.from_hf(RELEASED_3_8B_CONFIG))
+    matmuls = sum(x.weight.numel() for x in m.modules() if isinstance(x, (torch.nn.Linear, torch.nn.Conv3d)))
+    total = sum(p.numel() for p in m.parameters())
+    assert round(matmuls / 1e9, 2) == 8.14 and round((total - matmuls) / 1e9, 3) == 0.626
+    names = common.apply_lora(m, c['lora_rank'], c['lora_alpha'], c['lora_dropout'], c['lora_targets'])
+    assert len(names) == 7 * 36 and not any(n.startswith('visual') for n in names)
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 36 * 32 * 75_776 == 87_293_952

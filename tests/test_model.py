@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration)
+                          Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
 from transformers.utils import logging as hf_logging
 
 from model import ModelConfig, Qwen2VL, filter_logits, rope_positions
@@ -30,7 +30,8 @@ PATCH = 3 * 2 * 14 * 14
 
 
 HF_CLASSES = {'qwen2_vl': (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-              'qwen2_5_vl': (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}
+              'qwen2_5_vl': (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+              'qwen3_vl': (Qwen3VLConfig, Qwen3VLForConditionalGeneration)}
 
 
 def hf_random(cfg, seed=0):
@@ -54,19 +55,25 @@ def pair(tmp_path_factory):
     return hf, Qwen2VL.from_pretrained(d), d
 
 
-def make_seq(parts, seed):
+def make_seq(parts, seed, cfg=None):
     """parts: ints (that many random text tokens) or (kind, (t, h, w)[, second_per_grid_t]) visual blocks
-    (seconds default 1.0; Qwen2-VL ignores them)."""
+    (seconds default 1.0; Qwen2-VL ignores them). A Qwen3-VL cfg: 16-pixel patches, and a video is laid
+    out as its processor writes it, one "<t seconds>" text (3 random tokens here) + block per frame group."""
     g = torch.Generator().manual_seed(seed)
+    qwen3 = cfg is not None and cfg.qwen3
     ids, grids, pixels, kinds, secs = [], [], [], [], []
     for p in parts:
         if isinstance(p, int):
             ids += torch.randint(0, 150, (p,), generator=g).tolist()
         else:
             kind, (t, h, w), *sec = p
-            ids += [VS] + [IMG if kind == 'image' else VID] * (t * h * w // 4) + [VE]
+            if qwen3 and kind == 'video':
+                for _ in range(t):
+                    ids += torch.randint(0, 150, (3,), generator=g).tolist() + [VS] + [VID] * (h * w // 4) + [VE]
+            else:
+                ids += [VS] + [IMG if kind == 'image' else VID] * (t * h * w // 4) + [VE]
             grids.append([t, h, w]); kinds.append(kind); secs.append(sec[0] if sec else 1.0)
-            pixels.append(torch.randn(t * h * w, PATCH, generator=g))
+            pixels.append(torch.randn(t * h * w, 3 * 2 * 16 * 16 if qwen3 else PATCH, generator=g))
     return dict(ids=torch.tensor(ids), grid=torch.tensor(grids, dtype=torch.long).view(-1, 3), kinds=kinds,
                 pixels=torch.cat(pixels) if pixels else None, secs=secs)
 
@@ -108,7 +115,7 @@ IMAGE_VIDEO = [4, ('image', (1, 4, 6)), 3, ('video', (4, 2, 4)), 4]  # t=4 > max
 def check_logits(pair, parts):
     """One sequence of `parts` through both models: logits within TOL (and not trivially small)."""
     hf, ours, _ = pair
-    s = make_seq(parts, seed=len(parts))
+    s = make_seq(parts, seed=len(parts), cfg=ours.config)
     (out,), (pos,) = ours_forward(ours, [s])
     ref = hf_forward(hf, s, pos)
     assert ref.abs().max() > 1 and (out - ref).abs().max() < TOL
@@ -117,7 +124,7 @@ def check_logits(pair, parts):
 def check_packed(pair, kinds):
     """Sequences of `kinds` packed into one batch of ours, each against transformers alone: within TOL."""
     hf, ours, _ = pair
-    seqs = [make_seq(p, seed=i) for i, p in enumerate(kinds)]
+    seqs = [make_seq(p, seed=i, cfg=ours.config) for i, p in enumerate(kinds)]
     assert len({len(s['ids']) for s in seqs}) == len(seqs)  # different lengths: the packing is exercised
     outs, pos = ours_forward(ours, seqs)
     for s, o, p in zip(seqs, outs, pos):
@@ -173,8 +180,8 @@ def test_config_released_flat_layout_and_round_trip():
     assert hc.text_config.rope_parameters['mrope_section'] == [16, 24, 24] and hc.vision_config.embed_dim == 1280
     with pytest.raises(KeyError, match='vision_config.depth'):
         ModelConfig.from_hf({**RELEASED_7B_CONFIG, 'vision_config': {'embed_dim': 1280}})
-    with pytest.raises(ValueError, match="model_type 'qwen3_vl' is not supported"):
-        ModelConfig.from_hf({**RELEASED_7B_CONFIG, 'model_type': 'qwen3_vl'})
+    with pytest.raises(ValueError, match="model_type 'glm4v' is not supported"):
+        ModelConfig.from_hf({**RELEASED_7B_CONFIG, 'model_type': 'glm4v'})
 
 
 # ----- the M-RoPE position rule -----

@@ -55,8 +55,8 @@ def test_vision_tower_matches_transformers(pair):
     pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf.model.visual(pixels, grid_thw=grid).pooler_output
-        out = ours.visual(pixels, grid)
-    assert out.shape == (int(grid.prod(-1).sum()) // 4, 64) and (out - ref).abs().max() < TOL
+        out, deep = ours.visual(pixels, grid)
+    assert out.shape == (int(grid.prod(-1).sum()) // 4, 64) and (out - ref).abs().max() < TOL and deep == []
 
 
 def test_window_order_hand_case_and_transformers():

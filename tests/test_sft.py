@@ -250,8 +250,8 @@ def test_loss_normalised_over_the_whole_step(world):
 def test_flop_count_by_hand():
     """2 sequences (10, 20 tokens), one video grid (2, 4, 4) = 32 patches in 2 slices of 16."""
     from types import SimpleNamespace
-    cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=64, vocab_size=512, spatial_merge_size=2,
-                          vision_depth=1, vision_embed_dim=32)
+    cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, head_dim=16, vocab_size=512,
+                          spatial_merge_size=2, vision_depth=1, vision_embed_dim=32)
     counts = dict(lm=1000, vision=200, merger=50)
     b = dict(cu_seqlens=torch.tensor([0, 10, 30]), grid_thw=torch.tensor([[2, 4, 4]]))
     lm = 6 * 1000 * 30 + 6 * 2 * 64 * (10 ** 2 + 20 ** 2) + 6 * 64 * 512 * 5
