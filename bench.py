@@ -622,11 +622,11 @@ def load_clip(sample, settings):
         raise DataError(f'{sample.source} ({sample.id}): {e}') from e
 
 
-def chat_messages(sample, n_images=0):
-    """The one prompt (data.build_user_text) as chat messages, the clip first as data.chat_tokens lays it
-    out: one video, or n_images images for a model that takes no video."""
+def chat_messages(user_text, n_images=0):
+    """The prompt (data.build_user_text) as chat messages, the clip first as data.chat_tokens lays it out:
+    one video, or n_images images for a model that takes no video."""
     visual = [{'type': 'image'}] * n_images if n_images else [{'type': 'video'}]
-    return [{'role': 'user', 'content': visual + [{'type': 'text', 'text': build_user_text(sample)}]}]
+    return [{'role': 'user', 'content': visual + [{'type': 'text', 'text': user_text}]}]
 
 
 VISUAL_TOKEN_KEYS = ('image_token_id', 'video_token_id', 'vision_start_token_id', 'vision_end_token_id',
@@ -701,9 +701,9 @@ def hf_backend(name, revision_, vs, dev, max_new_tokens, temperature=0.0, dtype_
         gen['temperature'] = temperature
     templ = proc or tok
 
-    def inputs_of(samples, clips):
-        texts = [templ.apply_chat_template(chat_messages(s, len(f) if video_in == 'images' else 0),
-                                           add_generation_prompt=True, tokenize=False) for s, (f, _) in zip(samples, clips)]
+    def inputs_of(user_texts, clips):
+        texts = [templ.apply_chat_template(chat_messages(u, len(f) if video_in == 'images' else 0),
+                                           add_generation_prompt=True, tokenize=False) for u, (f, _) in zip(user_texts, clips)]
         if proc is None:
             return qwen_inputs(tok, cfg, vs, texts, clips)
         kw = dict(text=texts, padding=True, return_tensors='pt')
@@ -714,14 +714,18 @@ def hf_backend(name, revision_, vs, dev, max_new_tokens, temperature=0.0, dtype_
         meta = [dict(total_num_frames=len(f), fps=fps or 1.0, frames_indices=list(range(len(f)))) for f, fps in clips]
         return proc(videos=[f for f, _ in clips], video_metadata=meta, do_sample_frames=False, **kw, **budget)
 
-    def answer(samples, clips):
-        x = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in dict(inputs_of(samples, clips)).items()}
+    def from_texts(user_texts, clips):
+        x = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in dict(inputs_of(user_texts, clips)).items()}
         out = net.generate(**x, **gen)[:, x['input_ids'].shape[1]:].tolist()
         res = []
         for row in out:
             k = next((i for i, t in enumerate(row) if t in stops), None)
             res.append(tok.decode(row[:k]) if k is not None else cut_off(tok.decode(row)))
         return res
+
+    def answer(samples, clips):
+        return from_texts([build_user_text(s) for s in samples], clips)
+    answer.from_texts = from_texts  # (prompt texts, clips) -> outputs: what a server in front of it is sent
     info = dict(revision=getattr(cfg, '_commit_hash', None) or (dir_revision(name) if os.path.isdir(name) else rev),
                 video_input=video_in, pixels=pixels)
     return answer, functools.partial(load_clip, settings=vs), info
