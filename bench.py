@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -51,6 +52,8 @@ backend = 'ours'          # 'ours' (model.py) | 'hf' (transformers' AutoModelFor
 ckpt = ''                 # checkpoint dir (HF layout); usually given as the first positional directory
 model = ''                # hf: a hub id or directory (else ckpt); openai: the model name the server serves
 revision = ''             # hf: the hub revision to load; openai: recorded as given ('' = unknown)
+hf_rope = 'transformers'  # hf, Qwen2-VL: 'released' = text after a video at its largest M-RoPE id + 1 (model.py,
+                          # vLLM, the weights' training) instead of transformers 5's max(h, w)/2 past its start
 data = 'data_egoworld/test'  # the EgoWorld test split (the embedded default); or a benchmark folder / .jsonl
 tasks = 'route,direction,landmark,action'  # any subset; x directions = the eight tasks
 directions = 'forward,reverse'
@@ -668,7 +671,29 @@ def qwen_inputs(tok, cfg, settings, texts, clips):
     return out
 
 
-def hf_backend(name, revision_, vs, dev, max_new_tokens, temperature=0.0, dtype_name='float32'):
+def released_rope_index(self, input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
+                        attention_mask=None, **kw):
+    """transformers' Qwen2VLModel.get_rope_index computed with model.rope_positions, the released rule, on each
+    row's unpadded tokens -> (positions (3, B, L), deltas (B, 1)): bound to one model by hf_backend(rope='released')."""
+    c = self.config
+    cfg = types.SimpleNamespace(image_token_id=c.image_token_id, video_token_id=c.video_token_id, qwen25=False,
+                                spatial_merge_size=c.vision_config.spatial_merge_size)
+    grids = {c.image_token_id: iter(image_grid_thw if image_grid_thw is not None else []),
+             c.video_token_id: iter(video_grid_thw if video_grid_thw is not None else [])}
+    pos = torch.zeros(3, *input_ids.shape, dtype=torch.long, device=input_ids.device)
+    deltas = []
+    for b, row in enumerate(input_ids):
+        keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(row, dtype=torch.bool)
+        ids = row[keep].cpu()
+        starts = [i for i in range(len(ids)) if int(ids[i]) in grids and (i == 0 or ids[i - 1] != ids[i])]
+        p, nxt = rope_positions(ids, torch.stack([next(grids[int(ids[i])]).cpu() for i in starts]) if starts else None,
+                                cfg)
+        pos[:, b, keep] = p.to(pos.device)
+        deltas.append(nxt - len(ids))  # decoding continues at (real tokens so far) + delta
+    return pos, torch.tensor(deltas, device=input_ids.device)[:, None]
+
+
+def hf_backend(name, revision_, vs, dev, max_new_tokens, temperature=0.0, dtype_name='float32', rope='transformers'):
     """Any checkpoint AutoModelForImageTextToText + AutoProcessor load (a hub id or directory) -> (answer_fn,
     prepare, info). The clip goes in as the model's video (as images where the processor has no video
     processor), through the model's own chat template; greedy (temperature 0), visual tokens never sampled.
@@ -679,6 +704,12 @@ def hf_backend(name, revision_, vs, dev, max_new_tokens, temperature=0.0, dtype_
     net.eval()
     cfg = net.config
     qwen = getattr(cfg, 'model_type', '') in ('qwen2_vl', 'qwen2_5_vl')
+    if rope == 'released':
+        if cfg.model_type != 'qwen2_vl':
+            raise SystemExit(f"bench: hf_rope='released' is for Qwen2-VL checkpoints, {name} is {cfg.model_type!r}")
+        net.model.get_rope_index = types.MethodType(released_rope_index, net.model)
+    elif rope != 'transformers':
+        raise SystemExit(f"bench: hf_rope must be 'transformers' or 'released', got {rope!r}")
     try:
         proc = AutoProcessor.from_pretrained(name, revision=rev)
         tok = proc.tokenizer
@@ -885,8 +916,8 @@ def main(argv=None):
             answer_fn = make_logits_fn(net, tok, logits_prefix, answer_fn, dev)
         settings['revision'] = dir_revision(model_dir)
     elif backend == 'hf':
-        answer_fn, prepare, info = hf_backend(name, revision, vs, dev, max_new_tokens, temperature, dtype)
-        settings.update(revision=info['revision'], video_input=info['video_input'])
+        answer_fn, prepare, info = hf_backend(name, revision, vs, dev, max_new_tokens, temperature, dtype, hf_rope)
+        settings.update(revision=info['revision'], video_input=info['video_input'], hf_rope=hf_rope)
         if not info['pixels']:  # the processor sizes frames its own way: the budget did not apply
             settings.update(min_pixels=None, max_pixels=None)
     else:

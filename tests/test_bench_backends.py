@@ -27,9 +27,6 @@ import leaderboard
 from model import Qwen2VL
 from test_bench import ROOT, SETTINGS, oracle, samples, world  # noqa: F401  (module-scoped fixtures)
 
-sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-from backend_agreement import released_rope_index  # noqa: E402
-
 torch.set_num_threads(1)
 VS = data.VisionSettings(nframes=16, min_pixels=56 * 56, max_pixels=56 * 56)
 
@@ -53,8 +50,7 @@ def ours_preds(world, samples, tmp_path_factory):
     return run(samples, (fn, prepare), tmp_path_factory.mktemp('ours'), batch_size=8)[1]
 
 
-def test_hf_backend_gives_our_answers_under_the_released_rope(world, samples, ours_preds, hf_noisy, tmp_path,
-                                                              monkeypatch):
+def test_hf_backend_gives_our_answers_under_the_released_rope(world, samples, ours_preds, hf_noisy, tmp_path):
     fn, prepare, info = hf_noisy
     assert info == dict(revision=bench.dir_revision(str(world / 'noisy')), video_input='video (qwen_inputs)',
                         pixels=True)  # no torchvision here: the Qwen processor's video step is qwen_inputs
@@ -62,13 +58,33 @@ def test_hf_backend_gives_our_answers_under_the_released_rope(world, samples, ou
     # position: 16 frames of 4x4 patches end at temporal id 7, so text starts 6 positions apart
     _, hf = run(samples, (fn, prepare), tmp_path / 'hf', batch_size=8)
     differ = [k for k in ours_preds if hf[k]['raw'] != ours_preds[k]['raw']]
-    assert differ, 'transformers now follows the released rope rule: update README and backend_agreement.py'
-    from transformers.models.qwen2_vl import modeling_qwen2_vl
-    monkeypatch.setattr(modeling_qwen2_vl.Qwen2VLModel, 'get_rope_index', released_rope_index)
+    assert differ, 'transformers now follows the released rope rule: update README and hf_rope'
+    fn, prepare, _ = bench.hf_backend(str(world / 'noisy'), '', VS, 'cpu', max_new_tokens=6, rope='released')
     _, hf = run(samples, (fn, prepare), tmp_path / 'hf_released', batch_size=8)  # batched, left padded
     assert {k: r['raw'] for k, r in hf.items()} == {k: r['raw'] for k, r in ours_preds.items()}
     assert len({r['raw'] for r in hf.values()}) > 12  # the noisy model's answers differ: the equality bites
     assert {k: r.get('flag') for k, r in hf.items()} == {k: r.get('flag') for k, r in ours_preds.items()}
+
+
+def test_released_rope_index_by_row_under_left_padding(world, samples):
+    """released_rope_index on a left-padded batch of two prompts of different lengths: each row's positions are
+    data.encode's (model.rope_positions), padding gets 0, and the delta is next_position - the row's length."""
+    from transformers import AutoConfig, AutoTokenizer
+    cfg, tok = AutoConfig.from_pretrained(str(world / 'noisy')), AutoTokenizer.from_pretrained(str(world / 'noisy'))
+    ours = data.Tokenizer(str(world / 'noisy'))
+    two = [samples[0], next(s for s in samples if s.task != samples[0].task)]
+    texts = [tok.apply_chat_template(bench.chat_messages(data.build_user_text(s)), add_generation_prompt=True,
+                                     tokenize=False) for s in two]
+    x = bench.qwen_inputs(tok, cfg, VS, texts, [bench.load_clip(s, VS) for s in two])
+    host = type('M', (), {'config': cfg})()
+    pos, deltas = bench.released_rope_index(host, **x)
+    for b, s in enumerate(two):
+        e = data.encode(s, ours, VS)
+        n = len(e['input_ids'])
+        assert x['input_ids'][b, -n:].tolist() == e['input_ids'].tolist()  # the processor stand-in = our tokens
+        assert torch.equal(pos[:, b, -n:], e['position_ids']) and not pos[:, b, :-n].any()
+        assert int(deltas[b, 0]) == e['next_position'] - n
+    assert x['attention_mask'][0].sum() != x['attention_mask'][1].sum()  # one row is padded: the case bites
 
 
 def test_hf_backend_never_samples_visual_tokens(world, samples, tmp_path):
