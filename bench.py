@@ -1,21 +1,27 @@
 """
-Ego-ST Bench evaluation of any checkpoint directory (ours or an official Qwen2-VL one): the eight tasks
-(route, direction, landmark, action x forward, reverse), a results table, resumable predictions.
+Ego-ST Bench evaluation of any model: the eight tasks (route, direction, landmark, action x forward,
+reverse), a results table, resumable predictions. Three backends, the rest of the run the same:
 
-    python bench.py CKPT                                  # the EgoWorld test split (the default)
+    python bench.py CKPT                                  # our model.py (Qwen2/2.5-VL), the EgoWorld test split
     python bench.py CKPT --data /path/to/Ego-ST-Bench --judge_url=http://host:8000/v1
     python bench.py CKPT --mode=logits --tasks=direction,landmark,action
     torchrun --nproc_per_node 8 bench.py CKPT --data=...  # data parallel, rank 0 merges
+    python bench.py --backend=hf --model=HUB_ID_OR_DIR --data=...         # any transformers image-text-to-text model
+    python bench.py --backend=openai --api_url=http://host:8000/v1 --model=NAME --data=...   # any chat endpoint
 
 Arguments: the first directory is the checkpoint (or --ckpt=), *.py files are config presets
 (config/bench_egoworld.py), then --key=value or --key value overrides of the settings below.
-Inputs go through data.encode (the one preprocessing function) in DataLoader workers; answers are
-scored by reward.py, so bench and GRPO agree. A bad sample (missing video, unscorable ground truth,
-rejected by the reader) is counted and listed in results.json, and the run goes on. Every prediction
-is a JSONL record carrying the run's settings; a re-run evaluates only what is missing.
+Our backend's inputs go through data.encode (the one preprocessing function) in DataLoader workers; the
+others get the same sampled frames (load_clip) and the same prompt text. Answers are scored by reward.py,
+so bench and GRPO agree. A bad sample (missing video, unscorable ground truth, rejected by the reader, a
+server error that outlived the retries) is counted and listed in results.json, and the run goes on; empty,
+refused and cut-off answers are scored and listed (answer_flags). Every prediction is a JSONL record
+carrying the run's settings (backend, model, revision, frames, pixels, prompt version); a re-run
+evaluates only what is missing. leaderboard.py puts several runs' results.json side by side.
 
 Left out on purpose: sampling-based self-consistency, parallel judge calls, caching decoded videos
-between runs.
+between runs, the logits mode for the hf/openai backends, streaming replies, a per-model prompt (every
+model gets the one prompt, as in the paper).
 """
 import base64
 import concurrent.futures
@@ -727,14 +733,16 @@ def hf_backend(name, revision_, vs, dev, max_new_tokens, temperature=0.0, dtype_
                 else [net.generation_config.eos_token_id]) | {tok.eos_token_id, tok.pad_token_id}
     stops.discard(None)
     gen = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, suppress_tokens=visual_token_ids(cfg),
-               eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else min(stops))
+               eos_token_id=sorted(stops),
+               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else min(stops))
     if temperature > 0:
         gen['temperature'] = temperature
     templ = proc or tok
 
     def inputs_of(user_texts, clips):
         texts = [templ.apply_chat_template(chat_messages(u, len(f) if video_in == 'images' else 0),
-                                           add_generation_prompt=True, tokenize=False) for u, (f, _) in zip(user_texts, clips)]
+                                           add_generation_prompt=True, tokenize=False)
+                 for u, (f, _) in zip(user_texts, clips)]
         if proc is None:
             return qwen_inputs(tok, cfg, vs, texts, clips)
         kw = dict(text=texts, padding=True, return_tensors='pt')

@@ -1,17 +1,17 @@
 """
-Do bench.py's backends give the same answers? The same checkpoint benched by our model.py (backend ours) and by
-transformers (backend hf: AutoModelForImageTextToText, its tokenizer and chat template), greedy, same frames; then
-hf again with --hf_rope=released (transformers' M-RoPE rule swapped for the released one our model follows,
-model.rope_positions), to show which part of any disagreement that rule explains. Prints the share of identical outputs and of identical
-parsed answers, per run against ours.
+Do bench.py's backends give the same answers? The same checkpoint benched by our model.py (backend ours) and
+by transformers (backend hf: AutoModelForImageTextToText, its tokenizer and chat template), greedy, same
+frames; then hf again with --hf_rope=released (transformers' M-RoPE rule swapped for the released one our
+model follows, model.rope_positions), to show which part of any disagreement that rule explains. Prints the
+share of identical outputs and of identical parsed answers, per run against ours.
 
     python benchmarks/backend_agreement.py CKPT --data=data_egoworld/test --out=out/agreement
     python benchmarks/backend_agreement.py CKPT --data=... --out=... --limit=64 --max_new_tokens=64   # quicker
 
-Each run is bench.main (the real CLI path) into out/<run>, so a re-run resumes and the predictions stay to be
-read. Qwen2-VL only (hf_rope='released' is).
-Left out: sampling (temperature > 0 is not comparable sample by sample), the OpenAI backend (tests/test_bench_api.py
-puts a server between the two and asserts equal answers).
+Each run is bench.main (the real CLI path, config/bench_egoworld.py's settings) into out/<run>, so a re-run
+resumes and the predictions stay to be read; out/<run>_differ.json lists the ids whose outputs differ.
+Qwen2-VL only (hf_rope='released' is). Left out: sampling (not comparable sample by sample), the OpenAI
+backend (tests/test_bench_backends.py puts a server between the two and asserts equal answers).
 """
 import json
 import os
