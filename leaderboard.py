@@ -89,15 +89,20 @@ def to_csv(rows, marks):
 BAR, GAP, LEFT, TOP, PLOT_H = 12, 18, 44, 40, 220   # px
 
 
+def group_width(n_runs):
+    return max(BAR * n_runs + GAP, 64)  # room for the widest label, 'direction'
+
+
 def bar_chart(rows, marks):
     """Grouped bars: a group per column (8 tasks + 3 averages), a bar per run in its colour, y 0-100 %."""
-    group = BAR * len(rows) + GAP
+    group = group_width(len(rows))
     width = LEFT + group * len(COLUMNS) + 10
-    img = Image.new('RGB', (width, TOP + PLOT_H + 60 + 14 * len(rows)), 'white')
+    img = Image.new('RGB', (width, TOP + PLOT_H + 44 + 14 * len(rows)), 'white')
     d = ImageDraw.Draw(img)
-    d.text((LEFT, 8), 'Ego-ST Bench score % by task (f = forward, r = reverse; * settings differ)', fill=(0, 0, 0))
+    d.text((LEFT, 8), "Ego-ST Bench score % (MCQ: accuracy; route: 0-5 score x 20); * settings differ from the "
+                      "other rows'", fill=(0, 0, 0))
     y = lambda v: TOP + PLOT_H - v / 100 * PLOT_H
-    for t in nice_ticks(0, 100):
+    for t in nice_ticks(0, 100, 5):
         d.line([(LEFT, y(t)), (width - 10, y(t))], fill=(230, 230, 230))
         d.text((4, y(t) - 6), f'{t:g}', fill=(80, 80, 80))
     for g, c in enumerate(COLUMNS):
@@ -106,10 +111,12 @@ def bar_chart(rows, marks):
             v = r['scores'][c]
             if v is not None:
                 d.rectangle([x0 + i * BAR, y(v), x0 + (i + 1) * BAR - 2, y(0)], fill=COLOURS[i % len(COLOURS)])
-        d.text((x0, TOP + PLOT_H + 6), label(c)[:10], fill=(0, 0, 0))
+        task, _, way = c.partition('_')  # two lines: 'direction' over 'forward'; 'overall' over 'average'
+        d.text((x0, TOP + PLOT_H + 4), task, fill=(0, 0, 0))
+        d.text((x0, TOP + PLOT_H + 16), way or 'average', fill=(90, 90, 90))
     d.line([(LEFT, y(0)), (width - 10, y(0))], fill=(0, 0, 0))
     for i, r in enumerate(rows):
-        ly = TOP + PLOT_H + 30 + 14 * i
+        ly = TOP + PLOT_H + 36 + 14 * i
         d.rectangle([LEFT, ly + 2, LEFT + 10, ly + 10], fill=COLOURS[i % len(COLOURS)])
         d.text((LEFT + 16, ly), r['name'] + (' *' if i in marks else ''), fill=(0, 0, 0))
     return img

@@ -313,7 +313,7 @@ def test_leaderboard_table_csv_and_chart(tmp_path):
     assert (rows[0]['route_reverse'], rows[1]['action_reverse'], rows[2]['settings_differ']) == \
         ('20.0000', '', 'nframes 8 (others: 16)')
     img = Image.open(tmp_path / 'lb.png').convert('RGB')
-    L, G = leaderboard.LEFT, leaderboard.BAR * 3 + leaderboard.GAP
+    L, G = leaderboard.LEFT, leaderboard.group_width(3)
     bar = lambda g, i: L + g * G + leaderboard.GAP // 2 + i * leaderboard.BAR + 4  # x inside run i's bar in group g
     y = lambda v: leaderboard.TOP + leaderboard.PLOT_H - v / 100 * leaderboard.PLOT_H
     from curves import COLOURS
