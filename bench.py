@@ -97,7 +97,9 @@ api_concurrency = 8       # requests in flight at once (a batch is at least this
 api_timeout = 120.0       # seconds per HTTP call
 api_retries = 5           # extra attempts after a 429, a 5xx, a timeout, a lost connection or a malformed reply
 api_backoff = 1.0         # seconds before the first retry, doubled each time (a longer Retry-After wins, <= 60 s)
-api_video = False         # True: send the clip file as one video_url (the server samples its frames); else frames
+api_input = 'images'      # the clip as: 'images' (a PNG image_url per sampled frame), 'video_frames' (the sampled
+                          # frames as ONE video_url, vLLM's frame-list data url), 'video_file' (the clip file as one
+                          # video_url: the server samples and sizes its frames)
 # -----------------------------------------------------------------------------
 
 MCQ_TASKS = ('direction', 'landmark', 'action')
@@ -779,11 +781,13 @@ def _png_data_url(frame):
     return 'data:image/png;base64,' + base64.b64encode(buf.getvalue()).decode()
 
 
-def api_request(sample, settings, as_video=False):
-    """One sample -> the user message's content parts (in a loader worker): the sampled frames resized to the
-    pixel budget (data.smart_resize, bicubic as data.preprocess_frames) as PNG image_url parts, or the clip
-    file as one video_url; then the prompt text."""
-    if as_video:
+def api_request(sample, settings, api_input='images'):
+    """One sample -> the user message's content parts (in a loader worker), then the prompt text: the sampled
+    frames resized to the pixel budget (data.smart_resize, bicubic as data.preprocess_frames) as PNG image_url
+    parts ('images') or as one video_url 'data:video/jpeg;base64,<frame>,<frame>,...' ('video_frames': vLLM's
+    list-of-frames form, each frame any image format; here PNG, lossless), or the clip file as one video_url
+    ('video_file')."""
+    if api_input == 'video_file':
         with open(sample.video, 'rb') as f:  # a missing file raises: the sample is bad, the run goes on
             mime = 'image/' + sample.video.rsplit('.', 1)[-1].lower() if is_image(sample.video) else 'video/mp4'
             url = f'data:{mime};base64,' + base64.b64encode(f.read()).decode()
@@ -795,7 +799,12 @@ def api_request(sample, settings, as_video=False):
         h, w = smart_resize(frames.shape[1], frames.shape[2], settings.min_pixels, settings.max_pixels)
         if (h, w) != frames.shape[1:3]:
             frames = [np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames]
-        parts = [{'type': 'image_url', 'image_url': {'url': _png_data_url(f)}} for f in frames]
+        urls = [_png_data_url(f) for f in frames]
+        if api_input == 'video_frames' and not is_image(sample.video):
+            url = 'data:video/jpeg;base64,' + ','.join(u.split(',', 1)[1] for u in urls)
+            parts = [{'type': 'video_url', 'video_url': {'url': url}}]
+        else:
+            parts = [{'type': 'image_url', 'image_url': {'url': u}} for u in urls]
     return parts + [{'type': 'text', 'text': build_user_text(sample)}]
 
 
@@ -856,7 +865,7 @@ def chat_completion(url, body, api_key=None, timeout=120.0, retries=5, backoff=1
 
 
 def openai_backend(url, model_name, vs, api_key, max_new_tokens, temperature=0.0, concurrency=8, timeout=120.0,
-                   retries=5, backoff=1.0, as_video=False):
+                   retries=5, backoff=1.0, api_input='images'):
     """An OpenAI-compatible chat endpoint -> (answer_fn, prepare): a batch's requests go out together, up to
     `concurrency` at a time; temperature and max_tokens as bench's settings. The key only goes into the
     Authorization header."""
@@ -869,7 +878,9 @@ def openai_backend(url, model_name, vs, api_key, max_new_tokens, temperature=0.0
 
     def answer(samples, requests):
         return list(pool.map(ask, requests))
-    return answer, functools.partial(api_request, settings=vs, as_video=as_video)
+    if api_input not in ('images', 'video_frames', 'video_file'):
+        raise SystemExit(f"bench: api_input must be 'images', 'video_frames' or 'video_file', got {api_input!r}")
+    return answer, functools.partial(api_request, settings=vs, api_input=api_input)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -931,13 +942,11 @@ def main(argv=None):
     else:
         answer_fn, prepare = openai_backend(api_url, model, vs, os.environ.get(api_key_env), max_new_tokens,
                                             temperature, api_concurrency, api_timeout, api_retries, api_backoff,
-                                            api_video)
+                                            api_input)
         bs = max(batch_size, api_concurrency)  # a batch's requests are what is in flight together
-        if api_video:  # the server samples and sizes the frames of the clip it is sent
-            settings.update(video_input='video_url', nframes=None, min_pixels=None, max_pixels=None,
-                            second_per_grid_ts=None)
-        else:
-            settings['video_input'] = 'images'
+        settings['video_input'] = api_input
+        if api_input == 'video_file':  # the server samples and sizes the frames of the clip it is sent
+            settings.update(nframes=None, min_pixels=None, max_pixels=None, second_per_grid_ts=None)
     judge = None
     if judge_url:
         judge = functools.partial(judge_route, url=judge_url, model=judge_model, retries=judge_retries,

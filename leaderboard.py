@@ -26,6 +26,8 @@ from curves import COLOURS, nice_ticks
 
 TASKS = ('route', 'direction', 'landmark', 'action')
 COLUMNS = [f'{t}_{d}' for t in TASKS for d in ('forward', 'reverse')] + ['forward', 'reverse', 'overall']
+# curves.py's five colours, then five more of the same (tab10) palette: ten runs before a colour repeats
+PALETTE = COLOURS + [(140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 COMPARED = ('nframes', 'min_pixels', 'max_pixels', 'prompt_version', 'mode', 'judge_model')
 
 
@@ -110,14 +112,14 @@ def bar_chart(rows, marks):
         for i, r in enumerate(rows):
             v = r['scores'][c]
             if v is not None:
-                d.rectangle([x0 + i * BAR, y(v), x0 + (i + 1) * BAR - 2, y(0)], fill=COLOURS[i % len(COLOURS)])
+                d.rectangle([x0 + i * BAR, y(v), x0 + (i + 1) * BAR - 2, y(0)], fill=PALETTE[i % len(PALETTE)])
         task, _, way = c.partition('_')  # two lines: 'direction' over 'forward'; 'overall' over 'average'
         d.text((x0, TOP + PLOT_H + 4), task, fill=(0, 0, 0))
         d.text((x0, TOP + PLOT_H + 16), way or 'average', fill=(90, 90, 90))
     d.line([(LEFT, y(0)), (width - 10, y(0))], fill=(0, 0, 0))
     for i, r in enumerate(rows):
         ly = TOP + PLOT_H + 36 + 14 * i
-        d.rectangle([LEFT, ly + 2, LEFT + 10, ly + 10], fill=COLOURS[i % len(COLOURS)])
+        d.rectangle([LEFT, ly + 2, LEFT + 10, ly + 10], fill=PALETTE[i % len(PALETTE)])
         d.text((LEFT + 16, ly), r['name'] + (' *' if i in marks else ''), fill=(0, 0, 0))
     return img
 

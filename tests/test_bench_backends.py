@@ -185,6 +185,25 @@ def chat_server():
     srv.server_close()
 
 
+def test_api_request_parts_round_trip(samples):
+    """The three ways a clip goes to a server decode back to what they carry: the sampler's frames (PNG, lossless)
+    as images or as one vLLM list-of-frames video_url, or the clip file's bytes."""
+    s = samples[0]
+    frames, fps = bench.load_clip(s, VS)
+    assert frames.shape == (16, 56, 56, 3) and fps == 8.0
+    png = lambda b64: np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+    parts = bench.api_request(s, VS, 'images')
+    assert [p['type'] for p in parts] == ['image_url'] * 16 + ['text'] and parts[-1]['text'] == data.build_user_text(s)
+    assert np.array_equal(np.stack([png(p['image_url']['url'].split(',', 1)[1]) for p in parts[:-1]]), frames)
+    parts = bench.api_request(s, VS, 'video_frames')
+    head, _, body = parts[0]['video_url']['url'].partition(';base64,')
+    assert len(parts) == 2 and head == 'data:video/jpeg' and np.array_equal(np.stack([png(b) for b in body.split(',')]),
+                                                                               frames)
+    parts = bench.api_request(s, VS, 'video_file')
+    url = parts[0]['video_url']['url']
+    assert url.startswith('data:video/mp4;base64,') and base64.b64decode(url.split(',', 1)[1]) == open(s.video, 'rb').read()
+
+
 def test_chat_completion_backoff_and_retry_after(chat_server):
     plan = iter([('status', 429, 3), ('status', 503), ('ok', 'fine')])
     _Chat.behave = lambda text, n, attempt: next(plan)
