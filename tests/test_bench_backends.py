@@ -3,7 +3,6 @@ backend against a real chat-completions HTTP server on 127.0.0.1 (429s, 5xx, tim
 connections, empty / refused / cut-off answers; resume; the key never written), and leaderboard.py."""
 import base64
 import csv
-import functools
 import hashlib
 import http.server
 import io
