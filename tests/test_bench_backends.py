@@ -111,6 +111,56 @@ def test_hf_backend_never_samples_visual_tokens(world, samples, tmp_path):
                                                                      tok.image_pad_id, tok.video_pad_id])
 
 
+def make_tiny_llava(tiny, out):
+    """A random tiny LLaVA (Qwen2 decoder, CLIP tower, PIL CLIP image processor, our tokenizer + <image>): a model
+    of another family whose processor has no video processor, so frames go in as images."""
+    from transformers import (AutoTokenizer, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor, Qwen2Config)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    tok = AutoTokenizer.from_pretrained(tiny)
+    tok.add_special_tokens({'additional_special_tokens': ['<image>']})
+    text = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=56, patch_size=14)
+    torch.manual_seed(0)
+    m = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, vision_feature_layer=-1,
+                                                  image_token_index=tok.convert_tokens_to_ids('<image>')))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)  # outputs that differ from sample to sample
+    m.save_pretrained(out)
+    template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
+                "{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    LlavaProcessor(image_processor=CLIPImageProcessorPil(size={'shortest_edge': 56}, crop_size=56), tokenizer=tok,
+                   chat_template=template, patch_size=14, vision_feature_select_strategy='default',
+                   num_additional_image_tokens=1).save_pretrained(out)
+    return m.eval(), tok
+
+
+def test_hf_backend_sends_frames_as_images_to_a_model_without_video(world, samples, tmp_path):
+    net, tok = make_tiny_llava(str(world / 'tiny'), str(tmp_path / 'llava'))
+    vs = data.VisionSettings(nframes=4, min_pixels=56 * 56, max_pixels=56 * 56)
+    fn, prepare, info = bench.hf_backend(str(tmp_path / 'llava'), '', vs, 'cpu', max_new_tokens=5)
+    assert info['video_input'] == 'images' and info['pixels'] is False  # the processor sizes frames its own way
+    two = samples[:2]
+    got = fn(two, [prepare(s) for s in two])
+    from transformers import AutoProcessor
+    proc = AutoProcessor.from_pretrained(str(tmp_path / 'llava'))
+    for s, out in zip(two, got):  # by hand, one at a time: the 4 sampled frames as 4 images, then the prompt
+        frames = data.load_frames(s.video, 4)
+        text = proc.apply_chat_template([{'role': 'user', 'content': [{'type': 'image'}] * 4 + [
+            {'type': 'text', 'text': data.build_user_text(s)}]}], add_generation_prompt=True, tokenize=False)
+        x = proc(text=[text], images=[[Image.fromarray(f) for f in frames]], return_tensors='pt')
+        assert int((x['input_ids'] == net.config.image_token_index).sum()) == 4 * 16  # 4x4 patches an image
+        ids = net.generate(**x, max_new_tokens=5, do_sample=False)[0, x['input_ids'].shape[1]:]
+        assert (out['raw'] if isinstance(out, dict) else out) == tok.decode(ids)
+    assert got[0] != got[1]
+
+
 def Qwen2VLConfig(path):
     from transformers import AutoConfig
     return AutoConfig.from_pretrained(path)
