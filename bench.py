@@ -620,6 +620,14 @@ def dir_revision(path):
     return 'sha256:' + h.hexdigest()[:12]
 
 
+def one_for_all(fn, rank, world):
+    """fn() on rank 0, its result on every rank (a 7B's weights hashed once, not once per GPU)."""
+    out = [fn() if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
 def load_clip(sample, settings):
     """The frames this project's sampler takes (data.load_frames: nframes spread over the whole clip, as
     every backend sees them) -> (uint8 (N, H, W, 3), frames per second of the sampled frames; None for a
@@ -701,7 +709,8 @@ def released_rope_index(self, input_ids, mm_token_type_ids=None, image_grid_thw=
     return pos, torch.tensor(deltas, device=input_ids.device)[:, None]
 
 
-def hf_backend(name, revision_, vs, dev, max_new_tokens, temperature=0.0, dtype_name='float32', rope='transformers'):
+def hf_backend(name, revision_, vs, dev, max_new_tokens, temperature=0.0, dtype_name='float32', rope='transformers',
+               rank=0, world=1):
     """Any checkpoint AutoModelForImageTextToText + AutoProcessor load (a hub id or directory) -> (answer_fn,
     prepare, info). The clip goes in as the model's video (as images where the processor has no video
     processor), through the model's own chat template; greedy (temperature 0), visual tokens never sampled.
@@ -767,7 +776,8 @@ def hf_backend(name, revision_, vs, dev, max_new_tokens, temperature=0.0, dtype_
     def answer(samples, clips):
         return from_texts([build_user_text(s) for s in samples], clips)
     answer.from_texts = from_texts  # (prompt texts, clips) -> outputs: what a server in front of it is sent
-    info = dict(revision=getattr(cfg, '_commit_hash', None) or (dir_revision(name) if os.path.isdir(name) else rev),
+    info = dict(revision=getattr(cfg, '_commit_hash', None) or
+                (one_for_all(lambda: dir_revision(name), rank, world) if os.path.isdir(name) else rev),
                 video_input=video_in, pixels=pixels)
     return answer, functools.partial(load_clip, settings=vs), info
 
@@ -933,9 +943,10 @@ def main(argv=None):
         answer_fn, prepare, net, tok = ours_backend(model_dir, vs, dev, max_new_tokens, temperature, dtype)
         if mode == 'logits':
             answer_fn = make_logits_fn(net, tok, logits_prefix, answer_fn, dev)
-        settings['revision'] = dir_revision(model_dir)
+        settings['revision'] = one_for_all(lambda: dir_revision(model_dir), rank, world)
     elif backend == 'hf':
-        answer_fn, prepare, info = hf_backend(name, revision, vs, dev, max_new_tokens, temperature, dtype, hf_rope)
+        answer_fn, prepare, info = hf_backend(name, revision, vs, dev, max_new_tokens, temperature, dtype, hf_rope,
+                                              rank, world)
         settings.update(revision=info['revision'], video_input=info['video_input'], hf_rope=hf_rope)
         if not info['pixels']:  # the processor sizes frames its own way: the budget did not apply
             settings.update(min_pixels=None, max_pixels=None)
