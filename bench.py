@@ -1,31 +1,45 @@
 """
-Ego-ST Bench evaluation of any checkpoint directory (ours or an official Qwen2-VL one): the eight tasks
-(route, direction, landmark, action x forward, reverse), a results table, resumable predictions.
+Ego-ST Bench evaluation of any model: the eight tasks (route, direction, landmark, action x forward,
+reverse), a results table, resumable predictions. Three backends, the rest of the run the same:
 
-    python bench.py CKPT                                  # the EgoWorld test split (the default)
+    python bench.py CKPT                                  # our model.py (Qwen2/2.5-VL), the EgoWorld test split
     python bench.py CKPT --data /path/to/Ego-ST-Bench --judge_url=http://host:8000/v1
     python bench.py CKPT --mode=logits --tasks=direction,landmark,action
     torchrun --nproc_per_node 8 bench.py CKPT --data=...  # data parallel, rank 0 merges
+    python bench.py --backend=hf --model=HUB_ID_OR_DIR --data=...         # any transformers image-text-to-text model
+    python bench.py --backend=openai --api_url=http://host:8000/v1 --model=NAME --data=...   # any chat endpoint
 
 Arguments: the first directory is the checkpoint (or --ckpt=), *.py files are config presets
 (config/bench_egoworld.py), then --key=value or --key value overrides of the settings below.
-Inputs go through data.encode (the one preprocessing function) in DataLoader workers; answers are
-scored by reward.py, so bench and GRPO agree. A bad sample (missing video, unscorable ground truth,
-rejected by the reader) is counted and listed in results.json, and the run goes on. Every prediction
-is a JSONL record carrying the run's settings; a re-run evaluates only what is missing.
+Our backend's inputs go through data.encode (the one preprocessing function) in DataLoader workers; the
+others get the same sampled frames (load_clip) and the same prompt text. Answers are scored by reward.py,
+so bench and GRPO agree. A bad sample (missing video, unscorable ground truth, rejected by the reader, a
+server error that outlived the retries) is counted and listed in results.json, and the run goes on; empty,
+refused and cut-off answers are scored and listed (answer_flags). Every prediction is a JSONL record
+carrying the run's settings (backend, model, revision, frames, pixels, prompt version); a re-run
+evaluates only what is missing. leaderboard.py puts several runs' results.json side by side.
 
 Left out on purpose: sampling-based self-consistency, parallel judge calls, caching decoded videos
-between runs.
+between runs, the logits mode for the hf/openai backends, streaming replies, a per-model prompt (every
+model gets the one prompt, as in the paper).
 """
+import base64
+import concurrent.futures
 import functools
 import glob
+import hashlib
+import io
 import json
 import math
 import os
 import re
 import sys
 import time
+import types
+import urllib.error
 import urllib.request
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -33,12 +47,19 @@ from tqdm import tqdm
 
 import reward
 from common import barrier, init_distributed, StopSignals, write_text
-from data import PROMPT_VERSION, DataError, Tokenizer, VisionSettings, encode, pack, read_jsonl_log, read_samples
+from data import (PROMPT_VERSION, TEMPORAL_PATCH, DataError, Tokenizer, VisionSettings, build_user_text, encode,
+                  is_image, load_frames, load_image, pack, preprocess_frames, read_jsonl_log, read_samples,
+                  second_per_grid, smart_resize)
 from model import Qwen2VL, rope_positions
 
 # -----------------------------------------------------------------------------
 # what to evaluate
+backend = 'ours'          # 'ours' (model.py) | 'hf' (transformers' AutoModelForImageTextToText) | 'openai' (a server)
 ckpt = ''                 # checkpoint dir (HF layout); usually given as the first positional directory
+model = ''                # hf: a hub id or directory (else ckpt); openai: the model name the server serves
+revision = ''             # hf: the hub revision to load; openai: recorded as given ('' = unknown)
+hf_rope = 'transformers'  # hf, Qwen2-VL: 'released' = text after a video at its largest M-RoPE id + 1 (model.py,
+                          # vLLM, the weights' training) instead of transformers 5's max(h, w)/2 past its start
 data = 'data_egoworld/test'  # the EgoWorld test split (the embedded default); or a benchmark folder / .jsonl
 tasks = 'route,direction,landmark,action'  # any subset; x directions = the eight tasks
 directions = 'forward,reverse'
@@ -69,6 +90,16 @@ judge_key_env = 'OPENAI_API_KEY'  # env var holding the bearer key, if the endpo
 judge_retries = 3         # extra attempts; a reply that is not the JSON asked for is retried too
 judge_timeout = 60.0      # seconds per HTTP call
 judge_backoff = 1.0       # seconds before the first retry, doubled each time
+# OpenAI-compatible chat endpoint (backend='openai')
+api_url = ''              # base url, e.g. http://localhost:8000/v1 (vllm serve, SGLang) or https://api.openai.com/v1
+api_key_env = 'OPENAI_API_KEY'  # the env var holding the bearer key (the key itself is never written anywhere)
+api_concurrency = 8       # requests in flight at once (a batch is at least this big)
+api_timeout = 120.0       # seconds per HTTP call
+api_retries = 5           # extra attempts after a 429, a 5xx, a timeout, a lost connection or a malformed reply
+api_backoff = 1.0         # seconds before the first retry, doubled each time (a longer Retry-After wins, <= 60 s)
+api_input = 'images'      # the clip as: 'images' (a PNG image_url per sampled frame), 'video_frames' (the sampled
+                          # frames as ONE video_url, vLLM's frame-list data url), 'video_file' (the clip file as one
+                          # video_url: the server samples and sizes its frames)
 # -----------------------------------------------------------------------------
 
 MCQ_TASKS = ('direction', 'landmark', 'action')
@@ -110,8 +141,8 @@ def vision_settings(model_dir, data_path, overrides):
     """data.VisionSettings: explicit overrides > CKPT/vision_settings.json > EgoWorld's clips for the
     EgoWorld default > the paper's evaluation setting."""
     base = dict(PAPER_SETTINGS)
-    path = os.path.join(model_dir, 'vision_settings.json')
-    if os.path.exists(path):
+    path = os.path.join(model_dir, 'vision_settings.json') if model_dir else ''
+    if path and os.path.exists(path):
         with open(path) as f:
             trained = json.load(f)
         base.update({k: v for k, v in trained.items() if k in base})
@@ -287,6 +318,17 @@ def _answer(answer_fn, samples, inputs, fail_fast):
     return out
 
 
+def _unpack(out):
+    """One answer_fn output -> (raw, fields for the record, error). A str is the answer; a dict carries the
+    answer as 'raw' and fields to record beside it (usage, attempts, flag: 'empty' | 'refusal' | 'cut off',
+    an answer that is scored and counted), or 'error': no answer (a server that failed every retry), a bad
+    sample like a missing video, asked again by the next run."""
+    if not isinstance(out, dict):
+        return out, {}, None
+    extra = {k: v for k, v in out.items() if k not in ('raw', 'error')}
+    return (None, extra, out['error']) if out.get('error') else (out['raw'], extra, None)
+
+
 def _record(s, raw, err, judge):
     if err is None:
         try:
@@ -303,7 +345,7 @@ def evaluate(samples, answer_fn, out_dir, settings, prepare=None, batch_size=8, 
              judge=None, reader_errors=(), rank=0, world_size=1, progress=True, paired_with='', signals=None,
              device='cpu'):
     """Answer and score every sample not yet in out_dir/predictions.jsonl; rank 0 merges and writes
-    results.json and results.md. answer_fn(samples, inputs) -> raw output strings; prepare(sample)
+    results.json and results.md. answer_fn(samples, inputs) -> an output per sample (_unpack); prepare(sample)
     -> inputs, run in DataLoader workers (raising marks the sample bad); judge(prediction,
     reference) -> dict with 'score' and 'error', for route samples; paired_with: another run's out_dir to
     compare MCQ answers with (mcnemar); signals: a common.StopSignals, after which every rank finishes its batch
@@ -328,11 +370,12 @@ def evaluate(samples, answer_fn, out_dir, settings, prepare=None, batch_size=8, 
         for batch in loader:
             good = [(s, x) for s, x, err in batch if err is None]
             answers = _answer(answer_fn, [s for s, _ in good], [x for _, x in good], not answered) if good else []
-            answered = answered or any(err is None for _, err in answers)
+            answers = [_unpack(raw) if err is None else (None, {}, err) for raw, err in answers]
+            answered = answered or any(err is None for _, _, err in answers)
             answers = iter(answers)
             for s, x, err in batch:
-                raw, err = next(answers) if err is None else (None, err)
-                rec = dict(_record(s, raw, err, judge), settings=settings)
+                raw, extra, err = next(answers) if err is None else (None, {}, err)
+                rec = dict(_record(s, raw, err, judge), **extra, settings=settings)
                 if isinstance(x, dict) and 'second_per_grid_ts' in x:  # this clip's own time base
                     rec['second_per_grid_ts'] = float(x['second_per_grid_ts'][0])
                 if isinstance(x, dict) and 'timestamps' in x:  # Qwen3-VL: the seconds its prompt wrote
@@ -416,6 +459,15 @@ def summarize(records, bad=(), reader_errors=(), judged=False):
                     row['judge_empty'] = sum(j['error'] == 'empty prediction' for j in js)
                     row['score'] = 20 * row['judge']
             rows[f'{t}_{d}'] = row
+    flags = {}  # answers that came back empty, refused or cut off: scored like any answer, and listed
+    for r in records:
+        if r.get('flag'):
+            flags.setdefault(r['flag'], []).append(r['id'])
+    usage = {}  # tokens a server billed, summed over the answered samples
+    for r in records:
+        for k, v in (r.get('usage') or {}).items():
+            if isinstance(v, (int, float)):
+                usage[k] = usage.get(k, 0) + v
     cats = {t: _mean(r['score'] for r in rows.values() if r['task'] == t)
             for t in TASK_ORDER if any(r['task'] == t for r in rows.values())}
     return dict(tasks=rows, categories=cats,
@@ -424,7 +476,7 @@ def summarize(records, bad=(), reader_errors=(), judged=False):
                 overall=_mean(r['score'] for r in rows.values()), evaluated=len(records),
                 bad=len(bad) + len(reader_errors),
                 bad_samples=[dict(id=b['id'], source=b['source'], error=b['error']) for b in bad],
-                reader_errors=list(reader_errors))
+                reader_errors=list(reader_errors), answer_flags=flags, usage=usage)
 
 
 def _f(x, fmt='.1f'):
@@ -444,6 +496,11 @@ def markdown(s):
     vals = list(s['categories'].values()) + [s['forward'], s['reverse'], s['overall']]
     out += ['', '| ' + ' | '.join(heads) + ' |', '|' + '---|' * len(heads), '| ' + ' | '.join(map(_f, vals)) + ' |',
             '', f"evaluated {s['evaluated']}, bad {s['bad']} (listed in results.json)"]
+    if s.get('answer_flags'):
+        out += ['', 'answers flagged (scored, listed in results.json): ' +
+                ', '.join(f"{k} {len(v)}" for k, v in sorted(s['answer_flags'].items()))]
+    if s.get('usage'):
+        out += ['', 'tokens: ' + ', '.join(f"{k} {v:,}" for k, v in sorted(s['usage'].items()))]
     if 'paired' in s:
         p = s['paired']
         out += ['', f"paired with {p['with_']} on {p['n']} MCQs: {_f(p['baseline_accuracy'])} -> "
@@ -473,8 +530,13 @@ def make_generate_fn(model, tok, max_new_tokens, temperature=0.0, device='cpu'):
                                        b['grid_thw'], max_new_tokens=max_new_tokens, temperature=temperature,
                                        stop_tokens=stop)
         rows = [t[:n].tolist() for t, n in zip(toks, lens.tolist())]
-        return [tok.decode(r[:-1] if r and r[-1] in stop else r) for r in rows]  # the stop token is no output
+        return [tok.decode(r[:-1]) if r and r[-1] in stop else cut_off(tok.decode(r)) for r in rows]
     return answer
+
+
+def cut_off(text):
+    """An answer that ran into max_new_tokens: scored as it is, and counted (results.json answer_flags)."""
+    return dict(raw=text, flag='cut off')
 
 
 def letter_tokens(tok, prefix, n):
@@ -537,6 +599,302 @@ def make_logits_fn(model, tok, prefix, generate_fn, device='cpu'):
     return answer
 
 
+# ----------------------------------------------------------------------------- other people's models
+
+def ours_backend(model_dir, vs, dev, max_new_tokens, temperature=0.0, dtype_name='float32'):
+    """This project's model.py on a Qwen2/2.5/3-VL checkpoint directory -> (answer_fn, prepare, model, tok):
+    data.encode in the loader's workers, a packed batched generate (make_generate_fn)."""
+    tok = Tokenizer(model_dir)
+    net = Qwen2VL.from_pretrained(model_dir, dtype=getattr(torch, dtype_name), device=dev).eval()
+    return (make_generate_fn(net, tok, max_new_tokens, temperature, dev),
+            functools.partial(prepare_sample, tok, vs, net.config), net, tok)
+
+
+def dir_revision(path):
+    """'sha256:<12 hex>' of a checkpoint directory's config.json and weight files, by content: two runs of
+    different weights under one name are told apart (reads every weight byte: ~10 s for a 7B)."""
+    h = hashlib.sha256()
+    for n in sorted(n for n in os.listdir(path) if n == 'config.json' or n.endswith(('.safetensors', '.bin'))):
+        h.update(n.encode())
+        with open(os.path.join(path, n), 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 24), b''):
+                h.update(chunk)
+    return 'sha256:' + h.hexdigest()[:12]
+
+
+def one_for_all(fn, rank, world):
+    """fn() on rank 0, its result on every rank (a 7B's weights hashed once, not once per GPU)."""
+    out = [fn() if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
+def load_clip(sample, settings):
+    """The frames this project's sampler takes (data.load_frames: nframes spread over the whole clip, as
+    every backend sees them) -> (uint8 (N, H, W, 3), frames per second of the sampled frames; None for a
+    still image). Run in the loader's workers."""
+    try:
+        if is_image(sample.video):
+            return load_image(sample.video), None
+        # second_per_grid = temporal patch (2 frames) x the sampled frames' spacing in seconds
+        return load_frames(sample.video, settings.nframes), TEMPORAL_PATCH / second_per_grid(sample, settings)
+    except DataError as e:
+        raise DataError(f'{sample.source} ({sample.id}): {e}') from e
+
+
+def chat_messages(user_text, n_images=0):
+    """The prompt (data.build_user_text) as chat messages, the clip first as data.chat_tokens lays it out:
+    one video, or n_images images for a model that takes no video."""
+    visual = [{'type': 'image'}] * n_images if n_images else [{'type': 'video'}]
+    return [{'role': 'user', 'content': visual + [{'type': 'text', 'text': user_text}]}]
+
+
+VISUAL_TOKEN_KEYS = ('image_token_id', 'video_token_id', 'vision_start_token_id', 'vision_end_token_id',
+                     'image_token_index', 'video_token_index')  # Qwen-VL's names and LLaVA's
+
+
+def visual_token_ids(cfg):
+    """A transformers config's image/video placeholder and vision start/end ids (top level or text_config):
+    never sampled, the policy model.generate follows for our backend."""
+    ids = {getattr(c, k) for c in (cfg, getattr(cfg, 'text_config', None)) for k in VISUAL_TOKEN_KEYS
+           if c is not None and isinstance(getattr(c, k, None), int) and getattr(c, k) >= 0}
+    return sorted(ids)
+
+
+def qwen_inputs(tok, cfg, settings, texts, clips):
+    """What Qwen2/2.5-VL's transformers processor returns for chat texts + clips, computed with
+    data.preprocess_frames (Qwen2-VL's pixels and patch order, equal to transformers' processors: test_data).
+    transformers 5 builds no video processor without torchvision, and this project's machines have none
+    (the registry's torchvision is a CUDA build that does not load beside CPU torch). Left padded."""
+    merge = cfg.vision_config.spatial_merge_size
+    ids = dict(video=cfg.video_token_id, image=cfg.image_token_id)
+    rows, vis = [], dict(video=([], [], []), image=([], [], []))
+    for text, (frames, fps) in zip(texts, clips):
+        kind = 'image' if fps is None else 'video'
+        x, grid = preprocess_frames(frames, settings)
+        pad = tok.convert_ids_to_tokens(ids[kind])
+        rows.append(text.replace(pad, pad * (int(grid.prod()) // merge ** 2), 1))
+        for lst, v in zip(vis[kind], (x, grid, TEMPORAL_PATCH / fps if fps else 0.0)):
+            lst.append(v)
+    tok.padding_side = 'left'  # generation continues every row from its last column
+    out = dict(tok(rows, padding=True, return_tensors='pt'))
+    out['mm_token_type_ids'] = ((out['input_ids'] == ids['image']).int() + 2 * (out['input_ids'] == ids['video']).int())
+    for kind, (xs, grids, secs) in vis.items():
+        if xs:
+            out[f'pixel_values{"_videos" if kind == "video" else ""}'] = torch.cat(xs)
+            out[f'{kind}_grid_thw'] = torch.cat(grids)
+            if kind == 'video' and cfg.model_type == 'qwen2_5_vl':
+                out['second_per_grid_ts'] = torch.tensor(secs)
+    return out
+
+
+def released_rope_index(self, input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
+                        attention_mask=None, **kw):
+    """transformers' Qwen2VLModel.get_rope_index computed with model.rope_positions, the released rule, on each
+    row's unpadded tokens -> (positions (3, B, L), deltas (B, 1)): bound to one model by hf_backend(rope='released')."""
+    c = self.config
+    cfg = types.SimpleNamespace(image_token_id=c.image_token_id, video_token_id=c.video_token_id, qwen25=False,
+                                spatial_merge_size=c.vision_config.spatial_merge_size)
+    grids = {c.image_token_id: iter(image_grid_thw if image_grid_thw is not None else []),
+             c.video_token_id: iter(video_grid_thw if video_grid_thw is not None else [])}
+    pos = torch.zeros(3, *input_ids.shape, dtype=torch.long, device=input_ids.device)
+    deltas = []
+    for b, row in enumerate(input_ids):
+        keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(row, dtype=torch.bool)
+        ids = row[keep].cpu()
+        starts = [i for i in range(len(ids)) if int(ids[i]) in grids and (i == 0 or ids[i - 1] != ids[i])]
+        p, nxt = rope_positions(ids, torch.stack([next(grids[int(ids[i])]).cpu() for i in starts]) if starts else None,
+                                cfg)
+        pos[:, b, keep] = p.to(pos.device)
+        deltas.append(nxt - len(ids))  # decoding continues at (real tokens so far) + delta
+    return pos, torch.tensor(deltas, device=input_ids.device)[:, None]
+
+
+def hf_backend(name, revision_, vs, dev, max_new_tokens, temperature=0.0, dtype_name='float32', rope='transformers',
+               rank=0, world=1):
+    """Any checkpoint AutoModelForImageTextToText + AutoProcessor load (a hub id or directory) -> (answer_fn,
+    prepare, info). The clip goes in as the model's video (as images where the processor has no video
+    processor), through the model's own chat template; greedy (temperature 0), visual tokens never sampled.
+    info: what the settings record: revision, how the clip went in, the pixel budget actually applied."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    rev = revision_ or None
+    net = AutoModelForImageTextToText.from_pretrained(name, revision=rev, dtype=getattr(torch, dtype_name)).to(dev)
+    net.eval()
+    cfg = net.config
+    qwen = getattr(cfg, 'model_type', '') in ('qwen2_vl', 'qwen2_5_vl')
+    if rope == 'released':
+        if cfg.model_type != 'qwen2_vl':
+            raise SystemExit(f"bench: hf_rope='released' is for Qwen2-VL checkpoints, {name} is {cfg.model_type!r}")
+        net.model.get_rope_index = types.MethodType(released_rope_index, net.model)
+    elif rope != 'transformers':
+        raise SystemExit(f"bench: hf_rope must be 'transformers' or 'released', got {rope!r}")
+    try:
+        proc = AutoProcessor.from_pretrained(name, revision=rev)
+        tok = proc.tokenizer
+        video_in = 'video' if getattr(proc, 'video_processor', None) is not None else 'images'
+    except ImportError as e:
+        if 'torchvision' not in str(e).lower() or not qwen:
+            raise
+        proc, tok, video_in = None, AutoTokenizer.from_pretrained(name, revision=rev), 'video (qwen_inputs)'
+    tok.padding_side = 'left'
+    sub = proc and (getattr(proc, 'video_processor', None) or getattr(proc, 'image_processor', None))
+    size = getattr(sub, 'size', None) or {}
+    # the pixel budget applies where the processor counts pixels as Qwen's do (shortest/longest_edge in px)
+    pixels = proc is None or (qwen and 'shortest_edge' in size and 'longest_edge' in size)
+    stops = set(net.generation_config.eos_token_id if isinstance(net.generation_config.eos_token_id, list)
+                else [net.generation_config.eos_token_id]) | {tok.eos_token_id, tok.pad_token_id}
+    stops.discard(None)
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, suppress_tokens=visual_token_ids(cfg),
+               eos_token_id=sorted(stops),
+               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else min(stops))
+    if temperature > 0:
+        gen['temperature'] = temperature
+    templ = proc or tok
+
+    def inputs_of(user_texts, clips):
+        texts = [templ.apply_chat_template(chat_messages(u, len(f) if video_in == 'images' else 0),
+                                           add_generation_prompt=True, tokenize=False)
+                 for u, (f, _) in zip(user_texts, clips)]
+        if proc is None:
+            return qwen_inputs(tok, cfg, vs, texts, clips)
+        kw = dict(text=texts, padding=True, return_tensors='pt')
+        budget = dict(size={'shortest_edge': vs.min_pixels, 'longest_edge': vs.max_pixels}) if pixels else {}
+        if video_in == 'images':
+            from PIL import Image
+            return proc(images=[[Image.fromarray(x) for x in f] for f, _ in clips], **kw, **budget)
+        meta = [dict(total_num_frames=len(f), fps=fps or 1.0, frames_indices=list(range(len(f)))) for f, fps in clips]
+        return proc(videos=[f for f, _ in clips], video_metadata=meta, do_sample_frames=False, **kw, **budget)
+
+    def from_texts(user_texts, clips):
+        x = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in dict(inputs_of(user_texts, clips)).items()}
+        out = net.generate(**x, **gen)[:, x['input_ids'].shape[1]:].tolist()
+        res = []
+        for row in out:
+            k = next((i for i, t in enumerate(row) if t in stops), None)
+            res.append(tok.decode(row[:k]) if k is not None else cut_off(tok.decode(row)))
+        return res
+
+    def answer(samples, clips):
+        return from_texts([build_user_text(s) for s in samples], clips)
+    answer.from_texts = from_texts  # (prompt texts, clips) -> outputs: what a server in front of it is sent
+    info = dict(revision=getattr(cfg, '_commit_hash', None) or
+                (one_for_all(lambda: dir_revision(name), rank, world) if os.path.isdir(name) else rev),
+                video_input=video_in, pixels=pixels)
+    return answer, functools.partial(load_clip, settings=vs), info
+
+
+# ----------------------------------------------------------------------------- OpenAI-compatible servers
+
+def _png_data_url(frame):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format='PNG')  # lossless: the server sees our pixels
+    return 'data:image/png;base64,' + base64.b64encode(buf.getvalue()).decode()
+
+
+def api_request(sample, settings, api_input='images'):
+    """One sample -> the user message's content parts (in a loader worker), then the prompt text: the sampled
+    frames resized to the pixel budget (data.smart_resize, bicubic as data.preprocess_frames) as PNG image_url
+    parts ('images') or as one video_url 'data:video/jpeg;base64,<frame>,<frame>,...' ('video_frames': vLLM's
+    list-of-frames form, each frame any image format; here PNG, lossless), or the clip file as one video_url
+    ('video_file')."""
+    if api_input == 'video_file':
+        with open(sample.video, 'rb') as f:  # a missing file raises: the sample is bad, the run goes on
+            mime = 'image/' + sample.video.rsplit('.', 1)[-1].lower() if is_image(sample.video) else 'video/mp4'
+            url = f'data:{mime};base64,' + base64.b64encode(f.read()).decode()
+        parts = [{'type': 'video_url' if mime.startswith('video') else 'image_url',
+                  ('video_url' if mime.startswith('video') else 'image_url'): {'url': url}}]
+    else:
+        from PIL import Image
+        frames, _ = load_clip(sample, settings)
+        h, w = smart_resize(frames.shape[1], frames.shape[2], settings.min_pixels, settings.max_pixels)
+        if (h, w) != frames.shape[1:3]:
+            frames = [np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames]
+        urls = [_png_data_url(f) for f in frames]
+        if api_input == 'video_frames' and not is_image(sample.video):
+            url = 'data:video/jpeg;base64,' + ','.join(u.split(',', 1)[1] for u in urls)
+            parts = [{'type': 'video_url', 'video_url': {'url': url}}]
+        else:
+            parts = [{'type': 'image_url', 'image_url': {'url': u}} for u in urls]
+    return parts + [{'type': 'text', 'text': build_user_text(sample)}]
+
+
+class FatalAPIError(RuntimeError):
+    """401/403/404: a wrong key, url or model name fails every sample alike; the run stops."""
+
+
+def _retry_after(err):
+    try:
+        return float(err.headers.get('Retry-After'))
+    except (TypeError, ValueError, AttributeError):
+        return 0.0
+
+
+def chat_completion(url, body, api_key=None, timeout=120.0, retries=5, backoff=1.0, sleep=time.sleep):
+    """POST body to url/chat/completions -> dict(raw, attempts, usage, finish_reason, [flag]) or
+    dict(error, attempts). Retried with backoff (doubling; a longer Retry-After wins, at most 60 s): 429,
+    5xx, timeouts, lost connections, a reply that is not chat-completions JSON. Not retried: other 4xx
+    (this sample's request is wrong: an error), 401/403/404 (FatalAPIError). Flags on an answered sample:
+    'refusal' (a refusal field or finish_reason content_filter), 'empty', 'cut off' (finish_reason length)."""
+    endpoint = url.rstrip('/')
+    endpoint += '' if endpoint.endswith('/chat/completions') else '/chat/completions'
+    data_ = json.dumps(body).encode()
+    headers = {'Content-Type': 'application/json', **({'Authorization': f'Bearer {api_key}'} if api_key else {})}
+    error, wait = None, 0.0
+    for attempt in range(retries + 1):
+        if attempt:
+            sleep(min(60.0, max(backoff * 2 ** (attempt - 1), wait)))
+        wait = 0.0
+        try:
+            req = urllib.request.Request(endpoint, data=data_, headers=headers, method='POST')
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                reply = json.loads(r.read().decode())
+            choice = reply['choices'][0]
+            msg, finish = choice['message'], choice.get('finish_reason')
+            content = msg.get('content') or ''
+            if isinstance(content, list):  # content parts
+                content = ''.join(p.get('text', '') for p in content if isinstance(p, dict))
+            if not isinstance(content, str):
+                raise ValueError(f'message content is {type(content).__name__}')
+        except urllib.error.HTTPError as e:
+            error = f'HTTP {e.code}: {e.read()[:200].decode(errors="replace")}'
+            if e.code in (401, 403, 404):
+                raise FatalAPIError(f'{endpoint}: {error}') from None
+            if e.code != 429 and e.code < 500:
+                return dict(error=error, attempts=attempt + 1)
+            wait = _retry_after(e)
+            continue
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            error = f'{type(e).__name__}: {e}'  # timeouts and lost connections are OSErrors; bad JSON a ValueError
+            continue
+        rec = dict(raw=content, attempts=attempt + 1, usage=reply.get('usage') or {}, finish_reason=finish,
+                   served_model=reply.get('model'))
+        flag = ('refusal' if msg.get('refusal') or finish == 'content_filter' else
+                'empty' if not content.strip() else 'cut off' if finish == 'length' else None)
+        return dict(rec, flag=flag) if flag else rec
+    return dict(error=f'{error} (after {retries + 1} attempts)', attempts=retries + 1)
+
+
+def openai_backend(url, model_name, vs, api_key, max_new_tokens, temperature=0.0, concurrency=8, timeout=120.0,
+                   retries=5, backoff=1.0, api_input='images'):
+    """An OpenAI-compatible chat endpoint -> (answer_fn, prepare): a batch's requests go out together, up to
+    `concurrency` at a time; temperature and max_tokens as bench's settings. The key only goes into the
+    Authorization header."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency)
+
+    def ask(parts):
+        body = dict(model=model_name, messages=[{'role': 'user', 'content': parts}], max_tokens=max_new_tokens,
+                    temperature=temperature)
+        return chat_completion(url, body, api_key, timeout, retries, backoff)
+
+    def answer(samples, requests):
+        return list(pool.map(ask, requests))
+    if api_input not in ('images', 'video_frames', 'video_file'):
+        raise SystemExit(f"bench: api_input must be 'images', 'video_frames' or 'video_file', got {api_input!r}")
+    return answer, functools.partial(api_request, settings=vs, api_input=api_input)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def split_args(argv):
@@ -562,38 +920,61 @@ def main(argv=None):
     from configurator import configure
     configure(globals(), rest)
     model_dir = ck or ckpt
-    if not model_dir or not os.path.isdir(model_dir):
+    name = model or model_dir  # hf: a hub id or directory; openai: the served model's name
+    if backend not in ('ours', 'hf', 'openai'):
+        raise SystemExit(f"bench: backend must be 'ours', 'hf' or 'openai', got {backend!r}")
+    if backend == 'ours' and (not model_dir or not os.path.isdir(model_dir)):
         raise SystemExit(f"usage: python bench.py CKPT [config/bench_x.py] [--key=value ...]\n"
                          f"bench: checkpoint directory {model_dir!r} not found (the tiny EgoWorld one: "
                          f"python egoworld.py --make_model=out/egoworld-tiny)")
-    if mode not in ('generate', 'logits'):
-        raise SystemExit(f"bench: mode must be 'generate' or 'logits', got {mode!r}")
+    if backend == 'hf' and not name or backend == 'openai' and not (api_url and model):
+        raise SystemExit("bench: --backend=hf needs CKPT or --model=HUB_ID; --backend=openai needs --api_url and "
+                         "--model (README: Benchmarking other models)")
+    if mode not in ('generate', 'logits') or mode == 'logits' and backend != 'ours':
+        raise SystemExit(f"bench: mode must be 'generate' or 'logits' (logits: backend 'ours' only), got {mode!r}")
     rank, world, _, dev = init_distributed(torch.device(device).type)
     samples, errors = load_samples(data, tasks, directions, parts, limit)
-    vs = vision_settings(model_dir, data, dict(nframes=nframes, min_pixels=min_pixels, max_pixels=max_pixels))
-    tok = Tokenizer(model_dir)
-    model = Qwen2VL.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=dev).eval()
-    settings = dict(vs.record(samples, model.config), checkpoint=os.path.abspath(model_dir), mode=mode,
-                    max_new_tokens=max_new_tokens, temperature=temperature,
-                    logits_prefix=logits_prefix if mode == 'logits' else None,
+    local = name if backend != 'openai' and os.path.isdir(name) else ''
+    vs = vision_settings(local, data, dict(nframes=nframes, min_pixels=min_pixels, max_pixels=max_pixels))
+    settings = dict(vs.record(samples), backend=backend, model=os.path.abspath(local) if local else name,
+                    revision=revision or None, video_input='video', mode=mode, max_new_tokens=max_new_tokens,
+                    temperature=temperature, logits_prefix=logits_prefix if mode == 'logits' else None,
                     judge_model=judge_model if judge_url else None)
-    answer_fn = make_generate_fn(model, tok, max_new_tokens, temperature, dev)
-    if mode == 'logits':
-        answer_fn = make_logits_fn(model, tok, logits_prefix, answer_fn, dev)
+    bs = batch_size
+    if backend == 'ours':
+        answer_fn, prepare, net, tok = ours_backend(model_dir, vs, dev, max_new_tokens, temperature, dtype)
+        settings.update(vs.record(samples, net.config))  # a Qwen3-VL's prompts' timestamps too
+        if mode == 'logits':
+            answer_fn = make_logits_fn(net, tok, logits_prefix, answer_fn, dev)
+        settings['revision'] = one_for_all(lambda: dir_revision(model_dir), rank, world)
+    elif backend == 'hf':
+        answer_fn, prepare, info = hf_backend(name, revision, vs, dev, max_new_tokens, temperature, dtype, hf_rope,
+                                              rank, world)
+        settings.update(revision=info['revision'], video_input=info['video_input'], hf_rope=hf_rope)
+        if not info['pixels']:  # the processor sizes frames its own way: the budget did not apply
+            settings.update(min_pixels=None, max_pixels=None)
+    else:
+        answer_fn, prepare = openai_backend(api_url, model, vs, os.environ.get(api_key_env), max_new_tokens,
+                                            temperature, api_concurrency, api_timeout, api_retries, api_backoff,
+                                            api_input)
+        bs = max(batch_size, api_concurrency)  # a batch's requests are what is in flight together
+        settings['video_input'] = api_input
+        if api_input == 'video_file':  # the server samples and sizes the frames of the clip it is sent
+            settings.update(nframes=None, min_pixels=None, max_pixels=None, second_per_grid_ts=None)
     judge = None
     if judge_url:
         judge = functools.partial(judge_route, url=judge_url, model=judge_model, retries=judge_retries,
                                   timeout=judge_timeout, backoff=judge_backoff, api_key=os.environ.get(judge_key_env))
-    out = out_dir or os.path.join('out', 'bench', f"{os.path.basename(os.path.normpath(model_dir))}_"
+    tag = '' if backend == 'ours' else f'{backend}-'
+    out = out_dir or os.path.join('out', 'bench', f"{tag}{os.path.basename(os.path.normpath(name))}_"
                                   f"{os.path.basename(os.path.normpath(data))}")
     if rank == 0:
-        print(f"bench: {len(samples)} samples from {data}, {len(errors)} rejected by the reader; "
-              f"{vs.nframes} frames, {vs.min_pixels}-{vs.max_pixels} px, {mode} -> {out}")
+        print(f"bench: {len(samples)} samples from {data}, {len(errors)} rejected by the reader; {backend} "
+              f"{settings['model']}; {vs.nframes} frames, {vs.min_pixels}-{vs.max_pixels} px, {mode} -> {out}")
     try:
         with torch.inference_mode():
-            prepare = functools.partial(prepare_sample, tok, vs, model.config)
             summary = evaluate(samples, answer_fn, out, settings, prepare=prepare,
-                               batch_size=batch_size, num_workers=num_workers, judge=judge, reader_errors=errors,
+                               batch_size=bs, num_workers=num_workers, judge=judge, reader_errors=errors,
                                rank=rank, world_size=world, paired_with=paired_with, signals=StopSignals(),
                                device=dev)
     except DataError as e:  # an unusable predictions file: say which line and why, no traceback

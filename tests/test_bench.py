@@ -392,6 +392,9 @@ def test_cli_complete_table_on_the_tiny_checkpoint(world, tmp_path):
         for d in ('forward', 'reverse'):
             assert sum(l.startswith(f'| {t} | {d} | 3 | 0 | ') for l in table.splitlines()) == 1
     assert summ['settings']['nframes'] == 16 and summ['settings']['max_new_tokens'] == 6
+    st = summ['settings']  # which model made these answers, told apart by content
+    assert (st['backend'], st['model'], st['revision'], st['video_input']) == \
+        ('ours', str(world / 'tiny'), bench.dir_revision(str(world / 'tiny')), 'video')
     preds = [json.loads(l) for l in (tmp_path / 'one' / 'predictions.jsonl').read_text().splitlines()]
     assert len(preds) == 24
     # EgoWorld clips: 16 frames at 8 fps, all 16 sampled -> 2 / 8 s a frame group, in the settings and each record
