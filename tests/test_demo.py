@@ -10,11 +10,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_demo_quick_runs_end_to_end(tmp_path):
+def quick_demo(tmp_path, **env):
+    """QUICK=1 bash demo.sh with data and outputs under tmp_path; fails with the output's tail."""
     env = dict(os.environ, QUICK='1', SETUP='0', DATA=str(tmp_path / 'data'), OUT=str(tmp_path / 'out'),
-               PYTHON=sys.executable, HF_HUB_OFFLINE='1')
+               PYTHON=sys.executable, HF_HUB_OFFLINE='1', **env)
     p = subprocess.run(['bash', os.path.join(ROOT, 'demo.sh')], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def test_demo_quick_runs_end_to_end(tmp_path):
+    p = quick_demo(tmp_path)
     times = (tmp_path / 'out' / 'demo_times.txt').read_text().split()
     assert [t for t in times[::2]] == ['data', 'model', 'sft', 'bench_sft', 'grpo', 'bench_grpo', 'curves', 'total']
     res = json.loads((tmp_path / 'out' / 'bench' / 'grpo-egoworld_test' / 'results.json').read_text())
@@ -33,8 +39,7 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert tail.count('| route | direction | landmark | action |') == 2
     assert tail.index('SFT(CoT) + GRPO: test split') < tail.index('McNemar z =')
     # a second run keeps the finished stages and the bench resumes with nothing left to do
-    p = subprocess.run(['bash', os.path.join(ROOT, 'demo.sh')], env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = quick_demo(tmp_path)
     assert 'sft: done before' in p.stdout and 'grpo: done before' in p.stdout
     assert re.search(r'\b0 of \d+ samples to evaluate', p.stdout + p.stderr)
 
@@ -43,10 +48,7 @@ def test_demo_quick_on_a_tiny_qwen25(tmp_path):
     """The same QUICK path with FAMILY=qwen2_5_vl: egoworld.py makes a tiny Qwen2.5-VL and sft.py, bench.py,
     grpo.py run on it unchanged; every output records the clips' time base (16 of 16 frames at 8 fps: 0.25 s
     a frame group)."""
-    env = dict(os.environ, QUICK='1', SETUP='0', FAMILY='qwen2_5_vl', DATA=str(tmp_path / 'data'),
-               OUT=str(tmp_path / 'out'), PYTHON=sys.executable, HF_HUB_OFFLINE='1')
-    p = subprocess.run(['bash', os.path.join(ROOT, 'demo.sh')], env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = quick_demo(tmp_path, FAMILY='qwen2_5_vl')
     out = tmp_path / 'out'
     for ckpt in ('egoworld-tiny', 'sft-egoworld', 'grpo-egoworld'):
         cfg = json.loads((out / ckpt / 'config.json').read_text())
@@ -65,10 +67,7 @@ def test_demo_quick_on_a_tiny_qwen3(tmp_path):
     """The same QUICK path with FAMILY=qwen3_vl: a tiny Qwen3-VL (16-pixel patches, DeepStack, interleaved
     M-RoPE) through sft.py, bench.py, grpo.py unchanged; its prompts' timestamps (16 of 16 frames at 8 fps:
     frame groups at 0.0625, 0.3125, ..., 1.8125 s) recorded in every output."""
-    env = dict(os.environ, QUICK='1', SETUP='0', FAMILY='qwen3_vl', DATA=str(tmp_path / 'data'),
-               OUT=str(tmp_path / 'out'), PYTHON=sys.executable, HF_HUB_OFFLINE='1')
-    p = subprocess.run(['bash', os.path.join(ROOT, 'demo.sh')], env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = quick_demo(tmp_path, FAMILY='qwen3_vl')
     out = tmp_path / 'out'
     for ckpt in ('egoworld-tiny', 'sft-egoworld', 'grpo-egoworld'):
         cfg = json.loads((out / ckpt / 'config.json').read_text())
