@@ -50,7 +50,7 @@ from common import barrier, init_distributed, StopSignals, write_text
 from data import (PROMPT_VERSION, TEMPORAL_PATCH, DataError, Tokenizer, VisionSettings, build_user_text, encode,
                   is_image, load_frames, load_image, pack, preprocess_frames, read_jsonl_log, read_samples,
                   second_per_grid, smart_resize)
-from model import Qwen2VL, rope_positions
+from model import ModelConfig, Qwen2VL, rope_positions
 
 # -----------------------------------------------------------------------------
 # what to evaluate
@@ -694,8 +694,8 @@ def released_rope_index(self, input_ids, mm_token_type_ids=None, image_grid_thw=
     """transformers' Qwen2VLModel.get_rope_index computed with model.rope_positions, the released rule, on each
     row's unpadded tokens -> (positions (3, B, L), deltas (B, 1)): bound to one model by hf_backend(rope='released')."""
     c = self.config
-    cfg = types.SimpleNamespace(image_token_id=c.image_token_id, video_token_id=c.video_token_id, qwen25=False,
-                                spatial_merge_size=c.vision_config.spatial_merge_size)
+    cfg = ModelConfig(image_token_id=c.image_token_id, video_token_id=c.video_token_id,  # a Qwen2-VL's rule
+                      spatial_merge_size=c.vision_config.spatial_merge_size)
     grids = {c.image_token_id: iter(image_grid_thw if image_grid_thw is not None else []),
              c.video_token_id: iter(video_grid_thw if video_grid_thw is not None else [])}
     pos = torch.zeros(3, *input_ids.shape, dtype=torch.long, device=input_ids.device)
