@@ -339,6 +339,10 @@ def build_world(route):
             k = (h - 1) % 4 if lm['side'] == 'left' else (h + 1) % 4
             c = cell(s, lm['pos']) + DIRS[k]
         tex[c[1], c[0], k] = 1 + LANDMARKS.index(lm['name'])
+        if route.get('version', 1) >= 2:   # v2: the end cell's side walls too, so the landmark fills the view
+            for k in ((h - 1) % 4, (h + 1) % 4):
+                c = cell(s, route['lengths'][s]) + DIRS[k]
+                tex[c[1], c[0], k] = 1 + LANDMARKS.index(lm['name'])
     for a in route['actions']:
         s, j, h, act = a['seg'], a['pos'], route['headings'][a['seg']], a['action']
         c = cell(s, j)
@@ -369,7 +373,7 @@ def key_times(route, world, n):
         extra.append(t0 - 0.75 if a['action'].startswith('open') else t0 - 0.7 if 'climb' in a['action'] else t0 - 0.2)
     for lm in route['landmarks']:
         j = Ls[lm['seg']] if lm['side'] == 'ahead' else lm['pos']
-        extra.append(T[lm['seg']] + j - 1)
+        extra.append(T[lm['seg']] + j - (1 if route.get('version', 1) == 1 else 0.7))   # v2: closer
     if len(must) > n:
         raise ValueError(f'key_frames={n} cannot show {last + 1} segments and {last} turns: use more frames')
     times = sorted(set(must))

@@ -62,12 +62,17 @@ def main():
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
             preds += answer(chunk, [encode(s, tok, vs, None, m.config) for s in chunk])
-    hits = {k: 0 for k in ('headings', 'turns', 'landmarks', 'actions', 'caption')}
+    hits = {k: 0 for k in ('headings', 'turns', 'landmarks', 'actions', 'caption', 'landmark count', 'action count',
+                           'landmark items', 'action items')}
     for j, (s, p) in enumerate(zip(samples, preds)):
         got, want = fields(p.strip()), fields(s.answer)
         for k in ('headings', 'turns', 'landmarks', 'actions'):
             hits[k] += got[k] == want[k]
         hits['caption'] += p.strip() == s.answer
+        for k in ('landmark', 'action'):   # softer reads: the list's length, and the share of its items named
+            g, w = got[k + 's'] or [], want[k + 's']
+            hits[k + ' count'] += len(g) == len(w)
+            hits[k + ' items'] += len(set(g) & set(w)) / max(len(w), 1)
         if j < show:
             print(f'pred: {p.strip()}\nref:  {s.answer}\n')
     n = len(samples)
