@@ -61,6 +61,9 @@ seg_len = (2, 4)        # cells per segment
 n_options = 4
 # chain of thought
 cot_perception = True   # prefix "Headings: ..." (the probe: routes are learnable through headings)
+cot_caption = False     # the perception step is the video's whole caption ("Headings: ... Route: ...", v2's
+                        # perception-stage target) instead of the headings alone, so what the base stage learned
+                        # to see is the first thing the CoT writes, and the lists follow from it by reading
 cot_turns = True        # then "Turns: east to south clockwise, ...": each turn beside the two headings
                         # it comes from, so deriving left/right is a local lookup (see README's diagnosis)
 cot_answer_text = True  # state the question's own answer text before the letter
@@ -546,7 +549,7 @@ def write_mp4(path, clip, fps=8):
 # data set files
 
 def cot_solution(route, qs, task, d, cot=True, cot_perception=True, cot_turns=True, cot_answer_text=True,
-                 cot_check=True, cot_reverse=True):
+                 cot_check=True, cot_reverse=True, cot_caption=False):
     """The ST-R1 target of one question. No CoT: "<answer>X</answer>" (X: the letter, or a route question's
     text). CoT: the paper's reverse-thinking template (reward.cot_text), cleaned of Python list reprs, with up to
     four additions of ours (the cot_* settings say why). A forward MCQ with all four:
@@ -571,6 +574,8 @@ def cot_solution(route, qs, task, d, cot=True, cot_perception=True, cot_turns=Tr
     o = 'reverse' if d == 'forward' else 'forward'
     hs = [HEADINGS[h] for h in route['headings']]
     head = f"Headings: {', '.join(hs)}. " if cot_perception else ''
+    if cot_caption:
+        head = caption_text(route) + ' '
     if cot_turns:  # no left/right words: reward.py would read them as part of the stated route
         head += 'Turns: ' + ', '.join(f"{a} to {b} {'clockwise' if t == 'right' else 'anticlockwise'}"
                                       for a, b, t in zip(hs, hs[1:], route['turns'])) + '. '
@@ -778,7 +783,8 @@ def main():
     configure(globals())
     check_config(size, frames, key_frames, segments, ood_segments, seg_len, ood_theme, n_options,
                  cot_answer_text, cot_check)
-    cot_opts = dict(cot_perception=cot_perception, cot_turns=cot_turns, cot_answer_text=cot_answer_text,
+    cot_opts = dict(cot_perception=cot_perception, cot_caption=cot_caption, cot_turns=cot_turns,
+                    cot_answer_text=cot_answer_text,
                     cot_check=cot_check, cot_reverse=cot_reverse)
     shared = dict(seed=seed, seg_len=seg_len, n_options=n_options, frames=frames, key_frames=key_frames, size=size)
     if generate if generate is not None else not (contact_sheet or make_model):
