@@ -382,3 +382,16 @@ def test_v2_split_writes_captions_that_data_reads(tmp_path):
     assert len(data.read_benchmark(str(tmp_path / 's'))) == 16
     egoworld.generate_split(str(tmp_path / 'v1'), 0, 1)
     assert not (tmp_path / 'v1' / 'captions.jsonl').exists()
+
+
+def test_cot_caption_starts_the_thought_with_the_caption_and_reads_back():
+    reward = pytest.importorskip('reward')
+    (route, qs), = questions_v2(1, seed=6)
+    for (task, d), q in qs.items():
+        sol = egoworld.cot_solution(route, qs, task, d, cot_caption=True)
+        plain = egoworld.cot_solution(route, qs, task, d)
+        assert sol.startswith('<think>' + egoworld.caption_text(route) + ' Turns: ')
+        assert sol.split(' Turns: ', 1)[1] == plain.split(' Turns: ', 1)[1]   # the rest of the thought as before
+        m = reward.COT.search(sol)   # what data.parse_st_r1_item reads the opposite ground truth with
+        o = 'reverse' if d == 'forward' else 'forward'
+        assert m.group(3) == qs[task, o]['answer_text']   # the reader takes the opposite ground truth from it
