@@ -38,6 +38,12 @@ from reward import LETTERS, TASKS, cot_text
 # data set size and layout
 out = 'data_egoworld'   # output root; splits go to out/train, out/test, out/ood, out/ood_theme
 seed = 0
+# 1: the world every result in docs/results.md was measured on. 2: EgoWorld v2 (issue 25), perception a ~2M-param
+# model can learn on a CPU so that the difficulty sits in reasoning: 6 landmark classes told apart by colour alone,
+# always in the wall ahead at a segment's end (seen from the segment's start and large on a key frame; v1 paints
+# 24 colour x shape classes on side walls, seen obliquely), items drawn ~2x larger, stairs up and down in two
+# distinct colours (v1: a brightness gradient), and a caption file per split for a perception ("base") stage
+version = 1
 n_train = 2000          # videos; each gives 8 questions (route, direction, landmark, action x fwd/rev)
 n_test = 200
 n_ood = 200             # the harder OOD split: ood_segments-long routes in ood_theme
@@ -57,6 +63,9 @@ seg_len = (2, 4)        # cells per segment
 n_options = 4
 # chain of thought
 cot_perception = True   # prefix "Headings: ..." (the probe: routes are learnable through headings)
+cot_caption = False     # the perception step is the video's whole caption ("Headings: ... Route: ...", v2's
+                        # perception-stage target) instead of the headings alone, so what the base stage learned
+                        # to see is the first thing the CoT writes, and the lists follow from it by reading
 cot_turns = True        # then "Turns: east to south clockwise, ...": each turn beside the two headings
                         # it comes from, so deriving left/right is a local lookup (see README's diagnosis)
 cot_answer_text = True  # state the question's own answer text before the letter
@@ -99,6 +108,9 @@ COLOURS = {'white': (235, 235, 235), 'black': (25, 25, 25), 'orange': (255, 140,
            'purple': (130, 40, 170), 'pink': (255, 130, 190), 'cyan': (0, 210, 220)}
 KINDS = ['painting', 'window', 'clock', 'banner']
 LANDMARKS = [f'{c} {k}' for c in COLOURS for k in KINDS]
+# v2: one class per colour (the kind's marks stay, but colour alone tells them apart); a subset of LANDMARKS,
+# so the renderer draws them unchanged
+LANDMARKS_V2 = ['white painting', 'black window', 'orange clock', 'purple banner', 'pink painting', 'cyan window']
 ITEMS = {'box': (190, 120, 40), 'ball': (240, 240, 240), 'book': (200, 40, 160)}
 INVERSE = {'open the door': 'close the door', 'climb up the stairs': 'climb down the stairs',
            **{f'pick up the {i}': f'put down the {i}' for i in ITEMS}}
@@ -124,17 +136,23 @@ STEMS = {
     ('action', 'forward'): 'which actions did you perform to reach your destination?',
     ('action', 'reverse'): 'which actions did you perform to return to the starting point?'}
 PREFIX = 'Please take an egocentric view to understand the following question. '
+# v2's perception stage: what a pretrained VLM's caption data would hold about a walk (no question about it, no
+# CoT): headings, landmarks passed and actions done, in order. 'task'/'direction' fields in the JSONL tell
+# data.py to read it as an open-ended route item
+CAPTION_QUESTION = ('Based on this video, describe your walk: the headings, the landmarks you passed and what you '
+                    'did, in order.')
 INSTRUCTION = '\n\n' + MCQ_INSTRUCTION
 
 # -----------------------------------------------------------------------------
 # routes: a route is a JSON-able dict; its meaning is the step list route_steps() derives
 
-def sample_route(rng, segments=(2, 4), seg_len=(2, 4)):
+def sample_route(rng, segments=(2, 4), seg_len=(2, 4), version=1):
     """One route from the prior: a corridor of straight segments (their number drawn from `segments`, their
     cells from `seg_len`) joined by in-place 90-degree turns, and its carved cells. 1-3 segments carry a
     landmark, a wall face painted "<colour> <kind>" passed on the left or right or seen ahead at the segment's
     end; 1-3 segments an action at an inner cell, all actions distinct (at most one door). Rejection-samples
-    until the corridor never touches itself."""
+    until the corridor never touches itself. version=2: landmarks from LANDMARKS_V2, always 'ahead' (the route
+    then carries version=2, which build_world reads for v2's look)."""
     for _ in range(10000):
         n = int(rng.integers(segments[0], segments[1] + 1))
         turns = [('left', 'right')[int(b)] for b in rng.integers(0, 2, n - 1)]
@@ -144,22 +162,24 @@ def sample_route(rng, segments=(2, 4), seg_len=(2, 4)):
         lengths = [int(x) for x in rng.integers(seg_len[0], seg_len[1] + 1, n)]
         lm_segs = sorted(rng.choice(n, int(rng.integers(1, min(3, n) + 1)), replace=False).tolist())
         act_segs = sorted(rng.choice(n, int(rng.integers(1, min(3, n) + 1)), replace=False).tolist())
-        names = rng.choice(len(LANDMARKS), len(lm_segs), replace=False)
+        pool = LANDMARKS if version == 1 else LANDMARKS_V2
+        names = [pool[k] for k in rng.choice(len(pool), len(lm_segs), replace=False)]
         acts = rng.choice(len(ACTIONS), len(act_segs), replace=False)   # distinct: at most one door
         actions = [dict(seg=s, pos=int(rng.integers(1, lengths[s])), action=ACTIONS[a])
                    for s, a in zip(act_segs, acts)]
         landmarks = []
-        for s, k in zip(lm_segs, names):
-            side = ['left', 'right', 'ahead'][int(rng.integers(3))]
+        for s, name in zip(lm_segs, names):
+            side = ['left', 'right', 'ahead'][int(rng.integers(3))] if version == 1 else 'ahead'
             free = [j for j in range(1, lengths[s]) if all(a['pos'] != j for a in actions if a['seg'] == s)]
             if side != 'ahead' and not free:
                 side = 'ahead'
             pos = lengths[s] + 0.5 if side == 'ahead' else int(rng.choice(free))
-            landmarks.append(dict(seg=s, pos=pos, side=side, name=LANDMARKS[k]))
+            landmarks.append(dict(seg=s, pos=pos, side=side, name=name))
         cells = carve(headings, lengths)
         if not touches(cells):
-            return dict(headings=headings, lengths=lengths, turns=turns, landmarks=landmarks,
-                        actions=actions, cells=cells)
+            route = dict(headings=headings, lengths=lengths, turns=turns, landmarks=landmarks,
+                         actions=actions, cells=cells)
+            return route if version == 1 else dict(route, version=version)
     raise ValueError(f'no corridor of segments={segments} seg_len={seg_len} avoids itself')
 
 
@@ -268,7 +288,7 @@ def answer_texts(steps):
             'action': ', '.join(v for k, v in steps if k == 'do')}
 
 
-def make_questions(rng, segments=(2, 4), seg_len=(2, 4), n_options=4):
+def make_questions(rng, segments=(2, 4), seg_len=(2, 4), n_options=4, version=1):
     """One video's route and its eight questions, without rendering anything.
     Returns (route, {(task, direction): dict(question, options, answer, answer_text, opposite)}).
 
@@ -276,7 +296,7 @@ def make_questions(rng, segments=(2, 4), seg_len=(2, 4), n_options=4):
     together until every task's texts are distinct, then shuffled. The video's route is one of them, so the
     options are exchangeable and no text-only rule beats chance."""
     for _ in range(1000):
-        routes = [sample_route(rng, segments, seg_len) for _ in range(n_options)]
+        routes = [sample_route(rng, segments, seg_len, version) for _ in range(n_options)]
         texts = [answer_texts(route_steps(r)) for r in routes]
         if all(len({t[task] for t in texts}) == n_options for task in TASKS[1:]):
             break
@@ -310,6 +330,7 @@ def build_world(route):
     solid[cells[:, 1] + off[1], cells[:, 0] + off[0]] = False
     tex = np.zeros((gh, gw, 4), np.int16)     # face code by the heading a ray travels when it hits
     stair = np.full((gh, gw), -1, np.int8)    # uphill heading of a stairs cell
+    climb = np.zeros((gh, gw), np.int8)       # 1: climbed up, 2: climbed down (v2 colours them apart)
     starts = np.cumsum([0] + route['lengths'])
     T = np.cumsum([0] + [L + 1 for L in route['lengths']])
     door, items = None, []
@@ -324,6 +345,10 @@ def build_world(route):
             k = (h - 1) % 4 if lm['side'] == 'left' else (h + 1) % 4
             c = cell(s, lm['pos']) + DIRS[k]
         tex[c[1], c[0], k] = 1 + LANDMARKS.index(lm['name'])
+        if route.get('version', 1) >= 2:   # v2: the end cell's side walls too, so the landmark fills the view
+            for k in ((h - 1) % 4, (h + 1) % 4):
+                c = cell(s, route['lengths'][s]) + DIRS[k]
+                tex[c[1], c[0], k] = 1 + LANDMARKS.index(lm['name'])
     for a in route['actions']:
         s, j, h, act = a['seg'], a['pos'], route['headings'][a['seg']], a['action']
         c = cell(s, j)
@@ -334,10 +359,11 @@ def build_world(route):
             tex[leaf[1], leaf[0], (h - 1) % 4] = LEAF
         elif act.startswith('climb'):
             stair[c[1], c[0]] = h if 'up' in act else (h + 2) % 4
+            climb[c[1], c[0]] = 1 if 'up' in act else 2
         else:
             items.append(dict(pos=c + 0.5, name=act.split()[-1], t_pick=T[s] + j - 0.4))
-    return dict(solid=solid, tex=tex, stair=stair, door=door, items=items, T=T,
-                seg_start=cells[starts[:-1]] + off + 0.5)
+    return dict(solid=solid, tex=tex, stair=stair, climb=climb, door=door, items=items, T=T,
+                seg_start=cells[starts[:-1]] + off + 0.5, version=route.get('version', 1))
 
 
 def key_times(route, world, n):
@@ -353,7 +379,7 @@ def key_times(route, world, n):
         extra.append(t0 - 0.75 if a['action'].startswith('open') else t0 - 0.7 if 'climb' in a['action'] else t0 - 0.2)
     for lm in route['landmarks']:
         j = Ls[lm['seg']] if lm['side'] == 'ahead' else lm['pos']
-        extra.append(T[lm['seg']] + j - 1)
+        extra.append(T[lm['seg']] + j - (1 if route.get('version', 1) == 1 else 0.7))   # v2: closer
     if len(must) > n:
         raise ValueError(f'key_frames={n} cannot show {last + 1} segments and {last} turns: use more frames')
     times = sorted(set(must))
@@ -464,7 +490,12 @@ def render(route, times, size=56, theme='default', world=None):
     if (up >= 0).any():
         along = np.select([up == 0, up == 1, up == 2, up == 3], [fy, fx, 1 - fy, 1 - fx], 0)
         step = np.where((along * 4) % 1 < 0.15, 30, 60 + 45 * np.floor(along * 4))   # steps brighten uphill
-        floor = np.where((up >= 0)[..., None], (step[..., None] * np.float32([1, 0.9, 0.7])).astype(np.float32), floor)
+        tint = np.float32([1, 0.9, 0.7])
+        if world['version'] >= 2:   # v2: up and down in two colours a tiny model tells apart on one frame
+            tint = np.where((world['climb'][cy, cx] == 1)[..., None], np.float32([1.2, 1.2, 0.3]),
+                            np.float32([0.3, 0.6, 1.3]))
+            step = np.where((along * 4) % 1 < 0.15, 30, 170)
+        floor = np.where((up >= 0)[..., None], (step[..., None] * tint).astype(np.float32), floor)
     ceil = np.float32(th['ceiling']) * np.where((fx < 0.06) | (fy < 0.06), 0.6, 1).astype(np.float32)[..., None]
     plane = np.where((yc > 0)[None, :, None, None], floor, ceil) * (1 / (1 + 0.12 * dist)).astype(np.float32)[..., None]
     img = np.where(wall[..., None], colour, plane)
@@ -476,19 +507,20 @@ def _draw_items(img, world, times, xy, fwd, right, zbuf, f, eye):
     """Items as floor sprites until picked up, then as a square in the hand (bottom right)."""
     n, H, W, _ = img.shape
     rows, cols = np.arange(H) + 0.5, np.arange(W) + 0.5
+    big = world['version'] >= 2   # v2: items ~2x as wide and tall, and a larger square in the hand
     for i, it in enumerate(world['items']):
         colour = np.array(ITEMS[it['name']], float)
         for t in range(n):
             if times[t] >= it['t_pick']:
-                s = H // 7
+                s = H // 5 if big else H // 7
                 img[t, H - s - 1:H - 1, W - (i + 1) * (s + 2):W - i * (s + 2) - 2] = colour
                 continue
             rel = it['pos'] - xy[t]
             depth, lat = rel @ fwd[t], rel @ right[t]
             if depth < 0.3:
                 continue
-            x0, half = W / 2 + lat / depth * f, 0.16 * f / depth
-            y1, y0 = H / 2 + eye * f / depth, H / 2 + (eye - 0.32) * f / depth
+            x0, half = W / 2 + lat / depth * f, (0.3 if big else 0.16) * f / depth
+            y1, y0 = H / 2 + eye * f / depth, H / 2 + (eye - (0.6 if big else 0.32)) * f / depth
             inside = (np.abs(cols - x0) < half)[None] & ((rows > y0) & (rows < y1))[:, None]
             if it['name'] == 'ball':
                 inside &= ((cols[None] - x0) / half) ** 2 + ((rows[:, None] - (y0 + y1) / 2) / ((y1 - y0) / 2)) ** 2 < 1
@@ -520,7 +552,7 @@ def write_mp4(path, clip, fps=8):
 # data set files
 
 def cot_solution(route, qs, task, d, cot=True, cot_perception=True, cot_turns=True, cot_answer_text=True,
-                 cot_check=True, cot_reverse=True):
+                 cot_check=True, cot_reverse=True, cot_caption=False):
     """The ST-R1 target of one question. No CoT: "<answer>X</answer>" (X: the letter, or a route question's
     text). CoT: the paper's reverse-thinking template (reward.cot_text), cleaned of Python list reprs, with up to
     four additions of ours (the cot_* settings say why). A forward MCQ with all four:
@@ -545,6 +577,8 @@ def cot_solution(route, qs, task, d, cot=True, cot_perception=True, cot_turns=Tr
     o = 'reverse' if d == 'forward' else 'forward'
     hs = [HEADINGS[h] for h in route['headings']]
     head = f"Headings: {', '.join(hs)}. " if cot_perception else ''
+    if cot_caption:
+        head = caption_text(route) + ' '
     if cot_turns:  # no left/right words: reward.py would read them as part of the stated route
         head += 'Turns: ' + ', '.join(f"{a} to {b} {'clockwise' if t == 'right' else 'anticlockwise'}"
                                       for a, b, t in zip(hs, hs[1:], route['turns'])) + '. '
@@ -571,6 +605,20 @@ def check_text(answer_text, options):
     return '; '.join(lines)
 
 
+def caption_text(route):
+    """A video's caption: "Headings: north, east. Route: go straight past the orange clock, open the door, go
+    straight, turn right, go straight." (every step of route_steps, in the order it happens)."""
+    hs = ', '.join(HEADINGS[h] for h in route['headings'])
+    return f'Headings: {hs}. Route: {route_to_text(route_steps(route))}'
+
+
+def caption_line(route, video):
+    """One captions.jsonl line (ST-R1 JSONL fields, the caption as both answer and target)."""
+    p, c = PREFIX + CAPTION_QUESTION, caption_text(route)
+    return json.dumps(dict(problem=p, solution=c, video=video, original_question=p, original_answer=c,
+                           task='route', direction='forward'))
+
+
 def problem_text(q):
     """The ST-R1 problem: the release's prefix, the question, and for an MCQ its options and instruction."""
     if not q['options']:
@@ -583,7 +631,7 @@ def make_sample(job):
     """One video: questions, frames, mp4. A job is (split dir, split index, i, settings)."""
     split_dir, split_idx, i, cfg = job
     rng = np.random.default_rng([cfg['seed'], split_idx, i])
-    route, qs = make_questions(rng, cfg['segments'], cfg['seg_len'], cfg['n_options'])
+    route, qs = make_questions(rng, cfg['segments'], cfg['seg_len'], cfg['n_options'], cfg['version'])
     world = build_world(route)
     times = clip_times(route, world, cfg['frames'], cfg['key_frames'])
     clip = render(route, times, cfg['size'], cfg['theme'], world)
@@ -593,7 +641,7 @@ def make_sample(job):
 
 
 def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), pool=None, seed=0, seg_len=(2, 4),
-                   n_options=4, frames=16, key_frames=16, size=56, fps=8, cot_opts=None):
+                   n_options=4, frames=16, key_frames=16, size=56, fps=8, cot_opts=None, version=1):
     """Write one split of n videos, video i from the RNG stream [seed, split_idx, i], in the released benchmark
     layout (data.read_benchmark reads it) plus the ground truth and the ST-R1 training files (their CoT written
     with cot_opts, cot_solution's cot_* flags):
@@ -602,17 +650,19 @@ def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), po
         split_dir/part1/<id>.mp4
         split_dir/routes.jsonl                          each video's route, with its steps and theme
         split_dir/st_r1_cot.jsonl, st_r1_nocot.jsonl    8 items a video
+        split_dir/captions.jsonl                        version >= 2: one caption a video (caption_line)
     """
     os.makedirs(os.path.join(split_dir, 'part1'), exist_ok=True)
     cfg = dict(seed=seed, segments=segments, seg_len=seg_len, n_options=n_options, frames=frames,
-               key_frames=key_frames, size=size, theme=theme, fps=fps)
+               key_frames=key_frames, size=size, theme=theme, fps=fps, version=version)
     jobs = [(split_dir, split_idx, i, cfg) for i in range(n)]
     results = pool.imap(make_sample, jobs, chunksize=8) if pool else map(make_sample, jobs)
     files = {(t, d): {} for t in TASKS for d in ('forward', 'reverse')}
-    lines = {True: [], False: [], 'meta': []}
+    lines = {True: [], False: [], 'meta': [], 'caption': []}
     for sid, route, qs in results:
         video = sid + '.mp4'
         lines['meta'].append(json.dumps(dict(id=sid, video=video, theme=theme, steps=route_steps(route), **route)))
+        lines['caption'].append(caption_line(route, 'part1/' + video))
         for (task, d), q in qs.items():
             if task == 'route':
                 files[task, d][sid] = {'video': video, 'question': q['question'], f'{d}_answer': q['answer']}
@@ -627,13 +677,14 @@ def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), po
     for (task, d), obj in files.items():
         with open(os.path.join(split_dir, f'Part1_{d}_{FILES[task]}.json'), 'w') as fh:
             json.dump(obj, fh, indent=1)
-    for key, name in ((True, 'st_r1_cot.jsonl'), (False, 'st_r1_nocot.jsonl'), ('meta', 'routes.jsonl')):
+    names = ((True, 'st_r1_cot.jsonl'), (False, 'st_r1_nocot.jsonl'), ('meta', 'routes.jsonl'))
+    for key, name in names + ((('caption', 'captions.jsonl'),) if version >= 2 else ()):
         with open(os.path.join(split_dir, name), 'w') as fh:
             fh.write('\n'.join(lines[key]) + '\n')
 
 
 def write_contact_sheet(path, n=3, seed=0, segments=(2, 4), ood_segments=(5, 5), ood_theme='dusk',
-                        seg_len=(2, 4), n_options=4, frames=16, key_frames=16, size=56):
+                        seg_len=(2, 4), n_options=4, frames=16, key_frames=16, size=56, version=1):
     """A PNG: the frames of the first n train videos and the first OOD video, one row each, with the
     segment headings, the forward route and the actions underneath."""
     from PIL import Image, ImageDraw
@@ -642,7 +693,7 @@ def write_contact_sheet(path, n=3, seed=0, segments=(2, 4), ood_segments=(5, 5),
     sheet = Image.new('RGB', (frames * (cell + 2), len(rows) * (cell + pad + 2)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for r, (split_idx, i, theme, segs) in enumerate(rows):
-        route, qs = make_questions(np.random.default_rng([seed, split_idx, i]), segs, seg_len, n_options)
+        route, qs = make_questions(np.random.default_rng([seed, split_idx, i]), segs, seg_len, n_options, version)
         world = build_world(route)
         clip = render(route, clip_times(route, world, frames, key_frames), size, theme, world)
         y = r * (cell + pad + 2)
@@ -656,13 +707,17 @@ def write_contact_sheet(path, n=3, seed=0, segments=(2, 4), ood_segments=(5, 5),
 # -----------------------------------------------------------------------------
 # the tiny model
 
-def corpus_texts(n, seed=0, segments=(2, 4), seg_len=(2, 4), n_options=4, cot_opts=None):
+def corpus_texts(n, seed=0, segments=(2, 4), seg_len=(2, 4), n_options=4, cot_opts=None, version=1):
     """Every kind of text the model reads or writes over n train videos' questions: prompts
-    (data.build_user_text), chat roles, CoT and no-CoT targets. Text only: nothing is rendered."""
+    (data.build_user_text), chat roles, CoT and no-CoT targets (and v2's caption prompt and captions).
+    Text only: nothing is rendered."""
     texts = [SYSTEM_PROMPT, 'system\n', 'user\n', 'assistant\n']
     for i in range(n):
         rng = np.random.default_rng([seed, 0, i])
-        route, qs = make_questions(rng, segments, seg_len, n_options)
+        route, qs = make_questions(rng, segments, seg_len, n_options, version)
+        if version >= 2:
+            cap = Sample(id=str(i), video='', task='route', direction='forward', question=CAPTION_QUESTION)
+            texts += [build_user_text(cap), caption_text(route)]
         for (task, d), q in qs.items():
             s = Sample(id=str(i), video='', task=task, direction=d, question=q['question'],
                        options=q['options'], answer=q['answer'], answer_text=q['answer_text'])
@@ -675,7 +730,7 @@ def make_tiny_model(path, vocab_size=1024, key_frames=16, size=56, seed=0, segme
                     n_options=4, cot_opts=None, tiny_corpus=2000, tiny_phrases=True, tiny_hidden=128, tiny_layers=4,
                     tiny_heads=4, tiny_kv_heads=2, tiny_intermediate=512, tiny_init_std=0.06, tiny_tied=False,
                     tiny_embed_std=1.0, tiny_vision_depth=2, tiny_vision_dim=128, tiny_vision_heads=4,
-                    family='qwen2_vl'):
+                    family='qwen2_vl', version=1):
     """tokenizer.json (+ chat template, preprocessor config with this world's pixel budget) trained on the text
     of tiny_corpus train videos (corpus_texts), and a random-initialised Qwen2-VL (family 'qwen2_vl'),
     Qwen2.5-VL ('qwen2_5_vl') or Qwen3-VL ('qwen3_vl') of PROBE.md's size on it, in the HF layout. The tiny_*
@@ -684,7 +739,7 @@ def make_tiny_model(path, vocab_size=1024, key_frames=16, size=56, seed=0, segme
     # Qwen3-VL's 16-pixel patches: frames resized to the next multiple of 32 (56 -> 64), so a frame group
     # is the same 2 x 2 merged tokens as Qwen2-VL's 56 pixels in 14-pixel patches (demo.sh passes the same)
     side = -(-size // 32) * 32 if qwen3 else size
-    texts = corpus_texts(tiny_corpus, seed, segments, seg_len, n_options, cot_opts)
+    texts = corpus_texts(tiny_corpus, seed, segments, seg_len, n_options, cot_opts, version)
     settings = VisionSettings(nframes=key_frames, min_pixels=side * side, max_pixels=side * side)
     tok = build_tokenizer(texts, vocab_size, path, settings, phrases=tiny_phrases)
     head_dim, pairs = tiny_hidden // tiny_heads, tiny_hidden // tiny_heads // 2
@@ -743,7 +798,8 @@ def main():
     configure(globals())
     check_config(size, frames, key_frames, segments, ood_segments, seg_len, ood_theme, n_options,
                  cot_answer_text, cot_check)
-    cot_opts = dict(cot_perception=cot_perception, cot_turns=cot_turns, cot_answer_text=cot_answer_text,
+    cot_opts = dict(cot_perception=cot_perception, cot_caption=cot_caption, cot_turns=cot_turns,
+                    cot_answer_text=cot_answer_text,
                     cot_check=cot_check, cot_reverse=cot_reverse)
     shared = dict(seed=seed, seg_len=seg_len, n_options=n_options, frames=frames, key_frames=key_frames, size=size)
     if generate if generate is not None else not (contact_sheet or make_model):
@@ -760,7 +816,7 @@ def main():
                 if n == 0:
                     continue
                 generate_split(os.path.join(out, name), idx, n, theme, segs, pool, fps=fps, cot_opts=cot_opts,
-                               **shared)
+                               version=version, **shared)
                 print(f'{name}: {n} videos -> {os.path.join(out, name)}')
         finally:
             if pool:
@@ -769,13 +825,13 @@ def main():
         print(f'{total} videos in {dt:.1f}s ({total / dt:.1f} videos/s, {workers} workers)')
     if contact_sheet:
         write_contact_sheet(contact_sheet, segments=segments, ood_segments=ood_segments, ood_theme=ood_theme,
-                            **shared)
+                            version=version, **shared)
         print(f'contact sheet -> {contact_sheet}')
     if make_model:
         tiny = {k: v for k, v in globals().items() if k.startswith('tiny_')}   # the tiny_* settings by name
         make_tiny_model(make_model, vocab_size=vocab_size, key_frames=key_frames, size=size, seed=seed,
                         segments=segments, seg_len=seg_len, n_options=n_options, cot_opts=cot_opts, family=family,
-                        **tiny)
+                        version=version, **tiny)
 
 
 if __name__ == '__main__':

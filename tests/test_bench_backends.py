@@ -250,7 +250,8 @@ def test_api_request_parts_round_trip(samples):
                                                                                frames)
     parts = bench.api_request(s, VS, 'video_file')
     url = parts[0]['video_url']['url']
-    assert url.startswith('data:video/mp4;base64,') and base64.b64decode(url.split(',', 1)[1]) == open(s.video, 'rb').read()
+    with open(s.video, 'rb') as f:
+        assert url.startswith('data:video/mp4;base64,') and base64.b64decode(url.split(',', 1)[1]) == f.read()
 
 
 def test_chat_completion_backoff_and_retry_after(chat_server):

@@ -320,3 +320,78 @@ def test_tiny_model_runs_on_egoworld(tmp_path):
     for name in ('layers.0.self_attn.q_proj.weight', 'layers.3.mlp.down_proj.weight', 'lm_head.weight'):
         std = dict(loaded.named_parameters())[name].std().item()
         assert abs(std - egoworld.tiny_init_std) < 0.1 * egoworld.tiny_init_std
+
+# -----------------------------------------------------------------------------
+# EgoWorld v2 (--version=2): salient perception, same layout and guarantees
+
+
+def questions_v2(n, seed=0, segments=(2, 4)):
+    rng = np.random.default_rng(seed)
+    return [egoworld.make_questions(rng, segments, (2, 4), 4, version=2) for _ in range(n)]
+
+
+def test_v2_answers_exact_landmarks_ahead_and_text_only_at_chance():
+    qv = questions_v2(600, seed=7)
+    for route, qs in qv[:200] + questions_v2(30, 2, (5, 5)):
+        assert route['version'] == 2
+        assert all(l['side'] == 'ahead' and l['name'] in egoworld.LANDMARKS_V2 for l in route['landmarks'])
+        truth = expected(route)   # recomputed from the carved cells, as for v1
+        assert all(qs[k]['answer_text'] == truth[k] for k in truth)
+    mcq = [q for _, qs in qv for (t, _), q in qs.items() if t != 'route']
+    accs = _baselines(mcq[:1800], mcq[1800:])
+    assert all(abs(a - 0.25) < 0.045 for a in accs.values()), accs
+    # v1 stays as it was: no version key, side walls used
+    v1 = [r for r, _ in questions(100)]
+    assert all('version' not in r for r in v1) and any(l['side'] != 'ahead' for r in v1 for l in r['landmarks'])
+
+
+def test_v2_caption_lists_every_step_in_order():
+    (route, qs), = questions_v2(1, seed=5)
+    cap = egoworld.caption_text(route)
+    hs = ', '.join(egoworld.HEADINGS[h] for h in route['headings'])
+    assert cap == f'Headings: {hs}. Route: ' + egoworld.route_to_text(egoworld.route_steps(route))
+    steps = egoworld.text_to_steps(cap.split('. Route: ')[1])
+    assert ', '.join(v for k, v in steps if k == 'go' and v) == qs['landmark', 'forward']['answer_text']
+    assert ', '.join(v for k, v in steps if k == 'do') == qs['action', 'forward']['answer_text']
+    assert ', '.join(f'turn {v}' for k, v in steps if k == 'turn') == qs['direction', 'forward']['answer_text']
+
+
+def test_v2_renderer_landmark_fills_the_view_and_stairs_differ():
+    route = dict(headings=[0, 1], lengths=[3, 3], turns=['right'], cells=egoworld.carve([0, 1], [3, 3]), version=2,
+                 landmarks=[dict(seg=0, pos=3.5, side='ahead', name='purple banner')],
+                 actions=[dict(seg=1, pos=1, action='climb up the stairs')])
+    world = egoworld.build_world(route)
+    img = egoworld.render(route, np.array([0.0, 2.3, 4.3]), 56, 'default', world).astype(int)
+    purple = np.array(egoworld.COLOURS['purple'])
+    near = lambda px, c, tol=60: np.abs(px - c).max(-1) < tol
+    assert near(img[0], purple).sum() < near(img[1], purple).sum()      # larger as it comes closer ...
+    assert near(img[1], purple).sum() > 0.15 * 56 * 56                  # ... and a large part of the key view
+    down = dict(route, actions=[dict(seg=1, pos=1, action='climb down the stairs')])
+    img_down = egoworld.render(down, np.array([4.3]), 56, 'default', egoworld.build_world(down)).astype(int)
+    floor_up, floor_down = img[2, 40:, 20:36].reshape(-1, 3).mean(0), img_down[0, 40:, 20:36].reshape(-1, 3).mean(0)
+    assert floor_up[2] < floor_up[0] and floor_down[2] > floor_down[0]   # up: yellow steps; down: blue
+
+
+def test_v2_split_writes_captions_that_data_reads(tmp_path):
+    data = pytest.importorskip('data')
+    egoworld.generate_split(str(tmp_path / 's'), 0, 2, version=2)
+    caps = data.read_st_r1_jsonl(str(tmp_path / 's' / 'captions.jsonl'))
+    routes = [json.loads(l) for l in (tmp_path / 's' / 'routes.jsonl').read_text().splitlines()]
+    assert [(c.task, c.direction) for c in caps] == [('route', 'forward')] * 2
+    assert [c.solution for c in caps] == [egoworld.caption_text(r) for r in routes]
+    assert len(data.read_benchmark(str(tmp_path / 's'))) == 16
+    egoworld.generate_split(str(tmp_path / 'v1'), 0, 1)
+    assert not (tmp_path / 'v1' / 'captions.jsonl').exists()
+
+
+def test_cot_caption_starts_the_thought_with_the_caption_and_reads_back():
+    reward = pytest.importorskip('reward')
+    (route, qs), = questions_v2(1, seed=6)
+    for (task, d), q in qs.items():
+        sol = egoworld.cot_solution(route, qs, task, d, cot_caption=True)
+        plain = egoworld.cot_solution(route, qs, task, d)
+        assert sol.startswith('<think>' + egoworld.caption_text(route) + ' Turns: ')
+        assert sol.split(' Turns: ', 1)[1] == plain.split(' Turns: ', 1)[1]   # the rest of the thought as before
+        m = reward.COT.search(sol)   # what data.parse_st_r1_item reads the opposite ground truth with
+        o = 'reverse' if d == 'forward' else 'forward'
+        assert m.group(3) == qs[task, o]['answer_text']   # the reader takes the opposite ground truth from it
