@@ -117,21 +117,28 @@ def plot(runs, out, names=None):
     return img
 
 
-def main(argv):
-    runs, out, names = [], 'curves.png', None
+def parse_runs(argv, prog, out, usage, doc):
+    """RUN... [--out=PATH] [--names=a,b] -> (runs, out, names): the command line of curves.py and leaderboard.py;
+    without a run, doc (the script's docstring) is the message."""
+    runs, names = [], None
     for a in argv:
         if a.startswith('--out='):
             out = a[len('--out='):]
         elif a.startswith('--names='):
             names = a[len('--names='):].split(',')
         elif a.startswith('--'):
-            raise SystemExit(f'curves.py: unknown option {a} (--out=PNG, --names=a,b)')
+            raise SystemExit(f'{prog}: unknown option {a} ({usage})')
         else:
             runs.append(a)
     if not runs:
-        raise SystemExit(__doc__)
+        raise SystemExit(doc)
     if names and len(names) != len(runs):
-        raise SystemExit(f'curves.py: {len(names)} names for {len(runs)} runs')
+        raise SystemExit(f'{prog}: {len(names)} names for {len(runs)} runs')
+    return runs, out, names
+
+
+def main(argv):
+    runs, out, names = parse_runs(argv, 'curves.py', 'curves.png', '--out=PNG, --names=a,b', __doc__)
     plot(runs, out, names)
     print(f'curves: {", ".join(runs)} -> {out}')
 

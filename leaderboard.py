@@ -22,7 +22,7 @@ import sys
 
 from PIL import Image, ImageDraw
 
-from curves import COLOURS, nice_ticks
+from curves import COLOURS, nice_ticks, parse_runs
 
 TASKS = ('route', 'direction', 'landmark', 'action')
 COLUMNS = [f'{t}_{d}' for t in TASKS for d in ('forward', 'reverse')] + ['forward', 'reverse', 'overall']
@@ -138,20 +138,8 @@ def build(runs, out, names=None):
 
 
 def main(argv):
-    runs, out, names = [], 'leaderboard', None
-    for a in argv:
-        if a.startswith('--out='):
-            out = a[len('--out='):]
-        elif a.startswith('--names='):
-            names = a[len('--names='):].split(',')
-        elif a.startswith('--'):
-            raise SystemExit(f'leaderboard: unknown option {a} (--out=PATH_WITHOUT_EXTENSION, --names=a,b)')
-        else:
-            runs.append(a)
-    if not runs:
-        raise SystemExit(__doc__)
-    if names and len(names) != len(runs):
-        raise SystemExit(f'leaderboard: {len(names)} names for {len(runs)} runs')
+    runs, out, names = parse_runs(argv, 'leaderboard', 'leaderboard', '--out=PATH_WITHOUT_EXTENSION, --names=a,b',
+                                  __doc__)
     print(build(runs, out, names), end='')
     print(f'leaderboard: {out}.md, {out}.csv, {out}.png')
 
