@@ -936,24 +936,26 @@ def main(argv=None):
     samples, errors = load_samples(data, tasks, directions, parts, limit)
     local = name if backend != 'openai' and os.path.isdir(name) else ''
     vs = vision_settings(local, data, dict(nframes=nframes, min_pixels=min_pixels, max_pixels=max_pixels))
-    settings = dict(vs.record(samples), backend=backend, model=os.path.abspath(local) if local else name,
+    settings = dict(backend=backend, model=os.path.abspath(local) if local else name,
                     revision=revision or None, video_input='video', mode=mode, max_new_tokens=max_new_tokens,
                     temperature=temperature, logits_prefix=logits_prefix if mode == 'logits' else None,
                     judge_model=judge_model if judge_url else None)
     bs = batch_size
     if backend == 'ours':
         answer_fn, prepare, net, tok = ours_backend(model_dir, vs, dev, max_new_tokens, temperature, dtype)
-        settings.update(vs.record(samples, net.config))  # a Qwen3-VL's prompts' timestamps too
+        settings.update(vs.record(samples, net.config))  # with a Qwen3-VL's prompts' timestamps
         if mode == 'logits':
             answer_fn = make_logits_fn(net, tok, logits_prefix, answer_fn, dev)
         settings['revision'] = one_for_all(lambda: dir_revision(model_dir), rank, world)
-    elif backend == 'hf':
+    else:
+        settings.update(vs.record(samples))
+    if backend == 'hf':
         answer_fn, prepare, info = hf_backend(name, revision, vs, dev, max_new_tokens, temperature, dtype, hf_rope,
                                               rank, world)
         settings.update(revision=info['revision'], video_input=info['video_input'], hf_rope=hf_rope)
         if not info['pixels']:  # the processor sizes frames its own way: the budget did not apply
             settings.update(min_pixels=None, max_pixels=None)
-    else:
+    elif backend == 'openai':
         answer_fn, prepare = openai_backend(api_url, model, vs, os.environ.get(api_key_env), max_new_tokens,
                                             temperature, api_concurrency, api_timeout, api_retries, api_backoff,
                                             api_input)
