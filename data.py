@@ -664,7 +664,13 @@ def read_benchmark(root, strict=True, check_videos=True):
     return samples if strict else (samples, errors)
 
 def read_samples(path, **kwargs):
-    """A benchmark folder or an ST-R1-style .jsonl."""
+    """A benchmark folder or an ST-R1-style .jsonl; several, comma-separated, are read in turn and concatenated
+    (e.g. EgoWorld v2's perception stage: 'captions.jsonl,reading.jsonl'). strict=False: (samples, errors)."""
+    if ',' in path and not os.path.exists(path):
+        got = [read_samples(p.strip(), **kwargs) for p in path.split(',')]
+        if kwargs.get('strict', True):
+            return [s for g in got for s in g]
+        return [s for g, _ in got for s in g], [e for _, es in got for e in es]
     if os.path.isdir(path):
         return read_benchmark(path, **kwargs)
     if path.endswith('.jsonl'):

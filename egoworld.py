@@ -74,6 +74,9 @@ cot_reverse = True      # state the opposite direction's route and reverse it (t
 cot_check = True        # then compare it with every option item by item: "Check A: turn left = turn right,
                         # nothing = turn left (no); B: ... (yes). So" (needs cot_answer_text). Without it the
                         # letter stays at chance even after 3,000 SFT steps (README, "what was measured")
+cot_judged = False      # v2: mark each Check pair "same" or "differ" before the option's yes/no ("A: turn left vs
+                        # turn right differ, nothing vs turn left differ (no)"), so the verdict reads marks written
+                        # one pair at a time; unmarked, a tiny model's verdicts agreed with its pairs 80% (measured)
 # extras
 contact_sheet = ''      # a PNG path: frames of a few train samples with their route text
 make_model = ''         # a directory: tokenizer.json + tiny random Qwen2-VL checkpoint
@@ -142,6 +145,9 @@ PREFIX = 'Please take an egocentric view to understand the following question. '
 CAPTION_QUESTION = ('Based on this video, describe your walk: the headings, the landmarks you passed and what you '
                     'did, in order.')
 INSTRUCTION = '\n\n' + MCQ_INSTRUCTION
+# v2's perception stage also reads: a text drill (no video question, no route reasoning) that compares a stated
+# list with four options item by item, the skill a pretrained LLM brings and a random 2M-parameter model lacks
+READING_QUESTION = 'Which option says the same as: {}?'
 
 # -----------------------------------------------------------------------------
 # routes: a route is a JSON-able dict; its meaning is the step list route_steps() derives
@@ -552,7 +558,7 @@ def write_mp4(path, clip, fps=8):
 # data set files
 
 def cot_solution(route, qs, task, d, cot=True, cot_perception=True, cot_turns=True, cot_answer_text=True,
-                 cot_check=True, cot_reverse=True, cot_caption=False):
+                 cot_check=True, cot_reverse=True, cot_caption=False, cot_judged=False):
     """The ST-R1 target of one question. No CoT: "<answer>X</answer>" (X: the letter, or a route question's
     text). CoT: the paper's reverse-thinking template (reward.cot_text), cleaned of Python list reprs, with up to
     four additions of ours (the cot_* settings say why). A forward MCQ with all four:
@@ -587,20 +593,22 @@ def cot_solution(route, qs, task, d, cot=True, cot_perception=True, cot_turns=Tr
     if task == 'route':
         conclusion = f'{gives} the route.'
     elif cot_answer_text:
-        check = f". Check {check_text(q['answer_text'], q['options'])}. So " if cot_check else ', so '
+        check = f". Check {check_text(q['answer_text'], q['options'], cot_judged)}. So " if cot_check else ', so '
         conclusion = f"{gives}: {q['answer_text']}{check}{conclusion}"
     thinking, stated = (o, q['opposite']) if cot_reverse else (d, q['answer_text'])
     return cot_text(thinking, STEMS[task, thinking], stated, STEMS[task, d], conclusion, answer, prefix=head)
 
 
-def check_text(answer_text, options):
+def check_text(answer_text, options, judged=False):
     """'A: o1 = x1, o2 = x2 (no); B: ... (yes)': each option beside the derived answer item by item
-    ('nothing' pads the shorter list), so that telling the matching option is a local comparison."""
+    ('nothing' pads the shorter list), so that telling the matching option is a local comparison. judged:
+    'A: o1 vs x1 same, o2 vs x2 differ (no); ...', each pair marked before the verdict."""
     items = lambda text: [x.strip() for x in text.split(',')]
     xs, lines = items(answer_text), []
     for letter, o in zip(LETTERS, options):
         ys = items(o)
-        pairs = ', '.join(f'{a} = {b}' for a, b in itertools.zip_longest(ys, xs, fillvalue='nothing'))
+        pairs = ', '.join(f"{a} vs {b} {'same' if a == b else 'differ'}" if judged else f'{a} = {b}'
+                          for a, b in itertools.zip_longest(ys, xs, fillvalue='nothing'))
         lines.append(f"{letter}: {pairs} ({'yes' if ys == xs else 'no'})")
     return '; '.join(lines)
 
@@ -617,6 +625,28 @@ def caption_line(route, video):
     p, c = PREFIX + CAPTION_QUESTION, caption_text(route)
     return json.dumps(dict(problem=p, solution=c, video=video, original_question=p, original_answer=c,
                            task='route', direction='forward'))
+
+
+def reading_item(rng, segments=(2, 4), seg_len=(2, 4), n_options=4, version=2, judged=False):
+    """One text drill: "Which option says the same as: <list>?" over the four MCQ options of a route drawn from
+    the prior, answered with the CoT's own Check block ("<think>It says: <list>. Check A: ... (no); B: ...
+    (yes); ... So the correct answer is B</think> <answer>B</answer>"; judged: check_text's). Its list is a
+    direction, landmark or action answer, at random. Returns (task, direction, q: question/options/answer, solution)."""
+    _, qs = make_questions(rng, segments, seg_len, n_options, version)
+    task, d = TASKS[1 + int(rng.integers(3))], ('forward', 'reverse')[int(rng.integers(2))]
+    text, options, answer = qs[task, d]['answer_text'], qs[task, d]['options'], qs[task, d]['answer']
+    sol = (f"<think>It says: {text}. Check {check_text(text, options, judged)}. So the correct answer is {answer}"
+           f"</think> <answer>{answer}</answer>")
+    return task, d, dict(question=READING_QUESTION.format(text), options=options, answer=answer), sol
+
+
+def reading_line(item, video):
+    """One reading.jsonl line (ST-R1 JSONL fields) of a reading_item; the video's clip only rides along (every
+    data.py sample has one): the drill is about the text."""
+    task, d, q, sol = item
+    p = problem_text(q)
+    return json.dumps(dict(problem=p, solution=sol, video=video, original_question=p, original_answer=q['answer'],
+                           task=task, direction=d))
 
 
 def problem_text(q):
@@ -651,6 +681,7 @@ def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), po
         split_dir/routes.jsonl                          each video's route, with its steps and theme
         split_dir/st_r1_cot.jsonl, st_r1_nocot.jsonl    8 items a video
         split_dir/captions.jsonl                        version >= 2: one caption a video (caption_line)
+        split_dir/reading.jsonl                         version >= 2: one text drill a video (reading_line)
     """
     os.makedirs(os.path.join(split_dir, 'part1'), exist_ok=True)
     cfg = dict(seed=seed, segments=segments, seg_len=seg_len, n_options=n_options, frames=frames,
@@ -658,11 +689,15 @@ def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), po
     jobs = [(split_dir, split_idx, i, cfg) for i in range(n)]
     results = pool.imap(make_sample, jobs, chunksize=8) if pool else map(make_sample, jobs)
     files = {(t, d): {} for t in TASKS for d in ('forward', 'reverse')}
-    lines = {True: [], False: [], 'meta': [], 'caption': []}
-    for sid, route, qs in results:
+    lines = {True: [], False: [], 'meta': [], 'caption': [], 'reading': []}
+    for i, (sid, route, qs) in enumerate(results):
         video = sid + '.mp4'
         lines['meta'].append(json.dumps(dict(id=sid, video=video, theme=theme, steps=route_steps(route), **route)))
         lines['caption'].append(caption_line(route, 'part1/' + video))
+        if version >= 2:  # its own RNG stream: the videos and questions stay those of [seed, split_idx, i]
+            item = reading_item(np.random.default_rng([seed, split_idx, i, 1]), segments, seg_len, n_options, version,
+                                (cot_opts or {}).get('cot_judged', False))
+            lines['reading'].append(reading_line(item, 'part1/' + video))
         for (task, d), q in qs.items():
             if task == 'route':
                 files[task, d][sid] = {'video': video, 'question': q['question'], f'{d}_answer': q['answer']}
@@ -678,7 +713,8 @@ def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), po
         with open(os.path.join(split_dir, f'Part1_{d}_{FILES[task]}.json'), 'w') as fh:
             json.dump(obj, fh, indent=1)
     names = ((True, 'st_r1_cot.jsonl'), (False, 'st_r1_nocot.jsonl'), ('meta', 'routes.jsonl'))
-    for key, name in names + ((('caption', 'captions.jsonl'),) if version >= 2 else ()):
+    v2 = (('caption', 'captions.jsonl'), ('reading', 'reading.jsonl')) if version >= 2 else ()
+    for key, name in names + v2:
         with open(os.path.join(split_dir, name), 'w') as fh:
             fh.write('\n'.join(lines[key]) + '\n')
 
@@ -718,6 +754,10 @@ def corpus_texts(n, seed=0, segments=(2, 4), seg_len=(2, 4), n_options=4, cot_op
         if version >= 2:
             cap = Sample(id=str(i), video='', task='route', direction='forward', question=CAPTION_QUESTION)
             texts += [build_user_text(cap), caption_text(route)]
+            task, d, q, sol = reading_item(np.random.default_rng([seed, 0, i, 1]), segments, seg_len, n_options,
+                                           version, (cot_opts or {}).get('cot_judged', False))
+            drill = Sample(id=str(i), video='', task=task, direction=d, question=q['question'], options=q['options'])
+            texts += [build_user_text(drill), sol]
         for (task, d), q in qs.items():
             s = Sample(id=str(i), video='', task=task, direction=d, question=q['question'],
                        options=q['options'], answer=q['answer'], answer_text=q['answer_text'])
@@ -798,7 +838,7 @@ def main():
     configure(globals())
     check_config(size, frames, key_frames, segments, ood_segments, seg_len, ood_theme, n_options,
                  cot_answer_text, cot_check)
-    cot_opts = dict(cot_perception=cot_perception, cot_caption=cot_caption, cot_turns=cot_turns,
+    cot_opts = dict(cot_perception=cot_perception, cot_caption=cot_caption, cot_judged=cot_judged, cot_turns=cot_turns,
                     cot_answer_text=cot_answer_text,
                     cot_check=cot_check, cot_reverse=cot_reverse)
     shared = dict(seed=seed, seg_len=seg_len, n_options=n_options, frames=frames, key_frames=key_frames, size=size)

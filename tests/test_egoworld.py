@@ -395,3 +395,36 @@ def test_cot_caption_starts_the_thought_with_the_caption_and_reads_back():
         m = reward.COT.search(sol)   # what data.parse_st_r1_item reads the opposite ground truth with
         o = 'reverse' if d == 'forward' else 'forward'
         assert m.group(3) == qs[task, o]['answer_text']   # the reader takes the opposite ground truth from it
+
+
+def test_judged_check_marks_each_pair_and_says_yes_only_for_the_right_option():
+    text = egoworld.check_text('turn left, turn right', ['turn left', 'turn left, turn right'], judged=True)
+    assert text == ('A: turn left vs turn left same, nothing vs turn right differ (no); '
+                    'B: turn left vs turn left same, turn right vs turn right same (yes)')
+    assert egoworld.check_text('turn left', ['turn left']) == 'A: turn left = turn left (yes)'   # unjudged: as before
+
+
+def test_reading_drill_is_text_only_and_answers_with_the_cot_check(tmp_path):
+    data = pytest.importorskip('data')
+    egoworld.generate_split(str(tmp_path / 's'), 0, 3, version=2, cot_opts=dict(cot_judged=True))
+    drills = data.read_st_r1_jsonl(str(tmp_path / 's' / 'reading.jsonl'))
+    routes = [json.loads(l) for l in (tmp_path / 's' / 'routes.jsonl').read_text().splitlines()]
+    for s, r in zip(drills, routes):
+        stated = s.question.split('says the same as: ')[1].rstrip('?')
+        assert s.options[egoworld.LETTERS.index(s.answer)] == stated   # the right option is the stated list
+        assert s.solution == (f"<think>It says: {stated}. Check {egoworld.check_text(stated, s.options, True)}. "
+                              f"So the correct answer is {s.answer}</think> <answer>{s.answer}</answer>")
+        assert s.video.endswith(r['video'])                            # the split's own clip rides along
+    # its own RNG stream: the videos' questions are those of a split written without drills (v1 / v2 alike)
+    egoworld.generate_split(str(tmp_path / 'v1'), 0, 3, version=1)
+    assert not (tmp_path / 'v1' / 'reading.jsonl').exists()
+
+
+def test_read_samples_concatenates_comma_separated_files(tmp_path):
+    data = pytest.importorskip('data')
+    egoworld.generate_split(str(tmp_path / 's'), 0, 2, version=2)
+    caps, drills = (str(tmp_path / 's' / f) for f in ('captions.jsonl', 'reading.jsonl'))
+    both = data.read_samples(f'{caps},{drills}')
+    assert [s.solution for s in both] == [s.solution for s in data.read_samples(caps) + data.read_samples(drills)]
+    with pytest.raises(FileNotFoundError, match='nope.jsonl'):   # as for one missing file
+        data.read_samples(f'{caps},{tmp_path}/nope.jsonl')
