@@ -17,6 +17,13 @@ from data import read_benchmark  # noqa: E402
 
 STATED = re.compile(r'gives: (.*?)\. Check (.*?)\. So the correct', re.S)
 LINE = re.compile(r'([A-D]): (.*) \((yes|no)\)$')
+JUDGED = re.compile(r'(.*) vs (.*) (same|differ)$')   # egoworld --cot_judged's pair: "a vs b same"
+
+
+def split_pair(p):
+    """'a = b' or (judged) 'a vs b same' -> (a, b), or None."""
+    m = JUDGED.match(p)
+    return (m.group(1), m.group(2)) if m else tuple(p.split(' = ')) if p.count(' = ') == 1 else None
 
 
 def main(bench_dir, split):
@@ -39,8 +46,8 @@ def main(bench_dir, split):
         row[3] += bool(r.get('correct'))
         for k, line in enumerate(m.group(2).split('; ') if m else []):
             mm = LINE.match(line)
-            pairs = [p.split(' = ') for p in mm.group(2).split(', ')] if mm else []
-            if not mm or k >= len(s.options) or any(len(p) != 2 for p in pairs):
+            pairs = [split_pair(p) for p in mm.group(2).split(', ')] if mm else []
+            if not mm or k >= len(s.options) or None in pairs:
                 continue
             opt, said = [a for a, _ in pairs if a != 'nothing'], [b for _, b in pairs if b != 'nothing']
             lines += 1

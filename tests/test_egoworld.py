@@ -409,13 +409,15 @@ def test_reading_drill_is_text_only_and_answers_with_the_cot_check(tmp_path):
     egoworld.generate_split(str(tmp_path / 's'), 0, 3, version=2, cot_opts=dict(cot_judged=True))
     drills = data.read_st_r1_jsonl(str(tmp_path / 's' / 'reading.jsonl'))
     routes = [json.loads(l) for l in (tmp_path / 's' / 'routes.jsonl').read_text().splitlines()]
-    for s, r in zip(drills, routes):
+    for i, (s, r) in enumerate(zip(drills, routes)):
+        # video i's drill comes from its own stream [seed, split, i, 1]: the clip's questions are untouched
+        assert s.solution == egoworld.reading_item(np.random.default_rng([0, 0, i, 1]), judged=True)[3]
         stated = s.question.split('says the same as: ')[1].rstrip('?')
         assert s.options[egoworld.LETTERS.index(s.answer)] == stated   # the right option is the stated list
         assert s.solution == (f"<think>It says: {stated}. Check {egoworld.check_text(stated, s.options, True)}. "
                               f"So the correct answer is {s.answer}</think> <answer>{s.answer}</answer>")
         assert s.video.endswith(r['video'])                            # the split's own clip rides along
-    # its own RNG stream: the videos' questions are those of a split written without drills (v1 / v2 alike)
+    assert len({s.solution for s in drills}) == 3
     egoworld.generate_split(str(tmp_path / 'v1'), 0, 3, version=1)
     assert not (tmp_path / 'v1' / 'reading.jsonl').exists()
 
