@@ -690,13 +690,14 @@ def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), po
     results = pool.imap(make_sample, jobs, chunksize=8) if pool else map(make_sample, jobs)
     files = {(t, d): {} for t in TASKS for d in ('forward', 'reverse')}
     lines = {True: [], False: [], 'meta': [], 'caption': [], 'reading': []}
+    judged = (cot_opts or {}).get('cot_judged', False)   # the drills' Check is written as the CoT's
     for i, (sid, route, qs) in enumerate(results):
         video = sid + '.mp4'
         lines['meta'].append(json.dumps(dict(id=sid, video=video, theme=theme, steps=route_steps(route), **route)))
         lines['caption'].append(caption_line(route, 'part1/' + video))
         if version >= 2:  # its own RNG stream: the videos and questions stay those of [seed, split_idx, i]
             item = reading_item(np.random.default_rng([seed, split_idx, i, 1]), segments, seg_len, n_options, version,
-                                (cot_opts or {}).get('cot_judged', False))
+                                judged)
             lines['reading'].append(reading_line(item, 'part1/' + video))
         for (task, d), q in qs.items():
             if task == 'route':
@@ -838,9 +839,8 @@ def main():
     configure(globals())
     check_config(size, frames, key_frames, segments, ood_segments, seg_len, ood_theme, n_options,
                  cot_answer_text, cot_check)
-    cot_opts = dict(cot_perception=cot_perception, cot_caption=cot_caption, cot_judged=cot_judged, cot_turns=cot_turns,
-                    cot_answer_text=cot_answer_text,
-                    cot_check=cot_check, cot_reverse=cot_reverse)
+    cot_opts = dict(cot_perception=cot_perception, cot_caption=cot_caption, cot_judged=cot_judged,
+                    cot_turns=cot_turns, cot_answer_text=cot_answer_text, cot_check=cot_check, cot_reverse=cot_reverse)
     shared = dict(seed=seed, seg_len=seg_len, n_options=n_options, frames=frames, key_frames=key_frames, size=size)
     if generate if generate is not None else not (contact_sheet or make_model):
         splits = [('train', n_train, 'default', segments), ('test', n_test, 'default', segments),

@@ -23,7 +23,11 @@ JUDGED = re.compile(r'(.*) vs (.*) (same|differ)$')   # egoworld --cot_judged's 
 def split_pair(p):
     """'a = b' or (judged) 'a vs b same' -> (a, b), or None."""
     m = JUDGED.match(p)
-    return (m.group(1), m.group(2)) if m else tuple(p.split(' = ')) if p.count(' = ') == 1 else None
+    if m:
+        return m.group(1), m.group(2)
+    if p.count(' = ') == 1:
+        return tuple(p.split(' = '))
+    return None
 
 
 def main(bench_dir, split):
