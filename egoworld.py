@@ -48,6 +48,9 @@ n_train = 2000          # videos; each gives 8 questions (route, direction, land
 n_test = 200
 n_ood = 200             # the harder OOD split: ood_segments-long routes in ood_theme
 n_ood_theme = 200       # the paper-like OOD split (a held-out domain): the training route lengths in ood_theme
+cold_start = 0          # v2, the paper's data regime: > 0 also writes train/cold_start.jsonl (the first cold_start
+                        # videos' CoT, forward-only CoT in cold_start_forward.jsonl) and train/rl_mcq.jsonl (the
+                        # other videos' MCQs, answer letter only: GRPO's questions)
 workers = 2             # processes rendering and encoding videos (this machine has 2 cores)
 generate = None         # None: generate unless only --contact_sheet / --make_model was asked for
 # video: 56 px = 4x4 Qwen2-VL patches of 14 -> 2x2 merged tokens per temporal pair of frames
@@ -671,7 +674,7 @@ def make_sample(job):
 
 
 def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), pool=None, seed=0, seg_len=(2, 4),
-                   n_options=4, frames=16, key_frames=16, size=56, fps=8, cot_opts=None, version=1):
+                   n_options=4, frames=16, key_frames=16, size=56, fps=8, cot_opts=None, version=1, cold_start=0):
     """Write one split of n videos, video i from the RNG stream [seed, split_idx, i], in the released benchmark
     layout (data.read_benchmark reads it) plus the ground truth and the ST-R1 training files (their CoT written
     with cot_opts, cot_solution's cot_* flags):
@@ -682,14 +685,19 @@ def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), po
         split_dir/st_r1_cot.jsonl, st_r1_nocot.jsonl    8 items a video
         split_dir/captions.jsonl                        version >= 2: one caption a video (caption_line)
         split_dir/reading.jsonl                         version >= 2: one text drill a video (reading_line)
+        split_dir/cold_start.jsonl, cold_start_forward.jsonl   cold_start > 0: the CoT lines of videos < cold_start,
+                                                        reverse-thinking and forward-only (cot_reverse=False)
+        split_dir/rl_mcq.jsonl                          cold_start > 0: the no-CoT MCQ lines of the other videos
     """
+    if cold_start > n:
+        raise ValueError(f'cold_start={cold_start} > {n} videos in {split_dir}: GRPO would have no questions')
     os.makedirs(os.path.join(split_dir, 'part1'), exist_ok=True)
     cfg = dict(seed=seed, segments=segments, seg_len=seg_len, n_options=n_options, frames=frames,
                key_frames=key_frames, size=size, theme=theme, fps=fps, version=version)
     jobs = [(split_dir, split_idx, i, cfg) for i in range(n)]
     results = pool.imap(make_sample, jobs, chunksize=8) if pool else map(make_sample, jobs)
     files = {(t, d): {} for t in TASKS for d in ('forward', 'reverse')}
-    lines = {True: [], False: [], 'meta': [], 'caption': [], 'reading': []}
+    lines = {True: [], False: [], 'meta': [], 'caption': [], 'reading': [], 'cold': [], 'cold_fwd': [], 'rl': []}
     judged = (cot_opts or {}).get('cot_judged', False)   # the drills' Check is written as the CoT's
     for i, (sid, route, qs) in enumerate(results):
         video = sid + '.mp4'
@@ -705,17 +713,24 @@ def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), po
             else:
                 mcq = {k: q[k] for k in ('question', 'options', 'answer')}
                 files[task, d][sid] = {'video': video, f'{d}_mcq': mcq}
+            p = problem_text(q)
+            line = lambda solution: json.dumps(dict(problem=p, solution=solution, video='part1/' + video,
+                                                    original_question=p, original_answer=q['answer']))
             for cot in (True, False):
-                p = problem_text(q)
-                solution = cot_solution(route, qs, task, d, cot, **(cot_opts or {}))
-                lines[cot].append(json.dumps(dict(problem=p, solution=solution, video='part1/' + video,
-                                                  original_question=p, original_answer=q['answer'])))
+                lines[cot].append(line(cot_solution(route, qs, task, d, cot, **(cot_opts or {}))))
+            if i < cold_start:
+                lines['cold'].append(lines[True][-1])
+                fwd = dict(cot_opts or {}, cot_reverse=False)
+                lines['cold_fwd'].append(line(cot_solution(route, qs, task, d, True, **fwd)))
+            elif cold_start and task != 'route':
+                lines['rl'].append(lines[False][-1])
     for (task, d), obj in files.items():
         with open(os.path.join(split_dir, f'Part1_{d}_{FILES[task]}.json'), 'w') as fh:
             json.dump(obj, fh, indent=1)
     names = ((True, 'st_r1_cot.jsonl'), (False, 'st_r1_nocot.jsonl'), ('meta', 'routes.jsonl'))
     v2 = (('caption', 'captions.jsonl'), ('reading', 'reading.jsonl')) if version >= 2 else ()
-    for key, name in names + v2:
+    regime = (('cold', 'cold_start.jsonl'), ('cold_fwd', 'cold_start_forward.jsonl'), ('rl', 'rl_mcq.jsonl'))
+    for key, name in names + v2 + (regime if cold_start else ()):
         with open(os.path.join(split_dir, name), 'w') as fh:
             fh.write('\n'.join(lines[key]) + '\n')
 
@@ -856,7 +871,7 @@ def main():
                 if n == 0:
                     continue
                 generate_split(os.path.join(out, name), idx, n, theme, segs, pool, fps=fps, cot_opts=cot_opts,
-                               version=version, **shared)
+                               version=version, cold_start=cold_start if name == 'train' else 0, **shared)
                 print(f'{name}: {n} videos -> {os.path.join(out, name)}')
         finally:
             if pool:

@@ -396,3 +396,47 @@ def test_leaderboard_table_csv_and_chart(tmp_path):
         leaderboard.build([a, str(tmp_path / 'broken')], str(tmp_path / 'x'))
     with pytest.raises(SystemExit, match='nowhere/results.json not found'):
         leaderboard.build([str(tmp_path / 'nowhere')], str(tmp_path / 'x'))
+
+
+def test_leaderboard_split_columns_and_paired_z(tmp_path):
+    cols = leaderboard.COLUMNS[2:8]   # MCQ tasks only, as the v2 table benches them
+    a = _results(tmp_path / 'cold_test', {c: 50.0 for c in cols})
+    b = _results(tmp_path / 'grpo_test', {c: 60.0 for c in cols})
+    for name, v in (('cold', 40.0), ('grpo', 45.0)):
+        for split in ('ood', 'ood_theme'):
+            _results(tmp_path / f'{name}_{split}', {c: v + (split == 'ood') for c in cols})
+    s = json.loads((tmp_path / 'grpo_test' / 'results.json').read_text())
+    s['paired'] = dict(n=1200, z=3.949, with_=a)   # bench --paired_with writes this
+    (tmp_path / 'grpo_test' / 'results.json').write_text(json.dumps(s))
+    md = leaderboard.build([a, b], str(tmp_path / 'lb'), names=['cold start', 'GRPO'], splits=['ood', 'ood_theme'])
+    head, _, cold, grpo = md.splitlines()[:4]
+    assert head.startswith('| model | direction f |')            # no row has route: its columns are left out
+    assert head.endswith('| overall | ood | ood_theme | paired z |')
+    assert cold.endswith('| 50.0 | 41.0 | 40.0 | - |') and grpo.endswith('| 60.0 | 46.0 | 45.0 | +3.95 vs cold start |')
+    rows = list(csv.DictReader(open(tmp_path / 'lb.csv')))
+    assert (rows[1]['ood'], rows[1]['paired_z'], rows[0]['paired_z']) == ('46.0000', '3.9490', '')
+    assert Image.open(tmp_path / 'lb.png').size[0] == leaderboard.LEFT + leaderboard.group_width(2) * 11 + 10
+    with pytest.raises(SystemExit, match='cold_ood_theme/results.json not found'):
+        (tmp_path / 'cold_ood_theme' / 'results.json').unlink()
+        leaderboard.build([a], str(tmp_path / 'x'), splits=['ood_theme'])
+    with pytest.raises(SystemExit, match=r'needs run dirs named \*_test'):
+        leaderboard.build([str(tmp_path / 'cold_ood')], str(tmp_path / 'x'), splits=['ood'])
+
+
+def test_leaderboard_pairs_rows_with_mcnemar(tmp_path):
+    cols = leaderboard.COLUMNS[2:8]
+    runs = [_results(tmp_path / n, {c: 50.0 for c in cols}) for n in ('a', 'b')]
+    # 10 MCQs: a right on 0-6, b right on 4-9 -> a wins 4 (0-3), b wins 3 (7-9): z = (4 - 3) / sqrt(7)
+    for run, right in zip(runs, (range(0, 7), range(4, 10))):
+        recs = [dict(id=f'q{k}', task='landmark', direction='forward', correct=k in right) for k in range(10)]
+        (tmp_path / run / 'predictions.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    md = leaderboard.build(runs, str(tmp_path / 'lb'), names=['A', 'B'], pairs=[(1, 2), (2, 1)])
+    assert '| A (1) vs B (2) | 70.0 vs 60.0 | 4 / 3 | +0.38 |' in md.splitlines()
+    assert '| B (2) vs A (1) | 60.0 vs 70.0 | 3 / 4 | -0.38 |' in md.splitlines()
+    with pytest.raises(SystemExit, match='--pairs 1:3: rows are 1 to 2'):
+        leaderboard.build(runs, str(tmp_path / 'x'), pairs=[(1, 3)])
+    with pytest.raises(SystemExit, match='want ROW:ROW pairs'):
+        leaderboard.main(runs + ['--pairs=1-2'])
+    (tmp_path / 'b' / 'predictions.jsonl').unlink()
+    with pytest.raises(SystemExit, match='no predictions to pair with'):
+        leaderboard.build(runs, str(tmp_path / 'x'), pairs=[(1, 2)])

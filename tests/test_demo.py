@@ -1,6 +1,7 @@
 """README command 1, shortened (QUICK=1: a few videos and steps, same code path): data -> tiny
 model -> SFT -> bench -> GRPO -> bench paired with SFT must run end to end and print both tables with
 all eight tasks and the paired comparison."""
+import csv
 import json
 import os
 import re
@@ -81,3 +82,27 @@ def test_demo_quick_on_a_tiny_qwen3(tmp_path):
     assert {tuple(json.loads(l)['timestamps']) for l in preds} == {tuple(0.0625 + 0.25 * k for k in range(8))}
     tail = p.stdout[p.stdout.index('== SFT(CoT) on EgoWorld: test split'):]
     assert tail.count('| route | direction | landmark | action |') == 2 and 'McNemar z =' in tail
+
+
+def test_demo_full_quick_writes_the_v2_table(tmp_path):
+    """FULL=1 (EgoWorld v2, the paper's table), QUICK sizes: every row is trained and benched on the three splits,
+    the GRPO rows paired with the checkpoint they start from, the table written as .md, .csv and .png."""
+    p = quick_demo(tmp_path, FULL='1')
+    out = tmp_path / 'out'
+    rows = list(csv.DictReader(open(out / 'table_v2.csv')))
+    assert [r['model'] for r in rows] == ['base', 'CoT-SFT', '+GRPO acc+fmt s1', '+GRPO acc+fmt s2', 'ST-R1 s1',
+                                          'ST-R1 s2', 'fwd-CoT-SFT', 'fwd +GRPO', 'CoT-SFT more', 'answer SFT']
+    assert all(r['ood'] and r['ood_theme'] and r['overall'] for r in rows)
+    assert [os.path.basename(r['paired_with']) for r in rows] == ['', ''] + ['cold_test'] * 4 + ['', 'cold_fwd_test'] \
+        + ['cold_test'] * 2
+    md = (out / 'table_v2.md').read_text()
+    assert 'ST-R1 s1 (5) vs CoT-SFT more (9)' in md and 'fwd-CoT-SFT (7) vs CoT-SFT (2)' in md
+    assert (out / 'table_v2.png').read_bytes()[:8] == (out / 'curves_grpo.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    # the ST-R1 rows use the reverse-thinking reward, the acc+fmt rows and the forward-only GRPO do not
+    weights = {r: json.loads((out / r / 'run_config.json').read_text())['reward_weights']['reverse']
+               for r in ('rev1', 'acc1', 'fwd')}
+    assert weights == {'rev1': 0.5, 'acc1': 0.0, 'fwd': 0.0}
+    assert json.loads((out / 'rev2' / 'run_config.json').read_text())['seed'] == 2
+    assert 'cold_start_forward.jsonl' in json.loads((out / 'cold_fwd' / 'run_config.json').read_text())['data']
+    p = quick_demo(tmp_path, FULL='1')   # a second run keeps every finished stage
+    assert 'cold: done before' in (out / 'logs' / 'cold.log').read_text() and 'base: done before' in p.stdout

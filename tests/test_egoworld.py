@@ -430,3 +430,25 @@ def test_read_samples_concatenates_comma_separated_files(tmp_path):
     assert [s.solution for s in both] == [s.solution for s in data.read_samples(caps) + data.read_samples(drills)]
     with pytest.raises(FileNotFoundError, match='nope.jsonl'):   # as for one missing file
         data.read_samples(f'{caps},{tmp_path}/nope.jsonl')
+
+
+def test_cold_start_split_is_the_first_videos_cot_and_rl_the_others_mcq_labels(tmp_path):
+    data = pytest.importorskip('data')
+    d = tmp_path / 's'
+    egoworld.generate_split(str(d), 0, 3, version=2, cot_opts=dict(cot_judged=True), cold_start=1)
+    read = lambda name: (d / name).read_text().splitlines()
+    assert read('cold_start.jsonl') == read('st_r1_cot.jsonl')[:8]          # video 0's 8 CoT lines, verbatim
+    fwd = [json.loads(l) for l in read('cold_start_forward.jsonl')]
+    rev = [json.loads(l) for l in read('cold_start.jsonl')]
+    assert [f['problem'] for f in fwd] == [r['problem'] for r in rev]
+    for f, r in zip(fwd, rev):  # forward-only: the question's own route is stated, nothing is reversed
+        assert 'reversing it gives' in r['solution'] and 'reversing' not in f['solution']
+    nocot = [json.loads(l) for l in read('st_r1_nocot.jsonl')]
+    want = [json.dumps(x) for x in nocot[8:] if 'Options:' in x['problem']]   # videos 1-2, MCQs only
+    assert read('rl_mcq.jsonl') == want and len(want) == 12
+    rl = data.read_samples(str(d / 'rl_mcq.jsonl'))
+    assert {s.task for s in rl} == {'direction', 'landmark', 'action'} and all('<think>' not in s.solution for s in rl)
+    egoworld.generate_split(str(tmp_path / 'plain'), 0, 1, version=2)
+    assert not (tmp_path / 'plain' / 'rl_mcq.jsonl').exists()
+    with pytest.raises(ValueError, match='cold_start=4 > 3 videos'):
+        egoworld.generate_split(str(tmp_path / 'bad'), 0, 3, version=2, cold_start=4)
