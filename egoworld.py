@@ -77,6 +77,10 @@ cot_reverse = True      # state the opposite direction's route and reverse it (t
 cot_check = True        # then compare it with every option item by item: "Check A: turn left = turn right,
                         # nothing = turn left (no); B: ... (yes). So" (needs cot_answer_text). Without it the
                         # letter stays at chance even after 3,000 SFT steps (README, "what was measured")
+cot_caption_turns = False  # v2: the caption (captions and the CoT's first line) writes the Turns line between the
+                        # headings and the route, so the route's turn words follow from a derivation written just
+                        # before them (after the route, a cold start wrote them wrong 46-51% of the time, the
+                        # headings 5%: docs/egoworld_v2_notes.md, run 20)
 cot_judged = False      # v2: mark each Check pair "same" or "differ" before the option's yes/no ("A: turn left vs
                         # turn right differ, nothing vs turn left differ (no)"), so the verdict reads marks written
                         # one pair at a time; unmarked, a tiny model's verdicts agreed with its pairs 80% (measured)
@@ -561,7 +565,7 @@ def write_mp4(path, clip, fps=8):
 # data set files
 
 def cot_solution(route, qs, task, d, cot=True, cot_perception=True, cot_turns=True, cot_answer_text=True,
-                 cot_check=True, cot_reverse=True, cot_caption=False, cot_judged=False):
+                 cot_check=True, cot_reverse=True, cot_caption=False, cot_judged=False, cot_caption_turns=False):
     """The ST-R1 target of one question. No CoT: "<answer>X</answer>" (X: the letter, or a route question's
     text). CoT: the paper's reverse-thinking template (reward.cot_text), cleaned of Python list reprs, with up to
     four additions of ours (the cot_* settings say why). A forward MCQ with all four:
@@ -587,10 +591,9 @@ def cot_solution(route, qs, task, d, cot=True, cot_perception=True, cot_turns=Tr
     hs = [HEADINGS[h] for h in route['headings']]
     head = f"Headings: {', '.join(hs)}. " if cot_perception else ''
     if cot_caption:
-        head = caption_text(route) + ' '
-    if cot_turns:  # no left/right words: reward.py would read them as part of the stated route
-        head += 'Turns: ' + ', '.join(f"{a} to {b} {'clockwise' if t == 'right' else 'anticlockwise'}"
-                                      for a, b, t in zip(hs, hs[1:], route['turns'])) + '. '
+        head = caption_text(route, cot_caption_turns) + ' '
+    if cot_turns and not (cot_caption and cot_caption_turns):
+        head += turns_text(route) + '. '
     gives = 'reversing it gives' if cot_reverse else 'it gives'
     conclusion = f'the correct answer is {answer}'
     if task == 'route':
@@ -616,16 +619,26 @@ def check_text(answer_text, options, judged=False):
     return '; '.join(lines)
 
 
-def caption_text(route):
+def turns_text(route):
+    """'Turns: north to east clockwise, east to north anticlockwise': each turn beside the two headings it comes
+    from. No left/right words: reward.py would read them as part of a stated route."""
+    hs = [HEADINGS[h] for h in route['headings']]
+    return 'Turns: ' + ', '.join(f"{a} to {b} {'clockwise' if t == 'right' else 'anticlockwise'}"
+                                 for a, b, t in zip(hs, hs[1:], route['turns']))
+
+
+def caption_text(route, turns=False):
     """A video's caption: "Headings: north, east. Route: go straight past the orange clock, open the door, go
-    straight, turn right, go straight." (every step of route_steps, in the order it happens)."""
+    straight, turn right, go straight." (every step of route_steps, in the order it happens). turns: the
+    turns_text line between the headings and the route."""
     hs = ', '.join(HEADINGS[h] for h in route['headings'])
-    return f'Headings: {hs}. Route: {route_to_text(route_steps(route))}'
+    mid = f' {turns_text(route)}.' if turns else ''
+    return f'Headings: {hs}.{mid} Route: {route_to_text(route_steps(route))}'
 
 
-def caption_line(route, video):
+def caption_line(route, video, turns=False):
     """One captions.jsonl line (ST-R1 JSONL fields, the caption as both answer and target)."""
-    p, c = PREFIX + CAPTION_QUESTION, caption_text(route)
+    p, c = PREFIX + CAPTION_QUESTION, caption_text(route, turns)
     return json.dumps(dict(problem=p, solution=c, video=video, original_question=p, original_answer=c,
                            task='route', direction='forward'))
 
@@ -699,10 +712,11 @@ def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), po
     files = {(t, d): {} for t in TASKS for d in ('forward', 'reverse')}
     lines = {True: [], False: [], 'meta': [], 'caption': [], 'reading': [], 'cold': [], 'cold_fwd': [], 'rl': []}
     judged = (cot_opts or {}).get('cot_judged', False)   # the drills' Check is written as the CoT's
+    turns = (cot_opts or {}).get('cot_caption_turns', False)   # and the captions as the CoT's first line
     for i, (sid, route, qs) in enumerate(results):
         video = sid + '.mp4'
         lines['meta'].append(json.dumps(dict(id=sid, video=video, theme=theme, steps=route_steps(route), **route)))
-        lines['caption'].append(caption_line(route, 'part1/' + video))
+        lines['caption'].append(caption_line(route, 'part1/' + video, turns))
         if version >= 2:  # its own RNG stream: the videos and questions stay those of [seed, split_idx, i]
             item = reading_item(np.random.default_rng([seed, split_idx, i, 1]), segments, seg_len, n_options, version,
                                 judged)
@@ -769,7 +783,7 @@ def corpus_texts(n, seed=0, segments=(2, 4), seg_len=(2, 4), n_options=4, cot_op
         route, qs = make_questions(rng, segments, seg_len, n_options, version)
         if version >= 2:
             cap = Sample(id=str(i), video='', task='route', direction='forward', question=CAPTION_QUESTION)
-            texts += [build_user_text(cap), caption_text(route)]
+            texts += [build_user_text(cap), caption_text(route, (cot_opts or {}).get('cot_caption_turns', False))]
             task, d, q, sol = reading_item(np.random.default_rng([seed, 0, i, 1]), segments, seg_len, n_options,
                                            version, (cot_opts or {}).get('cot_judged', False))
             drill = Sample(id=str(i), video='', task=task, direction=d, question=q['question'], options=q['options'])
@@ -855,7 +869,8 @@ def main():
     check_config(size, frames, key_frames, segments, ood_segments, seg_len, ood_theme, n_options,
                  cot_answer_text, cot_check)
     cot_opts = dict(cot_perception=cot_perception, cot_caption=cot_caption, cot_judged=cot_judged,
-                    cot_turns=cot_turns, cot_answer_text=cot_answer_text, cot_check=cot_check, cot_reverse=cot_reverse)
+                    cot_caption_turns=cot_caption_turns, cot_turns=cot_turns, cot_answer_text=cot_answer_text,
+                    cot_check=cot_check, cot_reverse=cot_reverse)
     shared = dict(seed=seed, seg_len=seg_len, n_options=n_options, frames=frames, key_frames=key_frames, size=size)
     if generate if generate is not None else not (contact_sheet or make_model):
         splits = [('train', n_train, 'default', segments), ('test', n_test, 'default', segments),

@@ -452,3 +452,23 @@ def test_cold_start_split_is_the_first_videos_cot_and_rl_the_others_mcq_labels(t
     assert not (tmp_path / 'plain' / 'rl_mcq.jsonl').exists()
     with pytest.raises(ValueError, match='cold_start=4 > 3 videos'):
         egoworld.generate_split(str(tmp_path / 'bad'), 0, 3, version=2, cold_start=4)
+
+
+def test_caption_turns_puts_the_turns_line_before_the_route_in_captions_and_cot(tmp_path):
+    route = dict(headings=[0, 1, 0], turns=['right', 'left'], lengths=[2, 2, 2], landmarks=[], actions=[])
+    assert egoworld.caption_text(route, turns=True) == (
+        'Headings: north, east, north. Turns: north to east clockwise, east to north anticlockwise. '
+        'Route: go straight, turn right, go straight, turn left, go straight.')
+    (route, qs), = questions_v2(1, seed=6)
+    for (task, d) in qs:
+        sol = egoworld.cot_solution(route, qs, task, d, cot_caption=True, cot_caption_turns=True)
+        plain = egoworld.cot_solution(route, qs, task, d, cot_caption=True)
+        assert sol.startswith('<think>' + egoworld.caption_text(route, turns=True) + " Let's start")
+        assert sol.count('Turns: ') == 1 and sol.split(" Let's start")[1] == plain.split(" Let's start")[1]
+    egoworld.generate_split(str(tmp_path / 's'), 0, 1, version=2, cot_opts=dict(cot_caption=True,
+                                                                                    cot_caption_turns=True))
+    cap = json.loads((tmp_path / 's' / 'captions.jsonl').read_text())
+    route = json.loads((tmp_path / 's' / 'routes.jsonl').read_text())
+    assert cap['solution'] == egoworld.caption_text(route, turns=True)
+    cot = json.loads((tmp_path / 's' / 'st_r1_cot.jsonl').read_text().splitlines()[0])['solution']
+    assert cot.startswith('<think>' + cap['solution'] + ' ')
