@@ -202,6 +202,7 @@ with open(os.path.join(d, f'r{rank}_{int(flag)}.json'), 'w') as f:
     json.dump(dict(err=err, step=step, files=sorted(os.listdir(out))), f)
 if rank == 0:
     json.dump({}, open(os.path.join(d, f'out_{int(flag)}.json'), 'w'))
+dist.barrier()  # no rank tears gloo down while a peer still talks (one CI run aborted there)
 dist.destroy_process_group()
 '''
 
@@ -284,6 +285,7 @@ logits.float().logsumexp(-1).mean().backward()
 grads = {n: p.grad.full_tensor().float().norm().item() for n, p in model.named_parameters()}
 if dist.get_rank() == 0:
     json.dump(grads, open(os.path.join(d, f'out_{int(flag)}.json'), 'w'))
+dist.barrier()  # no rank tears gloo down while a peer still talks (one CI run aborted there)
 dist.destroy_process_group()
 '''
 
@@ -325,6 +327,7 @@ for i, b in enumerate(batches):
 grads = {n: p.grad.full_tensor().norm().item() for n, p in model.named_parameters()}
 if dist.get_rank() == 0:
     json.dump(dict(held=held, grads=grads), open(os.path.join(d, f'out_{int(flag)}.json'), 'w'))
+dist.barrier()  # no rank tears gloo down while a peer still talks (one CI run aborted there)
 dist.destroy_process_group()
 '''
 
