@@ -70,7 +70,7 @@ full() {  # FULL=1: EgoWorld v2, each row of the paper's table at nano scale, th
   jobs2 "$OUT/cold" cold "$C --data=$T/cold_start.jsonl --out_dir=$OUT/cold" \
         "$OUT/cold_fwd" cold_fwd "$C --data=$T/cold_start_forward.jsonl --out_dir=$OUT/cold_fwd"
   local b="$PY bench.py" q="config/bench_egoworld.py --tasks=direction,landmark,action --num_workers=0 $BENCH"
-  local runs=() names=(base CoT-SFT "+GRPO acc+fmt s1" "+GRPO acc+fmt s2" "ST-R1 s1" "ST-R1 s2" fwd-CoT-SFT
+  local names=(base CoT-SFT "+GRPO acc+fmt s1" "+GRPO acc+fmt s2" "ST-R1 s1" "ST-R1 s2" fwd-CoT-SFT
                        "fwd +GRPO" "CoT-SFT more" "answer SFT")
   local rows=(base cold acc1 acc2 rev1 rev2 cold_fwd fwd sft_more sft_ans)
   local from=(- base cold cold cold cold cold cold_fwd cold cold)

@@ -80,7 +80,7 @@ cot_check = True        # then compare it with every option item by item: "Check
 cot_caption_turns = False  # v2: the caption (captions and the CoT's first line) writes the Turns line between the
                         # headings and the route, so the route's turn words follow from a derivation written just
                         # before them (after the route, a cold start wrote them wrong 46-51% of the time, the
-                        # headings 5%: docs/egoworld_v2_notes.md, run 20)
+                        # headings 5%: docs/egoworld_v2_notes.md, runs 21-22)
 cot_judged = False      # v2: mark each Check pair "same" or "differ" before the option's yes/no ("A: turn left vs
                         # turn right differ, nothing vs turn left differ (no)"), so the verdict reads marks written
                         # one pair at a time; unmarked, a tiny model's verdicts agreed with its pairs 80% (measured)
@@ -711,8 +711,10 @@ def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), po
     results = pool.imap(make_sample, jobs, chunksize=8) if pool else map(make_sample, jobs)
     files = {(t, d): {} for t in TASKS for d in ('forward', 'reverse')}
     lines = {True: [], False: [], 'meta': [], 'caption': [], 'reading': [], 'cold': [], 'cold_fwd': [], 'rl': []}
-    judged = (cot_opts or {}).get('cot_judged', False)   # the drills' Check is written as the CoT's
-    turns = (cot_opts or {}).get('cot_caption_turns', False)   # and the captions as the CoT's first line
+    opts = cot_opts or {}
+    judged = opts.get('cot_judged', False)           # the drills' Check is written as the CoT's
+    turns = opts.get('cot_caption_turns', False)     # and the captions as the CoT's first line
+    fwd = dict(opts, cot_reverse=False)              # the cold start's forward-only twin
     for i, (sid, route, qs) in enumerate(results):
         video = sid + '.mp4'
         lines['meta'].append(json.dumps(dict(id=sid, video=video, theme=theme, steps=route_steps(route), **route)))
@@ -731,10 +733,9 @@ def generate_split(split_dir, split_idx, n, theme='default', segments=(2, 4), po
             line = lambda solution: json.dumps(dict(problem=p, solution=solution, video='part1/' + video,
                                                     original_question=p, original_answer=q['answer']))
             for cot in (True, False):
-                lines[cot].append(line(cot_solution(route, qs, task, d, cot, **(cot_opts or {}))))
+                lines[cot].append(line(cot_solution(route, qs, task, d, cot, **opts)))
             if i < cold_start:
                 lines['cold'].append(lines[True][-1])
-                fwd = dict(cot_opts or {}, cot_reverse=False)
                 lines['cold_fwd'].append(line(cot_solution(route, qs, task, d, True, **fwd)))
             elif cold_start and task != 'route':
                 lines['rl'].append(lines[False][-1])
@@ -777,21 +778,21 @@ def corpus_texts(n, seed=0, segments=(2, 4), seg_len=(2, 4), n_options=4, cot_op
     """Every kind of text the model reads or writes over n train videos' questions: prompts
     (data.build_user_text), chat roles, CoT and no-CoT targets (and v2's caption prompt and captions).
     Text only: nothing is rendered."""
-    texts = [SYSTEM_PROMPT, 'system\n', 'user\n', 'assistant\n']
+    texts, opts = [SYSTEM_PROMPT, 'system\n', 'user\n', 'assistant\n'], cot_opts or {}
     for i in range(n):
         rng = np.random.default_rng([seed, 0, i])
         route, qs = make_questions(rng, segments, seg_len, n_options, version)
         if version >= 2:
             cap = Sample(id=str(i), video='', task='route', direction='forward', question=CAPTION_QUESTION)
-            texts += [build_user_text(cap), caption_text(route, (cot_opts or {}).get('cot_caption_turns', False))]
+            texts += [build_user_text(cap), caption_text(route, opts.get('cot_caption_turns', False))]
             task, d, q, sol = reading_item(np.random.default_rng([seed, 0, i, 1]), segments, seg_len, n_options,
-                                           version, (cot_opts or {}).get('cot_judged', False))
+                                           version, opts.get('cot_judged', False))
             drill = Sample(id=str(i), video='', task=task, direction=d, question=q['question'], options=q['options'])
             texts += [build_user_text(drill), sol]
         for (task, d), q in qs.items():
             s = Sample(id=str(i), video='', task=task, direction=d, question=q['question'],
                        options=q['options'], answer=q['answer'], answer_text=q['answer_text'])
-            texts += [build_user_text(s), cot_solution(route, qs, task, d, True, **(cot_opts or {})),
+            texts += [build_user_text(s), cot_solution(route, qs, task, d, True, **opts),
                       cot_solution(route, qs, task, d, False)]
     return texts
 

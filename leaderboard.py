@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 
 from PIL import Image, ImageDraw
@@ -37,6 +38,7 @@ COMPARED = ('nframes', 'min_pixels', 'max_pixels', 'prompt_version', 'mode', 'ju
 
 
 def _load(run):
+    """A bench out_dir (or its results.json) -> (results dict, {column: score}); a clear exit if it is not one."""
     path = run if run.endswith('.json') else os.path.join(run, 'results.json')
     if not os.path.isfile(path):
         raise SystemExit(f'leaderboard: {path} not found (run bench.py with that out_dir to the end first)')
@@ -187,18 +189,19 @@ def build(runs, out, names=None, splits=(), pairs=()):
     return md
 
 
+PAIR = re.compile(r'(\d+):(\d+)$')
+
+
 def main(argv):
     opts = {k: [x for a in argv if a.startswith(f'--{k}=') for x in a.split('=', 1)[1].split(',') if x]
             for k in ('splits', 'pairs')}
     runs, out, names = parse_runs([a for a in argv if not a.startswith(('--splits=', '--pairs='))], 'leaderboard',
                                   'leaderboard', '--out=PATH_WITHOUT_EXTENSION, --names=a,b, --splits=ood,ood_theme, '
                                   '--pairs=5:9,6:9', __doc__)
-    try:
-        pairs = [tuple(int(x) for x in p.split(':')) for p in opts['pairs']]
-    except ValueError:
-        raise SystemExit(f"leaderboard: --pairs={','.join(opts['pairs'])}: want ROW:ROW pairs such as 5:9") from None
-    if any(len(p) != 2 for p in pairs):
+    matches = [PAIR.match(p) for p in opts['pairs']]
+    if not all(matches):
         raise SystemExit(f"leaderboard: --pairs={','.join(opts['pairs'])}: want ROW:ROW pairs such as 5:9")
+    pairs = [(int(m.group(1)), int(m.group(2))) for m in matches]
     print(build(runs, out, names, opts['splits'], pairs), end='')
     print(f'leaderboard: {out}.md, {out}.csv, {out}.png')
 
