@@ -60,7 +60,7 @@ model = ''                # hf: a hub id or directory (else ckpt); openai: the m
 revision = ''             # hf: the hub revision to load; openai: recorded as given ('' = unknown)
 hf_rope = 'transformers'  # hf, Qwen2-VL: 'released' = text after a video at its largest M-RoPE id + 1 (model.py,
                           # vLLM, the weights' training) instead of transformers 5's max(h, w)/2 past its start
-data = 'data_egoworld/test'  # the EgoWorld test split (the embedded default); or a benchmark folder / .jsonl
+data = 'data_egoworld_v2/test'  # EgoWorld v2's test split (demo.sh's); or a benchmark folder / .jsonl
 tasks = 'route,direction,landmark,action'  # any subset; x directions = the eight tasks
 directions = 'forward,reverse'
 parts = ''                # '' = all; '1,3' keeps samples from Part1_*/Part3_* files (OOD = held-out parts)
@@ -106,7 +106,9 @@ MCQ_TASKS = ('direction', 'landmark', 'action')
 TASK_ORDER = ('route',) + MCQ_TASKS
 PAPER_SETTINGS = dict(nframes=8, min_pixels=128 * 28 * 28, max_pixels=360 * 420)
 DEFAULT_DATA = data
-MAKE_DEFAULT = "python egoworld.py --out=data_egoworld"  # writes data_egoworld/{train,test,ood}
+# writes data_egoworld_v2/{train,test,ood,ood_theme}, as demo.sh does
+MAKE_DEFAULT = ('python egoworld.py --out=data_egoworld_v2 --version=2 --cot_caption=True --cot_judged=True '
+                '--n_train=4000 --cold_start=250')
 
 
 # ----------------------------------------------------------------------------- samples
@@ -925,8 +927,8 @@ def main(argv=None):
         raise SystemExit(f"bench: backend must be 'ours', 'hf' or 'openai', got {backend!r}")
     if backend == 'ours' and (not model_dir or not os.path.isdir(model_dir)):
         raise SystemExit(f"usage: python bench.py CKPT [config/bench_x.py] [--key=value ...]\n"
-                         f"bench: checkpoint directory {model_dir!r} not found (the tiny EgoWorld one: "
-                         f"python egoworld.py --make_model=out/egoworld-tiny)")
+                         f"bench: checkpoint directory {model_dir!r} not found (EgoWorld's: bash demo.sh writes out/cold, "
+                         f"out/grpo; the base is assets/egoworld_v2_base)")
     if backend == 'hf' and not name or backend == 'openai' and not (api_url and model):
         raise SystemExit("bench: --backend=hf needs CKPT or --model=HUB_ID; --backend=openai needs --api_url and "
                          "--model (README: Benchmarking other models)")

@@ -1,6 +1,6 @@
-"""README command 1, shortened (QUICK=1: a few videos and steps, same code path): data -> tiny
-model -> SFT -> bench -> GRPO -> bench paired with SFT must run end to end and print both tables with
-all eight tasks and the paired comparison."""
+"""README command 1, shortened (QUICK=1: a few videos and steps, same code path): EgoWorld v2 data -> tiny
+model -> base -> reading drill -> CoT cold start -> GRPO, the base, cold start and GRPO benched on the test
+split's MCQs, each paired with the row before it, must run end to end and print the three-row table."""
 import csv
 import json
 import os
@@ -20,28 +20,43 @@ def quick_demo(tmp_path, **env):
     return p
 
 
+def summary(p):
+    """The summary the demo prints last: the three-row table (base, cold start, ST-R1) with its paired z."""
+    tail = p.stdout[p.stdout.index('== EgoWorld v2, test split MCQ'):]
+    rows = [l.split(' | ')[0].strip('| ') for l in tail.splitlines() if l.startswith('| ') and 'model' not in l]
+    assert rows == ['base', 'CoT-SFT', 'ST-R1'], tail
+    assert '| paired z |' in tail and 'vs CoT-SFT' in tail and 'vs base' in tail
+    return tail
+
+
 def test_demo_quick_runs_end_to_end(tmp_path):
     p = quick_demo(tmp_path)
-    times = (tmp_path / 'out' / 'demo_times.txt').read_text().split()
-    assert [t for t in times[::2]] == ['data', 'model', 'sft', 'bench_sft', 'grpo', 'bench_grpo', 'curves', 'total']
-    res = json.loads((tmp_path / 'out' / 'bench' / 'grpo-egoworld_test' / 'results.json').read_text())
+    out = tmp_path / 'out'
+    times = (out / 'demo_times.txt').read_text().split()
+    assert times[::2] == ['data', 'cold', 'bench_base', 'bench_cold', 'grpo', 'bench_grpo', 'table', 'curves', 'total']
+    res = json.loads((out / 'bench' / 'grpo_test' / 'results.json').read_text())
     text = json.dumps(res)
-    for task in ('route', 'direction', 'landmark', 'action'):
+    for task in ('direction', 'landmark', 'action'):
         assert task in text
     assert 'forward' in text and 'reverse' in text
-    assert (tmp_path / 'out' / 'grpo-egoworld' / 'model.safetensors').exists()
-    assert json.loads((tmp_path / 'out' / 'bench' / 'sft-egoworld_test' / 'results.json').read_text())['evaluated'] > 0
-    assert res['paired']['n'] > 0 and res['paired']['with_'].endswith('sft-egoworld_test')
+    assert res['paired']['n'] > 0 and res['paired']['with_'].endswith('cold_test')
+    cold = json.loads((out / 'bench' / 'cold_test' / 'results.json').read_text())
+    assert cold['evaluated'] > 0 and cold['paired']['with_'].endswith('base_test')
+    # the paper's order: the committed base -> cold start on cold_start.jsonl -> GRPO on the other videos' MCQs
+    cfg = {r: json.loads((out / r / 'run_config.json').read_text()) for r in ('cold', 'grpo')}
+    assert cfg['cold']['init_from'] == 'assets/egoworld_v2_base' and cfg['cold']['data'].endswith('cold_start.jsonl')
+    base = json.loads((out / 'bench' / 'base_test' / 'results.json').read_text())
+    assert base['settings']['model'].endswith('egoworld_v2_base')
+    assert cfg['grpo']['init_from'].endswith('cold') and cfg['grpo']['data'].endswith('rl_mcq.jsonl')
+    assert cfg['grpo']['reward_weights']['reverse'] == 0.5 and (out / 'grpo' / 'model.safetensors').exists()
     for split in ('ood', 'ood_theme'):
         assert (tmp_path / 'data' / split / 'routes.jsonl').exists()
-    for png in ('curves_sft.png', 'curves_grpo.png'):
-        assert (tmp_path / 'out' / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    tail = p.stdout[p.stdout.index('== SFT(CoT) on EgoWorld: test split'):]  # the printed summary: two tables
-    assert tail.count('| route | direction | landmark | action |') == 2
-    assert tail.index('SFT(CoT) + GRPO: test split') < tail.index('McNemar z =')
+    for png in ('curves_sft.png', 'curves_grpo.png', 'table.png'):
+        assert (out / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    summary(p)
     # a second run keeps the finished stages and the bench resumes with nothing left to do
     p = quick_demo(tmp_path)
-    assert 'sft: done before' in p.stdout and 'grpo: done before' in p.stdout
+    assert 'cold: done before' in p.stdout and 'grpo: done before' in p.stdout
     assert re.search(r'\b0 of \d+ samples to evaluate', p.stdout + p.stderr)
 
 
@@ -51,17 +66,19 @@ def test_demo_quick_on_a_tiny_qwen25(tmp_path):
     a frame group)."""
     p = quick_demo(tmp_path, FAMILY='qwen2_5_vl')
     out = tmp_path / 'out'
-    for ckpt in ('egoworld-tiny', 'sft-egoworld', 'grpo-egoworld'):
+    times = (out / 'demo_times.txt').read_text().split()
+    assert times[:8:2] == ['data', 'model', 'base', 'read']   # no Qwen2.5-VL base is committed: it is trained
+    assert json.loads((out / 'cold' / 'run_config.json').read_text())['init_from'].endswith('read')
+    for ckpt in ('tiny', 'cold', 'grpo'):
         cfg = json.loads((out / ckpt / 'config.json').read_text())
         assert cfg['model_type'] == 'qwen2_5_vl' and cfg['vision_config']['tokens_per_second'] == 2
-    for ckpt in ('sft-egoworld', 'grpo-egoworld'):
+    for ckpt in ('cold', 'grpo'):
         assert json.loads((out / ckpt / 'vision_settings.json').read_text())['second_per_grid_ts'] == [0.25, 0.25]
-    res = json.loads((out / 'bench' / 'grpo-egoworld_test' / 'results.json').read_text())
-    assert res['evaluated'] == 16 and res['settings']['second_per_grid_ts'] == [0.25, 0.25]
-    preds = (out / 'bench' / 'grpo-egoworld_test' / 'predictions.jsonl').read_text().splitlines()
+    res = json.loads((out / 'bench' / 'grpo_test' / 'results.json').read_text())
+    assert res['evaluated'] == 12 and res['settings']['second_per_grid_ts'] == [0.25, 0.25]
+    preds = (out / 'bench' / 'grpo_test' / 'predictions.jsonl').read_text().splitlines()
     assert {json.loads(l)['second_per_grid_ts'] for l in preds} == {0.25}
-    tail = p.stdout[p.stdout.index('== SFT(CoT) on EgoWorld: test split'):]
-    assert tail.count('| route | direction | landmark | action |') == 2 and 'McNemar z =' in tail
+    summary(p)
 
 
 def test_demo_quick_on_a_tiny_qwen3(tmp_path):
@@ -70,18 +87,17 @@ def test_demo_quick_on_a_tiny_qwen3(tmp_path):
     frame groups at 0.0625, 0.3125, ..., 1.8125 s) recorded in every output."""
     p = quick_demo(tmp_path, FAMILY='qwen3_vl')
     out = tmp_path / 'out'
-    for ckpt in ('egoworld-tiny', 'sft-egoworld', 'grpo-egoworld'):
+    for ckpt in ('tiny', 'cold', 'grpo'):
         cfg = json.loads((out / ckpt / 'config.json').read_text())
         assert cfg['model_type'] == 'qwen3_vl' and cfg['vision_config']['deepstack_visual_indexes'] == [0]
-    for ckpt in ('sft-egoworld', 'grpo-egoworld'):
+    for ckpt in ('base', 'cold', 'grpo'):
         vs = json.loads((out / ckpt / 'vision_settings.json').read_text())
         assert vs['timestamps'] == [0.0625, 1.8125] and vs['max_pixels'] == 64 * 64
-    res = json.loads((out / 'bench' / 'grpo-egoworld_test' / 'results.json').read_text())
-    assert res['evaluated'] == 16 and res['settings']['timestamps'] == [0.0625, 1.8125]
-    preds = (out / 'bench' / 'grpo-egoworld_test' / 'predictions.jsonl').read_text().splitlines()
+    res = json.loads((out / 'bench' / 'grpo_test' / 'results.json').read_text())
+    assert res['evaluated'] == 12 and res['settings']['timestamps'] == [0.0625, 1.8125]
+    preds = (out / 'bench' / 'grpo_test' / 'predictions.jsonl').read_text().splitlines()
     assert {tuple(json.loads(l)['timestamps']) for l in preds} == {tuple(0.0625 + 0.25 * k for k in range(8))}
-    tail = p.stdout[p.stdout.index('== SFT(CoT) on EgoWorld: test split'):]
-    assert tail.count('| route | direction | landmark | action |') == 2 and 'McNemar z =' in tail
+    summary(p)
 
 
 def test_demo_full_quick_writes_the_v2_table(tmp_path):

@@ -472,3 +472,24 @@ def test_caption_turns_puts_the_turns_line_before_the_route_in_captions_and_cot(
     assert cap['solution'] == egoworld.caption_text(route, turns=True)
     cot = json.loads((tmp_path / 's' / 'st_r1_cot.jsonl').read_text().splitlines()[0])['solution']
     assert cot.startswith('<think>' + cap['solution'] + ' ')
+
+
+def test_committed_v2_base_fits_the_world_the_demo_generates(tmp_path):
+    """assets/egoworld_v2_base, the default demo's base, was trained on the tokenizer and model shape that
+    `egoworld.py --make_model` builds for v2 today: a change to the world's text or to the tiny model's settings
+    fails here (rebuild the base: BASE=train bash demo.sh, README), not as a silently worse demo."""
+    model = pytest.importorskip('model')
+    torch = pytest.importorskip('torch')
+    fresh, base = tmp_path / 'tiny', os.path.join(ROOT, 'assets', 'egoworld_v2_base')
+    subprocess.run([sys.executable, 'egoworld.py', f'--make_model={fresh}', '--version=2', '--cot_caption=True',
+                    '--cot_judged=True'], cwd=ROOT, check=True, capture_output=True)
+    for name in ('tokenizer.json', 'tokenizer_config.json', 'chat_template.json', 'preprocessor_config.json'):
+        assert (fresh / name).read_bytes() == open(os.path.join(base, name), 'rb').read(), name
+    cfg = {k: v for k, v in json.load(open(os.path.join(base, 'config.json'))).items() if k != 'torch_dtype'}
+    assert cfg == {k: v for k, v in json.loads((fresh / 'config.json').read_text()).items() if k != 'torch_dtype'}
+    a, b = model.Qwen2VL.from_pretrained(str(fresh)), model.Qwen2VL.from_pretrained(base)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert {k: v.shape for k, v in pa.items()} == {k: v.shape for k, v in pb.items()}
+    assert pb['lm_head.weight'].dtype == torch.float32       # stored in bf16, trained and loaded in fp32
+    # trained, not the seeded init: every matrix moved
+    assert all(not torch.equal(pa[k], pb[k]) for k in pa if pa[k].dim() >= 2)
