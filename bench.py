@@ -2,7 +2,7 @@
 Ego-ST Bench evaluation of any model: the eight tasks (route, direction, landmark, action x forward,
 reverse), a results table, resumable predictions. Three backends, the rest of the run the same:
 
-    python bench.py CKPT                                  # our model.py (Qwen2/2.5-VL), the EgoWorld test split
+    python bench.py CKPT                                  # our model.py (Qwen2/2.5/3-VL), EgoWorld v2's test split
     python bench.py CKPT --data /path/to/Ego-ST-Bench --judge_url=http://host:8000/v1
     python bench.py CKPT --mode=logits --tasks=direction,landmark,action
     torchrun --nproc_per_node 8 bench.py CKPT --data=...  # data parallel, rank 0 merges
@@ -927,8 +927,8 @@ def main(argv=None):
         raise SystemExit(f"bench: backend must be 'ours', 'hf' or 'openai', got {backend!r}")
     if backend == 'ours' and (not model_dir or not os.path.isdir(model_dir)):
         raise SystemExit(f"usage: python bench.py CKPT [config/bench_x.py] [--key=value ...]\n"
-                         f"bench: checkpoint directory {model_dir!r} not found (EgoWorld's: bash demo.sh writes out/cold, "
-                         f"out/grpo; the base is assets/egoworld_v2_base)")
+                         f"bench: checkpoint directory {model_dir!r} not found (EgoWorld's: bash demo.sh "
+                         f"writes out/cold, out/grpo; the base is assets/egoworld_v2_base)")
     if backend == 'hf' and not name or backend == 'openai' and not (api_url and model):
         raise SystemExit("bench: --backend=hf needs CKPT or --model=HUB_ID; --backend=openai needs --api_url and "
                          "--model (README: Benchmarking other models)")
