@@ -4,7 +4,7 @@
 # the nano analog of a pretrained VLM), the reverse-thinking CoT cold start on 250 videos, then GRPO on the other
 # 3,750 videos' answer letters (ST-R1). Each is benched on the test split's MCQs, paired (McNemar) with the row it
 # starts from; table, chart and curves.
-#     bash demo.sh                  # ~13 minutes on 2 cores (README: the measured stage times)
+#     bash demo.sh                  # ~8 minutes on 2 cores (README: the measured stage times)
 #     BASE=train bash demo.sh       # the base trained here first, from a random tiny model (+~10 minutes)
 #     QUICK=1 bash demo.sh          # the same code path in ~1 minute (what CI runs as a test)
 #     FAMILY=qwen2_5_vl bash demo.sh   # on a tiny Qwen2.5-VL (or qwen3_vl), its base trained first
