@@ -7,7 +7,7 @@ GRPO's training forward + backward on one step's rollouts, two ways side by side
 Same rollouts (G completions of each prompt, sampled as grpo.py samples them), same weights; the
 log-probs of the two agree (printed: max abs difference). Times are the best of `repeats`.
     python benchmarks/grpo_train_speed.py --ckpt=out/sft-egoworld --data_path=data_egoworld/train/st_r1_cot.jsonl
-(the demo makes both). Left out: the optimizer step (the same in both).
+(v1's SFT makes both: README, "Before v2", has its commands). Left out: the optimizer step (the same in both).
 """
 import os
 import sys
