@@ -5,7 +5,7 @@
 # 3,750 videos' answer letters (ST-R1). Each is benched on the test split's MCQs, paired (McNemar) with the row it
 # starts from; table, chart and curves.
 #     bash demo.sh                  # ~8 minutes on 2 cores (README: the measured stage times)
-#     BASE=train bash demo.sh       # the base trained here first, from a random tiny model (+~10 minutes)
+#     BASE=train bash demo.sh       # the base trained here first, from a random tiny model (+~9 minutes)
 #     QUICK=1 bash demo.sh          # the same code path in ~1 minute (what CI runs as a test)
 #     FAMILY=qwen2_5_vl bash demo.sh   # on a tiny Qwen2.5-VL (or qwen3_vl), its base trained first
 #     FULL=1 bash demo.sh           # the paper's table at nano scale (issue 25), its base trained first: two GRPO
@@ -33,6 +33,7 @@ BASE=${BASE:-assets/egoworld_v2_base}
 if [ "${FULL:-0}" = 1 ] || [ "${FAMILY:-qwen2_vl}" != qwen2_vl ]; then BASE=train; fi
 # Qwen3-VL's 16-pixel patches: the 56-pixel frames resized to 64, the same 2 x 2 merged tokens a frame group
 [ "${FAMILY:-qwen2_vl}" = qwen3_vl ] && PIX="--min_pixels=4096 --max_pixels=4096" || PIX=""
+# what the stages share: train data, the SFT preset, bench outputs; bench ($b CKPT $q), GRPO ($G), cold start ($C)
 T="$DATA/train"; R="config/sft_egoworld.py"; B="$OUT/bench"
 b="$PY bench.py"; q="config/bench_egoworld.py --tasks=direction,landmark,action --num_workers=0 $PIX $BENCH"
 G="$PY grpo.py config/grpo_egoworld.py config/grpo_egoworld_v2.py --data=$T/rl_mcq.jsonl $PIX $GRPO"
